@@ -1,0 +1,179 @@
+//! The container runner: the node re-executes its own binary as `stateward-node
+//! run-container` (start a container) or `stateward-node enter` (exec into one). The
+//! runner joins or creates the namespaces, sets up mounts, drops privileges and then
+//! replaces itself with the container's program, so the pid the node waits on is the
+//! container's own. It runs before any thread exists: `setns` into a mount namespace
+//! requires a single-threaded process.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use nix::mount::{MsFlags, mount};
+use nix::sched::{CloneFlags, setns, unshare};
+use nix::unistd::{Gid, Uid, setgid, setgroups, sethostname, setuid};
+use serde::{Deserialize, Serialize};
+
+/// Environment variable carrying the JSON [`RunSpec`] to the runner.
+pub const SPEC_VAR: &str = "STATEWARD_RUN_SPEC";
+
+/// One mount inside the container's private mount namespace.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct MountSpec {
+    /// Host path to bind, or `None` for a fresh tmpfs.
+    pub source: Option<PathBuf>,
+    pub target: PathBuf,
+    pub read_only: bool,
+}
+
+/// Everything the runner needs to become the container (or an exec in it).
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct RunSpec {
+    /// Network namespace to join (`/run/netns/<name>`), for a new container.
+    pub netns: Option<PathBuf>,
+    /// For exec: join the namespaces of this running container process instead.
+    pub enter_pid: Option<u32>,
+    pub hostname: Option<String>,
+    pub mounts: Vec<MountSpec>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub supplemental_groups: Vec<u32>,
+    pub working_dir: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
+    pub argv: Vec<String>,
+}
+
+/// Entry point of the runner; returns only on error (else it has exec'd).
+pub fn run(spec_json: &str) -> Result<std::convert::Infallible> {
+    let spec: RunSpec = serde_json::from_str(spec_json).context("parsing the run spec")?;
+    if let Some(pid) = spec.enter_pid {
+        join_namespaces(pid)?;
+    } else {
+        if let Some(netns) = &spec.netns {
+            let file = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+            setns(file, CloneFlags::CLONE_NEWNET).context("joining the pod network namespace")?;
+        }
+        unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS)
+            .context("creating the container's mount namespace")?;
+        // Private propagation: our mounts stay ours and the host's later mounts stay out.
+        mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+            .context("making / private")?;
+        if let Some(hostname) = &spec.hostname {
+            sethostname(hostname).context("setting the hostname")?;
+        }
+        let mut mounts = spec.mounts.clone();
+        mounts.sort_by_key(|m| m.target.components().count());
+        for m in &mounts {
+            apply_mount(m)?;
+        }
+    }
+    if let Some(dir) = &spec.working_dir {
+        std::fs::create_dir_all(dir).ok();
+        std::env::set_current_dir(dir)
+            .with_context(|| format!("changing into the working directory {}", dir.display()))?;
+    }
+    if let Some(gid) = spec.gid {
+        let mut groups: Vec<Gid> = vec![Gid::from_raw(gid)];
+        groups.extend(spec.supplemental_groups.iter().map(|g| Gid::from_raw(*g)));
+        setgroups(&groups).context("setting supplemental groups")?;
+        setgid(Gid::from_raw(gid)).context("setting the group id")?;
+    } else if !spec.supplemental_groups.is_empty() {
+        let mut groups: Vec<Gid> = vec![Gid::from_raw(0)];
+        groups.extend(spec.supplemental_groups.iter().map(|g| Gid::from_raw(*g)));
+        setgroups(&groups).context("setting supplemental groups")?;
+    }
+    if let Some(uid) = spec.uid {
+        setuid(Uid::from_raw(uid)).context("setting the user id")?;
+    }
+    let Some((program, args)) = spec.argv.split_first() else {
+        bail!("the container has no command: set command/args or use an image with an entrypoint");
+    };
+    let path = spec
+        .env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let resolved = resolve_program(program, &path)
+        .with_context(|| format!("executable {program:?} not found in $PATH ({path})"))?;
+    let err = Command::new(&resolved)
+        .arg0(program)
+        .args(args)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (OsString::from(k), OsString::from(v))))
+        .exec();
+    Err(anyhow::Error::new(err).context(format!("starting {program}")))
+}
+
+fn join_namespaces(pid: u32) -> Result<()> {
+    // Network first: after joining the mount namespace /proc may be a different view.
+    let net = File::open(format!("/proc/{pid}/ns/net")).context("the container is gone")?;
+    let uts = File::open(format!("/proc/{pid}/ns/uts")).context("the container is gone")?;
+    let mnt = File::open(format!("/proc/{pid}/ns/mnt")).context("the container is gone")?;
+    setns(net, CloneFlags::CLONE_NEWNET).context("joining the network namespace")?;
+    setns(uts, CloneFlags::CLONE_NEWUTS).context("joining the UTS namespace")?;
+    setns(mnt, CloneFlags::CLONE_NEWNS).context("joining the mount namespace")?;
+    Ok(())
+}
+
+fn apply_mount(m: &MountSpec) -> Result<()> {
+    let target = &m.target;
+    match &m.source {
+        Some(source) => {
+            if source.is_dir() {
+                std::fs::create_dir_all(target)
+                    .with_context(|| format!("creating mount point {}", target.display()))?;
+            } else {
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                if !target.exists() {
+                    File::create(target)
+                        .with_context(|| format!("creating mount point {}", target.display()))?;
+                }
+            }
+            mount(Some(source.as_path()), target.as_path(), None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+                .with_context(|| format!("bind-mounting {} at {}", source.display(), target.display()))?;
+            if m.read_only {
+                mount(
+                    None::<&str>,
+                    target.as_path(),
+                    None::<&str>,
+                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                    None::<&str>,
+                )
+                .with_context(|| format!("making {} read-only", target.display()))?;
+            }
+        }
+        None => {
+            std::fs::create_dir_all(target)?;
+            mount(Some("tmpfs"), target.as_path(), Some("tmpfs"), MsFlags::empty(), Some("mode=1777"))
+                .with_context(|| format!("mounting a tmpfs at {}", target.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn resolve_program(program: &str, path: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Some(PathBuf::from(program));
+    }
+    path.split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|candidate| candidate.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_programs_on_the_given_path() {
+        assert_eq!(resolve_program("/bin/sh", ""), Some(PathBuf::from("/bin/sh")));
+        assert!(resolve_program("sh", "/nonexistent:/bin").is_some());
+        assert_eq!(resolve_program("no-such-program-here", "/bin"), None);
+    }
+}

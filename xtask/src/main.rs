@@ -1,0 +1,81 @@
+//! `cargo xtask`: the project's own developer tooling.
+//!
+//! Everything a fresh machine needs is installed or built from here (Debian packages, the
+//! pinned Go modules under `tools/`), so the README needs only two commands:
+//! `cargo xtask demo` and `cargo xtask test`.
+
+mod deps;
+mod pki;
+mod procs;
+mod testenv;
+mod tests;
+mod tools;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Stateward developer tooling")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start, stop or inspect the local cluster (etcd, kube-apiserver,
+    /// kube-controller-manager, kube-scheduler, an S3 server and the local node).
+    Testenv {
+        #[command(subcommand)]
+        action: TestenvAction,
+    },
+    /// Run every test: unit tests, then the integration tests against the local cluster,
+    /// which is brought up for the run and torn down afterwards, also on failure.
+    Test {
+        /// Keep the local cluster running after the tests (for debugging).
+        #[arg(long)]
+        keep: bool,
+        /// Only run integration tests whose name contains this filter.
+        filter: Option<String>,
+    },
+    /// Build (or reuse from the cache) the pinned Go binaries and print where they are.
+    Tools,
+}
+
+#[derive(Subcommand)]
+enum TestenvAction {
+    /// Start the local cluster; a healthy running one is reused, a stale one is cleaned.
+    Up,
+    /// Stop exactly what `up` started and remove mounts, loop devices and namespaces.
+    Down,
+    /// Print whether the local cluster runs, and its endpoints.
+    Status,
+    /// Print shell exports (KUBECONFIG, S3 endpoint and credentials).
+    Env,
+}
+
+/// The repository root (the parent of this crate's directory).
+pub fn repo_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Testenv { action } => match action {
+            TestenvAction::Up => testenv::up().map(|_| ()),
+            TestenvAction::Down => testenv::down(),
+            TestenvAction::Status => testenv::status(),
+            TestenvAction::Env => testenv::print_env(),
+        },
+        Command::Test { keep, filter } => tests::run(keep, filter.as_deref()),
+        Command::Tools => {
+            let tools = tools::ensure_all()?;
+            println!("{}", serde_json::to_string_pretty(&tools)?);
+            Ok(())
+        }
+    }
+}
