@@ -64,6 +64,8 @@ pub fn repo_root() -> PathBuf {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // One TLS crypto provider for the process, chosen here.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
         Command::Testenv { action } => match action {
             TestenvAction::Up => testenv::up().map(|_| ()),

@@ -463,7 +463,9 @@ fn build_rust_binaries() -> Result<RustBins> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(crate::repo_root())
-        .args(["build", "--quiet", "--bins", "--workspace", "--exclude", "xtask"])
+        // The same build the tests make (dev-dependencies unify features), so running the
+        // tests afterwards does not rebuild the binaries the cluster runs.
+        .args(["test", "--quiet", "--workspace", "--no-run"])
         .status()
         .context("running cargo build")?;
     if !status.success() {

@@ -2,3 +2,4 @@
 //! and helpers for integration tests against the local cluster.
 
 pub mod node;
+pub mod harness;

@@ -18,11 +18,14 @@ fn main() -> Result<()> {
         std::process::exit(127);
     }
     let args = node::Args::parse();
+    // One TLS crypto provider for the process (kube and others must not pick their own).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,kube=warn".into()),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(node::run(args))

@@ -30,6 +30,21 @@ use kube::{Api, Client, ResourceExt};
 /// container so `testenv down` finds stray processes.
 pub const MARKER_VAR: &str = "STATEWARD_TESTENV_ID";
 
+/// Path of the runner binary (a private copy of this executable).
+pub static RUNNER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Copies this executable into the state dir; containers and execs start from the copy.
+fn install_runner(state_dir: &std::path::Path) -> Result<()> {
+    let dir = state_dir.join("bin");
+    std::fs::create_dir_all(&dir)?;
+    let target = dir.join("stateward-node");
+    let staging = dir.join("stateward-node.tmp");
+    std::fs::copy("/proc/self/exe", &staging).context("copying the node binary")?;
+    std::fs::rename(&staging, &target)?;
+    let _ = RUNNER.set(target);
+    Ok(())
+}
+
 /// One Node this process stands in for.
 #[derive(Debug, Clone)]
 pub struct NodeSpec {
@@ -116,6 +131,7 @@ pub async fn run(args: Args) -> Result<()> {
     std::fs::create_dir_all(&args.state_dir)?;
     std::fs::create_dir_all(args.state_dir.join("pods"))?;
     std::fs::create_dir_all(args.state_dir.join("volumes"))?;
+    install_runner(&args.state_dir)?;
     // The postgres image's entrypoint lives beside the project's binaries (on PATH).
     let entrypoint = args.bin_dir.join("postgres-entrypoint.sh");
     std::fs::write(&entrypoint, images::POSTGRES_ENTRYPOINT)?;

@@ -17,6 +17,8 @@ pub struct Network {
     prefix_len: u8,
     /// Host offsets in the CIDR that are in use.
     used: Mutex<BTreeSet<u32>>,
+    /// `ip netns add` races with itself when it first sets up /run/netns; one at a time.
+    setup: tokio::sync::Mutex<()>,
     base: u32,
     size: u32,
 }
@@ -57,6 +59,7 @@ impl Network {
             gateway,
             prefix_len,
             used: Mutex::new(BTreeSet::new()),
+            setup: tokio::sync::Mutex::new(()),
             base: u32::from(addr),
             size,
         })
@@ -87,6 +90,7 @@ impl Network {
     pub async fn create(&self, pod_uid: &str) -> Result<Sandbox> {
         let short: String = pod_uid.chars().filter(|c| c.is_ascii_hexdigit()).take(10).collect();
         let netns = format!("{NETNS_PREFIX}{short}");
+        let _serialised = self.setup.lock().await;
         let host_veth = format!("vstw{short}");
         // A leftover from a crashed attempt would make `ip netns add` fail.
         let _ = ip(&["netns", "del", &netns]).await;

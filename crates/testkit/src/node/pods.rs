@@ -89,8 +89,11 @@ fn read_environ(pid: u32) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The runner binary: a copy of this node's executable made at start-up (see
+/// [`super::install_runner`]), so a rebuild of the workspace never pulls the file away
+/// from under a running node.
 fn self_exe() -> PathBuf {
-    std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"))
+    super::RUNNER.get().cloned().unwrap_or_else(|| PathBuf::from("/proc/self/exe"))
 }
 
 /// Why exec into a container is impossible right now.
@@ -643,8 +646,9 @@ impl PodContext {
             let mut killed_by: Option<String> = None;
             let status = tokio::select! {
                 status = child.wait() => status.ok(),
-                reason = liveness_rx.recv() => {
-                    killed_by = reason;
+                // A closed channel (no probes) disables this branch.
+                Some(reason) = liveness_rx.recv() => {
+                    killed_by = Some(reason);
                     let grace = spec.termination_grace_period_seconds.unwrap_or(30);
                     stop_process(&mut child, pid, grace).await
                 }

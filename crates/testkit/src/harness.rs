@@ -1,0 +1,255 @@
+//! Helpers for integration tests: one local cluster for the whole test run (started by
+//! `cargo xtask test` or `cargo xtask testenv up`), a namespace per test, a serial group for
+//! tests that touch cluster-scoped objects, exec, and waits that say what they waited for.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{AttachParams, DeleteParams, PostParams};
+use kube::{Api, Client};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// What `cargo xtask testenv up` writes to `target/testenv/env.json`.
+#[derive(Deserialize, Debug, Clone)]
+pub struct TestEnv {
+    pub kubeconfig: PathBuf,
+    pub api_server: String,
+    pub api_server_from_pods: String,
+    pub s3_endpoint: String,
+    pub s3_endpoint_from_pods: String,
+    pub s3_access_key: String,
+    pub s3_secret_key: String,
+    pub s3_region: String,
+    pub nodes: Vec<String>,
+    pub state_dir: PathBuf,
+    pub ca_cert: PathBuf,
+    pub kubernetes_version: String,
+}
+
+/// A connection to the local cluster.
+#[derive(Clone)]
+pub struct Cluster {
+    pub client: Client,
+    pub env: TestEnv,
+}
+
+fn env_file() -> PathBuf {
+    if let Some(path) = std::env::var_os("STATEWARD_TESTENV") {
+        return PathBuf::from(path);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("../../target"));
+    target.join("testenv/env.json")
+}
+
+impl Cluster {
+    /// Connects to the running local cluster; fails with instructions when there is none.
+    pub async fn connect() -> Result<Self> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let path = env_file();
+        let text = std::fs::read(&path).with_context(|| {
+            format!(
+                "no local cluster ({} is missing): run the tests with `cargo xtask test`, or start \
+                 one with `cargo xtask testenv up`",
+                path.display()
+            )
+        })?;
+        let env: TestEnv = serde_json::from_slice(&text)?;
+        let kubeconfig = kube::config::Kubeconfig::read_from(&env.kubeconfig)?;
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+        let client = Client::try_from(config)?;
+        Ok(Self { client, env })
+    }
+
+    /// A fresh namespace named after the test; deleted by [`TestNamespace::cleanup`].
+    pub async fn namespace(&self, test: &str) -> Result<TestNamespace> {
+        use rand::Rng;
+        let suffix: u32 = rand::rng().random_range(0..0xffffff);
+        let base: String = test
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+            .take(40)
+            .collect();
+        let name = format!("{}-{suffix:06x}", base.trim_matches('-'));
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let ns: Namespace = from_yaml(&format!(
+            "metadata:\n  name: {name}\n  labels:\n    stateward.io/test: \"true\"\n"
+        ))?;
+        api.create(&PostParams::default(), &ns).await?;
+        // Pods need the namespace's default ServiceAccount (made by the controller manager).
+        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(self.client.clone(), &name);
+        wait_for(&format!("ServiceAccount default in {name}"), Duration::from_secs(60), || async {
+            Ok(sas.get_opt("default").await?.map(|_| ()))
+        })
+        .await?;
+        Ok(TestNamespace { name, client: self.client.clone() })
+    }
+
+    /// Serialises tests that touch cluster-scoped objects, across test binaries too.
+    pub async fn serial(&self) -> Result<SerialGuard> {
+        let path = self.env.state_dir.join("serial.lock");
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+        let lock = tokio::task::spawn_blocking(move || {
+            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e)
+        })
+        .await??;
+        Ok(SerialGuard { _lock: lock })
+    }
+
+    pub fn api<K>(&self, namespace: &str) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+}
+
+/// Held while a test runs in the serial group.
+pub struct SerialGuard {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// A namespace owned by one test.
+pub struct TestNamespace {
+    pub name: String,
+    client: Client,
+}
+
+impl TestNamespace {
+    /// Deletes the namespace (without waiting: the namespace controller finishes it).
+    pub async fn cleanup(self) -> Result<()> {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        api.delete(&self.name, &DeleteParams::default()).await?;
+        Ok(())
+    }
+}
+
+/// Parses a typed object from YAML.
+pub fn from_yaml<T: DeserializeOwned>(yaml: &str) -> Result<T> {
+    Ok(serde_yaml::from_str(yaml)?)
+}
+
+/// Polls `check` every 250 ms until it returns `Some`, or fails after `timeout` naming
+/// `what` and the last error.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let started = Instant::now();
+    let mut last_error = None;
+    loop {
+        match check().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(e) => last_error = Some(format!("{e:#}")),
+        }
+        if started.elapsed() > timeout {
+            match last_error {
+                Some(e) => bail!("timed out after {timeout:?} waiting for {what} (last error: {e})"),
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Waits until the pod is Running and Ready; returns it.
+pub async fn wait_pod_ready(api: &Api<Pod>, name: &str, timeout: Duration) -> Result<Pod> {
+    wait_for(&format!("pod {name} Running and Ready"), timeout, || async {
+        let Some(pod) = api.get_opt(name).await? else { return Ok(None) };
+        if pod.metadata.deletion_timestamp.is_some() {
+            return Ok(None);
+        }
+        let status = pod.status.clone().unwrap_or_default();
+        let ready = status
+            .conditions
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        Ok((status.phase.as_deref() == Some("Running") && ready).then_some(pod))
+    })
+    .await
+}
+
+/// The result of an exec.
+#[derive(Debug)]
+pub struct ExecOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// 0 on success, the command's exit code otherwise (-1 when the status had none).
+    pub exit_code: i32,
+    pub status_message: Option<String>,
+}
+
+impl ExecOutput {
+    pub fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
+/// Runs a command in a pod's container through the API server (WebSocket), optionally
+/// feeding `stdin`, and collects everything.
+pub async fn exec(
+    api: &Api<Pod>,
+    pod: &str,
+    container: Option<&str>,
+    command: &[&str],
+    stdin: Option<Vec<u8>>,
+) -> Result<ExecOutput> {
+    let mut params = AttachParams::default().stdin(stdin.is_some()).stdout(true).stderr(true);
+    if let Some(c) = container {
+        params = params.container(c);
+    }
+    let mut attached = api
+        .exec(pod, command.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &params)
+        .await
+        .with_context(|| format!("exec {command:?} in pod {pod}"))?;
+    let writer = match (stdin, attached.stdin()) {
+        (Some(data), Some(mut pipe)) => Some(tokio::spawn(async move {
+            pipe.write_all(&data).await?;
+            pipe.shutdown().await?;
+            Ok::<_, std::io::Error>(())
+        })),
+        _ => None,
+    };
+    let mut stdout_pipe = attached.stdout().context("no stdout")?;
+    let mut stderr_pipe = attached.stderr().context("no stderr")?;
+    let status = attached.take_status();
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let (a, b) = tokio::join!(stdout_pipe.read_to_end(&mut stdout), stderr_pipe.read_to_end(&mut stderr));
+    a?;
+    b?;
+    if let Some(w) = writer {
+        w.await??;
+    }
+    let status = match status {
+        Some(s) => s.await,
+        None => None,
+    };
+    attached.join().await.ok();
+    let (exit_code, status_message) = match status {
+        Some(s) if s.status.as_deref() == Some("Success") => (0, None),
+        Some(s) => {
+            let code = s
+                .details
+                .as_ref()
+                .and_then(|d| d.causes.as_ref())
+                .and_then(|c| c.iter().find(|c| c.reason.as_deref() == Some("ExitCode")))
+                .and_then(|c| c.message.as_ref())
+                .and_then(|m| m.parse().ok())
+                .unwrap_or(-1);
+            (code, s.message)
+        }
+        None => (-1, None),
+    };
+    Ok(ExecOutput { stdout, stderr, exit_code, status_message })
+}
