@@ -70,7 +70,8 @@ fn main() -> Result<()> {
             let (hostport, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
             let mut stream = std::net::TcpStream::connect(hostport).with_context(|| format!("connecting to {hostport}"))?;
             stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-            write!(stream, "GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n")?;
+            // One write: a request split over segments could be answered half-read.
+            stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").as_bytes())?;
             let mut response = String::new();
             stream.read_to_string(&mut response)?;
             let body = response.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
@@ -134,12 +135,20 @@ fn serve(port: u16, text: Option<String>) -> Result<()> {
     println!("serving on port {port}");
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
-        let mut buf = [0u8; 2048];
-        let n = stream.read(&mut buf).unwrap_or(0);
-        let request = String::from_utf8_lossy(&buf[..n]);
+        // Read the whole request head: closing with unread bytes would reset the connection.
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let request = String::from_utf8_lossy(&head);
         let path = request.split_whitespace().nth(1).unwrap_or("/");
         let body = if path == "/healthz" { "ok".to_string() } else { text.clone() };
-        let _ = write!(stream, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        let response = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        let _ = stream.write_all(response.as_bytes());
     }
     Ok(())
 }

@@ -65,6 +65,64 @@ pub struct NodeConfig {
     pub kubernetes_version: String,
     pub started_at: String,
     pub marker: Option<String>,
+    /// Which volumes pods use, and which the storage side is resizing offline.
+    pub volumes: VolumeUsage,
+}
+
+/// Who uses which volume directory right now: pods (bind-mounted into containers) or the
+/// storage side (unmounted for an offline resize). The two exclude each other.
+#[derive(Debug, Default, Clone)]
+pub struct VolumeUsage(Arc<std::sync::Mutex<UsageState>>);
+
+#[derive(Debug, Default)]
+struct UsageState {
+    users: std::collections::HashMap<PathBuf, usize>,
+    maintenance: std::collections::HashSet<PathBuf>,
+}
+
+impl VolumeUsage {
+    /// Starts maintenance of `dir` when no pod uses it.
+    pub fn try_maintain(&self, dir: &std::path::Path) -> Option<UsageGuard> {
+        let mut state = self.0.lock().ok()?;
+        if state.users.get(dir).copied().unwrap_or(0) > 0 || state.maintenance.contains(dir) {
+            return None;
+        }
+        state.maintenance.insert(dir.to_path_buf());
+        Some(UsageGuard { owner: self.clone(), dir: dir.to_path_buf(), maintenance: true })
+    }
+
+    /// Registers a pod's use of `dir`; `None` while the volume is under maintenance.
+    pub fn try_use(&self, dir: &std::path::Path) -> Option<UsageGuard> {
+        let mut state = self.0.lock().ok()?;
+        if state.maintenance.contains(dir) {
+            return None;
+        }
+        *state.users.entry(dir.to_path_buf()).or_default() += 1;
+        Some(UsageGuard { owner: self.clone(), dir: dir.to_path_buf(), maintenance: false })
+    }
+}
+
+/// Ends a use or a maintenance when dropped.
+#[derive(Debug)]
+pub struct UsageGuard {
+    owner: VolumeUsage,
+    dir: PathBuf,
+    maintenance: bool,
+}
+
+impl Drop for UsageGuard {
+    fn drop(&mut self) {
+        if let Ok(mut state) = self.owner.0.lock() {
+            if self.maintenance {
+                state.maintenance.remove(&self.dir);
+            } else if let Some(n) = state.users.get_mut(&self.dir) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    state.users.remove(&self.dir);
+                }
+            }
+        }
+    }
 }
 
 /// Arguments of `stateward-node`.
@@ -149,7 +207,14 @@ pub async fn run(args: Args) -> Result<()> {
         kubernetes_version: args.kubernetes_version.clone(),
         started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         marker: std::env::var(MARKER_VAR).ok(),
+        volumes: VolumeUsage::default(),
     });
+    if !storage::can_resize_online() {
+        tracing::warn!(
+            "this process lacks CAP_SYS_RESOURCE: volumes are expanded offline (when no pod uses \
+             them), with the FileSystemResizePending condition meanwhile"
+        );
+    }
     let kubeconfig = kube::config::Kubeconfig::read_from(&args.kubeconfig)?;
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
     let client = Client::try_from(config)?;

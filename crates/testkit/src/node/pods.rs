@@ -498,7 +498,7 @@ impl PodContext {
         let spec = pod.spec.clone().unwrap_or_default();
         let mut prepared = HashMap::new();
         for volume in spec.volumes.iter().flatten() {
-            let p = volumes::prepare(&self.client, pod, volume, &dir.join("volumes")).await?;
+            let p = volumes::prepare(&self.client, pod, volume, &dir.join("volumes"), &self.cfg.volumes).await?;
             if let Some(fs_group) = spec.security_context.as_ref().and_then(|s| s.fs_group) {
                 let writable = volume.empty_dir.is_some() || volume.persistent_volume_claim.is_some();
                 if writable && !p.read_only {

@@ -47,6 +47,27 @@ pub fn parse_bytes(q: &str) -> Result<u64> {
     Ok((num * mult).ceil() as u64)
 }
 
+/// ext4 grows a mounted filesystem only for a process with CAP_SYS_RESOURCE (some
+/// sandboxes drop it even for root).
+pub fn can_resize_online() -> bool {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
+}
+
+async fn grow_image(image: &Path, bytes: u64) -> Result<()> {
+    if std::fs::metadata(image)?.len() < bytes {
+        run("truncate", &["-s", &bytes.to_string(), &image.to_string_lossy()]).await?;
+    }
+    Ok(())
+}
+
 async fn run(cmd: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(cmd).args(args).output().await.with_context(|| format!("running {cmd}"))?;
     if !out.status.success() {
@@ -255,17 +276,49 @@ impl Storage {
         let device = self
             .loop_device_of(&image)
             .context("the volume has no loop device (directory fallback): it cannot be expanded")?;
-        let current = std::fs::metadata(&image)?.len();
-        if want > current {
-            run("truncate", &["-s", &want.to_string(), &image.to_string_lossy()]).await?;
+        let namespace = pvc.namespace().unwrap_or_default();
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &namespace);
+        if can_resize_online() {
+            grow_image(&image, want).await?;
+            run("losetup", &["-c", &device]).await?;
+            run("resize2fs", &[&device]).await?;
+        } else {
+            // Without CAP_SYS_RESOURCE ext4 refuses online growth: behave like a CSI driver
+            // that expands offline, i.e. when no pod uses the claim (pods about to start
+            // wait for this).
+            let dir = self.volume_dir(pv_name);
+            let Some(_maintenance) = self.cfg.volumes.try_maintain(&dir) else {
+                let pending = pvc.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| {
+                    c.iter().any(|c| c.type_ == "FileSystemResizePending")
+                });
+                if pending {
+                    return Ok(());
+                }
+                let condition = json!({ "status": { "conditions": [{
+                    "type": "FileSystemResizePending", "status": "True",
+                    "lastTransitionTime": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    "message": "Waiting for the claim's pods to stop: the local node expands volumes \
+                                offline here (no CAP_SYS_RESOURCE for online ext4 growth); restart the pod.",
+                }]}});
+                claims.patch_status(&pvc.name_any(), &PatchParams::default(), &Patch::Merge(&condition)).await?;
+                return Ok(());
+            };
+            run("umount", &[&dir.to_string_lossy()]).await?;
+            let resized = async {
+                grow_image(&image, want).await?;
+                run("losetup", &["-c", &device]).await?;
+                // e2fsck exits 1 when it fixed something, which is fine before a resize.
+                let _ = Command::new("e2fsck").args(["-f", "-p", &device]).output().await;
+                run("resize2fs", &[&device]).await
+            }
+            .await;
+            run("mount", &[&device, &dir.to_string_lossy()]).await?;
+            resized?;
         }
-        run("losetup", &["-c", &device]).await?;
-        run("resize2fs", &[&device]).await?;
         let pvs_api: Api<PersistentVolume> = Api::all(self.client.clone());
         pvs_api
             .patch(pv_name, &PatchParams::default(), &Patch::Merge(&json!({ "spec": { "capacity": { "storage": requested } } })))
             .await?;
-        let claims: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &pvc.namespace().unwrap_or_default());
         let status = json!({ "status": {
             "capacity": { "storage": Quantity(requested.clone()) },
             "allocatedResources": { "storage": Quantity(requested.clone()) },
@@ -275,7 +328,7 @@ impl Storage {
         claims
             .patch_status(&pvc.name_any(), &PatchParams::default(), &Patch::Merge(&status))
             .await?;
-        tracing::info!(pv = %pv_name, from = have, to = want, "expanded a volume online");
+        tracing::info!(pv = %pv_name, from = have, to = want, online = can_resize_online(), "expanded a volume");
         Ok(())
     }
 

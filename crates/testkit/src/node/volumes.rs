@@ -21,6 +21,8 @@ use super::runner::MountSpec;
 pub struct Prepared {
     pub path: PathBuf,
     pub read_only: bool,
+    /// Held while the pod runs, for claims: the storage side does not unmount it meanwhile.
+    pub usage: Option<std::sync::Arc<super::UsageGuard>>,
 }
 
 /// Why a pod cannot start yet; shown in the container's waiting reason.
@@ -317,20 +319,26 @@ async fn service_account_token(
 }
 
 /// Materialises one pod volume under `dir`.
-pub async fn prepare(client: &Client, pod: &Pod, volume: &Volume, dir: &Path) -> Result<Prepared> {
+pub async fn prepare(
+    client: &Client,
+    pod: &Pod,
+    volume: &Volume,
+    dir: &Path,
+    usage: &super::VolumeUsage,
+) -> Result<Prepared> {
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let target = dir.join(&volume.name);
     if volume.empty_dir.is_some() {
         std::fs::create_dir_all(&target)?;
         std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o777))?;
-        return Ok(Prepared { path: target, read_only: false });
+        return Ok(Prepared { path: target, read_only: false, usage: None });
     }
     if let Some(host) = &volume.host_path {
         let path = PathBuf::from(&host.path);
         if !path.exists() && host.type_.as_deref() == Some("DirectoryOrCreate") {
             std::fs::create_dir_all(&path)?;
         }
-        return Ok(Prepared { path, read_only: false });
+        return Ok(Prepared { path, read_only: false, usage: None });
     }
     if let Some(claim) = &volume.persistent_volume_claim {
         let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
@@ -351,7 +359,26 @@ pub async fn prepare(client: &Client, pod: &Pod, volume: &Volume, dir: &Path) ->
             .map(|l| l.path)
             .or(spec.host_path.map(|h| h.path))
             .ok_or_else(|| NotReady::Waiting(format!("PersistentVolume {pv_name} is neither local nor hostPath")))?;
-        return Ok(Prepared { path: PathBuf::from(path), read_only: claim.read_only.unwrap_or(false) });
+        let path = PathBuf::from(path);
+        // A pending expansion that cannot happen online waits for the volume to be unused:
+        // let the storage side do it before this pod mounts the volume.
+        let requested = pvc.spec.as_ref().and_then(|s| s.resources.as_ref()).and_then(|r| r.requests.as_ref()).and_then(|r| r.get("storage")).map(|q| q.0.clone());
+        let capacity = pvc.status.as_ref().and_then(|s| s.capacity.as_ref()).and_then(|c| c.get("storage")).map(|q| q.0.clone());
+        if let (Some(requested), Some(capacity)) = (requested, capacity) {
+            let pending = super::storage::parse_bytes(&requested)? > super::storage::parse_bytes(&capacity)?;
+            if pending && !super::storage::can_resize_online() {
+                return Err(NotReady::Waiting(format!("PersistentVolumeClaim {} is being expanded", claim.claim_name)).into());
+            }
+        }
+        let usage = usage
+            .try_use(&path)
+            .ok_or_else(|| NotReady::Waiting(format!("PersistentVolume {pv_name} is being resized")))?;
+        // A loop-backed volume must be mounted, else we would bind its empty mount point.
+        let image = path.with_extension("img");
+        if image.exists() && !is_mount_point(&path) {
+            return Err(NotReady::Waiting(format!("PersistentVolume {pv_name} is not mounted yet")).into());
+        }
+        return Ok(Prepared { path, read_only: claim.read_only.unwrap_or(false), usage: Some(std::sync::Arc::new(usage)) });
     }
     if let Some(secret) = &volume.secret {
         let name = secret.secret_name.clone().unwrap_or_default();
@@ -362,7 +389,7 @@ pub async fn prepare(client: &Client, pod: &Pod, volume: &Volume, dir: &Path) ->
             None => return Err(NotReady::Waiting(format!("Secret {name} not found (volume {})", volume.name)).into()),
         };
         write_files(&target, &files)?;
-        return Ok(Prepared { path: target, read_only: true });
+        return Ok(Prepared { path: target, read_only: true, usage: None });
     }
     if let Some(cm) = &volume.config_map {
         let name = cm.name.clone();
@@ -373,13 +400,13 @@ pub async fn prepare(client: &Client, pod: &Pod, volume: &Volume, dir: &Path) ->
             None => return Err(NotReady::Waiting(format!("ConfigMap {name} not found (volume {})", volume.name)).into()),
         };
         write_files(&target, &files)?;
-        return Ok(Prepared { path: target, read_only: true });
+        return Ok(Prepared { path: target, read_only: true, usage: None });
     }
     if let Some(downward) = &volume.downward_api {
         let mode = downward.default_mode.map(|m| m as u32).unwrap_or(0o644);
         let files = downward_files(pod, downward.items.as_deref().unwrap_or_default(), mode)?;
         write_files(&target, &files)?;
-        return Ok(Prepared { path: target, read_only: true });
+        return Ok(Prepared { path: target, read_only: true, usage: None });
     }
     if let Some(projected) = &volume.projected {
         let mode = projected.default_mode.map(|m| m as u32).unwrap_or(0o644);
@@ -408,13 +435,21 @@ pub async fn prepare(client: &Client, pod: &Pod, volume: &Volume, dir: &Path) ->
             }
         }
         write_files(&target, &files)?;
-        return Ok(Prepared { path: target, read_only: true });
+        return Ok(Prepared { path: target, read_only: true, usage: None });
     }
     bail!(
         "volume {}: this volume type is not supported by the local node (supported: emptyDir, \
          hostPath, persistentVolumeClaim, secret, configMap, downwardAPI, projected)",
         volume.name
     )
+}
+
+fn is_mount_point(path: &Path) -> bool {
+    let wanted = path.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(&*wanted))
 }
 
 /// Gives the pod's fsGroup ownership of a writable volume, as the kubelet does for
