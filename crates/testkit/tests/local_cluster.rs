@@ -415,3 +415,264 @@ spec:
     ensure!(capacity == "384Mi" && after > before, "capacity {capacity}, df {before} -> {after}");
     ns.cleanup().await
 }
+
+fn app_statefulset(name: &str, image: &str, mount: &str, env: &str, readiness: &str) -> String {
+    format!(
+        r#"
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {{ name: {name} }}
+spec:
+  replicas: 1
+  serviceName: {name}
+  selector: {{ matchLabels: {{ app: {name} }} }}
+  template:
+    metadata: {{ labels: {{ app: {name} }} }}
+    spec:
+      terminationGracePeriodSeconds: 20
+      containers:
+      - name: {name}
+        image: {image}
+        env: {env}
+        readinessProbe: {{ exec: {{ command: {readiness} }}, periodSeconds: 1, failureThreshold: 60 }}
+        volumeMounts: [{{ name: data, mountPath: {mount} }}]
+  volumeClaimTemplates:
+  - metadata: {{ name: data }}
+    spec:
+      accessModes: [ReadWriteOnce]
+      resources: {{ requests: {{ storage: 256Mi }} }}
+"#
+    )
+}
+
+async fn restart_pod(pods: &Api<Pod>, name: &str) -> Result<()> {
+    let old = pods.get(name).await?.uid().unwrap_or_default();
+    pods.delete(name, &DeleteParams::default()).await?;
+    wait_for(&format!("pod {name} to be replaced"), 2 * MINUTE, || async {
+        Ok(pods.get_opt(name).await?.filter(|p| p.uid().unwrap_or_default() != old).map(|_| ()))
+    })
+    .await?;
+    wait_pod_ready(pods, name, 3 * MINUTE).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn redis_and_postgres_images_run_the_real_servers_and_keep_data_across_restarts() -> Result<()> {
+    let cluster = Cluster::connect().await?;
+    let ns = cluster.namespace("apps").await?;
+    let sts: Api<StatefulSet> = cluster.api(&ns.name);
+    let pods: Api<Pod> = cluster.api(&ns.name);
+    let secrets: Api<Secret> = cluster.api(&ns.name);
+    secrets
+        .create(&PostParams::default(), &from_yaml("metadata: { name: pg }\nstringData: { password: pg-test-password }")?)
+        .await?;
+    sts.create(
+        &PostParams::default(),
+        &from_yaml(&app_statefulset("redis", "redis:7.2", "/data", "[]", "[redis-cli, ping]"))?,
+    )
+    .await?;
+    sts.create(
+        &PostParams::default(),
+        &from_yaml(&app_statefulset(
+            "postgres",
+            "docker.io/library/postgres:16",
+            "/var/lib/postgresql/data",
+            "[{ name: PGDATA, value: /var/lib/postgresql/data/pgdata }, \
+              { name: POSTGRES_PASSWORD, valueFrom: { secretKeyRef: { name: pg, key: password } } }]",
+            "[pg_isready, -U, postgres]",
+        ))?,
+    )
+    .await?;
+    wait_pod_ready(&pods, "redis-0", 3 * MINUTE).await?;
+    wait_pod_ready(&pods, "postgres-0", 3 * MINUTE).await?;
+
+    let set = exec(&pods, "redis-0", None, &["redis-cli", "SET", "greeting", "kept-by-redis"], None).await?;
+    ensure!(set.stdout_str().trim() == "OK", "redis SET said {:?}", set.stdout_str());
+    let sql = "CREATE TABLE kept (id int, note text); INSERT INTO kept VALUES (42, 'kept-by-postgres');";
+    let created = exec(&pods, "postgres-0", None, &["psql", "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-c", sql], None).await?;
+    ensure!(created.exit_code == 0, "psql failed: {}", String::from_utf8_lossy(&created.stderr));
+
+    // Both servers shut down gracefully on SIGTERM (redis saves its RDB) and come back
+    // on the same volume.
+    restart_pod(&pods, "redis-0").await?;
+    restart_pod(&pods, "postgres-0").await?;
+    let got = wait_for("redis to answer GET", MINUTE, || async {
+        let out = exec(&pods, "redis-0", None, &["redis-cli", "GET", "greeting"], None).await?;
+        Ok((out.exit_code == 0).then(|| out.stdout_str()))
+    })
+    .await?;
+    ensure!(got.trim() == "kept-by-redis", "redis GET after restart: {got:?}");
+    let row = exec(&pods, "postgres-0", None, &["psql", "-U", "postgres", "-tAc", "SELECT id, note FROM kept"], None).await?;
+    ensure!(row.stdout_str().trim() == "42|kept-by-postgres", "postgres row after restart: {:?} {}", row.stdout_str(), String::from_utf8_lossy(&row.stderr));
+    ns.cleanup().await
+}
+
+#[tokio::test]
+async fn rbac_is_enforced_for_service_account_tokens_and_projected_pod_tokens() -> Result<()> {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let cluster = Cluster::connect().await?;
+    let ns = cluster.namespace("rbac").await?;
+    let sas: Api<ServiceAccount> = cluster.api(&ns.name);
+    sas.create(&PostParams::default(), &from_yaml("metadata: { name: reader }")?).await?;
+
+    // A token of a ServiceAccount with no permissions is refused by the API server.
+    let token = sas
+        .create_token_request("reader", &PostParams::default(), &from_yaml::<TokenRequest>("spec: { audiences: [] }")?)
+        .await?
+        .status
+        .and_then(|s| s.token)
+        .context("no token")?;
+    let mut config = kube::Config::new(cluster.env.api_server.parse()?);
+    config.root_cert = Some(vec![rustls_pemfile_der(&cluster.env.ca_cert)?]);
+    config.auth_info.token = Some(token.into());
+    let as_reader = kube::Client::try_from(config)?;
+    let maps_as_reader: Api<ConfigMap> = Api::namespaced(as_reader, &ns.name);
+    match maps_as_reader.list(&Default::default()).await {
+        Err(kube::Error::Api(status)) if status.code == 403 => {}
+        other => anyhow::bail!("expected 403 for a token without permissions, got {other:?}"),
+    }
+
+    // A pod running as that ServiceAccount reads its projected token and gets exactly
+    // what its Role grants.
+    let pods: Api<Pod> = cluster.api(&ns.name);
+    let pod: Pod = from_yaml(
+        r#"
+metadata: { name: client }
+spec:
+  serviceAccountName: reader
+  terminationGracePeriodSeconds: 2
+  containers:
+  - { name: main, image: stateward-probe, args: [sleep] }
+"#,
+    )?;
+    pods.create(&PostParams::default(), &pod).await?;
+    wait_pod_ready(&pods, "client", MINUTE).await?;
+    let get = |path: String| {
+        let pods = pods.clone();
+        async move {
+            let out = exec(&pods, "client", None, &["stateward-probe", "kube", &path], None).await?;
+            ensure!(out.exit_code == 0, "probe kube failed: {}", String::from_utf8_lossy(&out.stderr));
+            Ok::<String, anyhow::Error>(out.stdout_str().lines().next().unwrap_or_default().to_string())
+        }
+    };
+    let configmaps = format!("/api/v1/namespaces/{}/configmaps", ns.name);
+    let secrets = format!("/api/v1/namespaces/{}/secrets", ns.name);
+    ensure!(get(configmaps.clone()).await? == "HTTP 403", "configmaps allowed before the Role");
+    let roles: Api<Role> = cluster.api(&ns.name);
+    let bindings: Api<RoleBinding> = cluster.api(&ns.name);
+    roles
+        .create(
+            &PostParams::default(),
+            &from_yaml("metadata: { name: cm-reader }\nrules:\n- { apiGroups: [\"\"], resources: [configmaps], verbs: [list, get] }")?,
+        )
+        .await?;
+    bindings
+        .create(
+            &PostParams::default(),
+            &from_yaml(&format!(
+                "metadata: {{ name: cm-reader }}\nroleRef: {{ apiGroup: rbac.authorization.k8s.io, kind: Role, name: cm-reader }}\n\
+                 subjects:\n- {{ kind: ServiceAccount, name: reader, namespace: {} }}\n",
+                ns.name
+            ))?,
+        )
+        .await?;
+    wait_for("the Role to take effect for the pod's token", MINUTE, || async {
+        Ok((get(configmaps.clone()).await? == "HTTP 200").then_some(()))
+    })
+    .await?;
+    ensure!(get(secrets).await? == "HTTP 403", "the Role grants configmaps only, yet secrets were readable");
+    let token_file = exec(&pods, "client", None, &["stateward-probe", "read", "/var/run/secrets/kubernetes.io/serviceaccount/namespace"], None).await?;
+    ensure!(token_file.stdout_str() == ns.name, "projected namespace file says {:?}", token_file.stdout_str());
+    ns.cleanup().await
+}
+
+fn rustls_pemfile_der(path: &std::path::Path) -> Result<Vec<u8>> {
+    let pem = std::fs::read_to_string(path)?;
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    use base64::Engine;
+    Ok(base64::engine::general_purpose::STANDARD.decode(body)?)
+}
+
+#[tokio::test]
+async fn s3_server_handles_multipart_ranged_reads_deletes_and_rejects_bad_credentials() -> Result<()> {
+    use aws_sdk_s3::primitives::ByteStream;
+    use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+    let cluster = Cluster::connect().await?;
+    let env = &cluster.env;
+    let s3 = |key: &str, secret: &str| {
+        let creds = aws_sdk_s3::config::Credentials::new(key, secret, None, None, "test");
+        let config = aws_sdk_s3::config::Builder::new()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new(env.s3_region.clone()))
+            .endpoint_url(&env.s3_endpoint)
+            .force_path_style(true)
+            .credentials_provider(creds)
+            .build();
+        aws_sdk_s3::Client::from_conf(config)
+    };
+    let client = s3(&env.s3_access_key, &env.s3_secret_key);
+    let bucket = format!("test-{:08x}", rand::random::<u32>());
+    client.create_bucket().bucket(&bucket).send().await?;
+
+    // 100 MiB in 20 parts of 5 MiB.
+    let part_size = 5 << 20;
+    let mut data = vec![0u8; 100 << 20];
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (i.wrapping_mul(2654435761) >> 13) as u8;
+    }
+    let upload = client.create_multipart_upload().bucket(&bucket).key("big.bin").send().await?;
+    let upload_id = upload.upload_id().context("no upload id")?.to_string();
+    let mut parts = Vec::new();
+    for (i, chunk) in data.chunks(part_size).enumerate() {
+        let number = i as i32 + 1;
+        let part = client
+            .upload_part()
+            .bucket(&bucket)
+            .key("big.bin")
+            .upload_id(&upload_id)
+            .part_number(number)
+            .body(ByteStream::from(chunk.to_vec()))
+            .send()
+            .await?;
+        parts.push(CompletedPart::builder().part_number(number).set_e_tag(part.e_tag().map(String::from)).build());
+    }
+    client
+        .complete_multipart_upload()
+        .bucket(&bucket)
+        .key("big.bin")
+        .upload_id(&upload_id)
+        .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+        .send()
+        .await?;
+    let head = client.head_object().bucket(&bucket).key("big.bin").send().await?;
+    ensure!(head.content_length() == Some(100 << 20), "size {:?}", head.content_length());
+
+    let (start, end) = (33_554_000usize, 33_554_000usize + 1_000_000);
+    let ranged = client
+        .get_object()
+        .bucket(&bucket)
+        .key("big.bin")
+        .range(format!("bytes={start}-{}", end - 1))
+        .send()
+        .await?
+        .body
+        .collect()
+        .await?
+        .into_bytes();
+    ensure!(ranged.as_ref() == &data[start..end], "the ranged GET returned other bytes");
+
+    // Wrong credentials are refused.
+    let wrong = s3(&env.s3_access_key, "not-the-secret");
+    let refused = wrong.list_objects_v2().bucket(&bucket).send().await;
+    ensure!(refused.is_err(), "a wrong secret key was accepted");
+    let text = format!("{:?}", refused.err());
+    ensure!(text.contains("SignatureDoesNotMatch") || text.contains("AccessDenied"), "unexpected refusal: {text}");
+
+    client.delete_object().bucket(&bucket).key("big.bin").send().await?;
+    let listed = client.list_objects_v2().bucket(&bucket).send().await?;
+    ensure!(listed.key_count().unwrap_or(0) == 0, "the object survived its deletion");
+    client.delete_bucket().bucket(&bucket).send().await?;
+    Ok(())
+}

@@ -44,12 +44,15 @@ pub struct ExecTarget {
     pub gid: Option<u32>,
     pub groups: Vec<u32>,
     pub working_dir: Option<PathBuf>,
+    /// The container's environment as started (not /proc/<pid>/environ: programs such as
+    /// redis-server overwrite that memory with their process title).
+    pub env: Vec<(String, String)>,
 }
 
 impl ExecTarget {
     /// The runner invocation that enters this container and runs `command`.
     pub fn command(&self, command: &[String]) -> tokio::process::Command {
-        let env = read_environ(self.pid);
+        let env = self.env.clone();
         let spec = RunSpec {
             enter_pid: Some(self.pid),
             uid: self.uid,
@@ -76,17 +79,6 @@ impl ExecTarget {
             .output()
             .await?)
     }
-}
-
-fn read_environ(pid: u32) -> Vec<(String, String)> {
-    std::fs::read(format!("/proc/{pid}/environ"))
-        .unwrap_or_default()
-        .split(|b| *b == 0)
-        .filter_map(|kv| {
-            let kv = String::from_utf8_lossy(kv);
-            kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))
-        })
-        .collect()
 }
 
 /// The runner binary: a copy of this node's executable made at start-up (see
@@ -628,6 +620,7 @@ impl PodContext {
                 gid,
                 groups: groups.clone(),
                 working_dir: run_spec.working_dir.clone(),
+                env: run_spec.env.clone(),
             };
             let has_readiness = c.readiness_probe.is_some();
             rt.set_container(init, index, |s| {
