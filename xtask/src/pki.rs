@@ -22,8 +22,8 @@ pub struct Pki {
 }
 
 fn write_private(path: &Path, contents: &str) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -54,7 +54,9 @@ pub fn generate(dir: &Path, ips: &[String]) -> Result<Pki> {
 
     let serving = |common_name: &str, names: Vec<String>| -> Result<(String, String)> {
         let mut params = CertificateParams::new(names)?;
-        params.distinguished_name.push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,

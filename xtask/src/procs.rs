@@ -34,9 +34,7 @@ pub fn spawn_detached(mut cmd: Command, log: &Path, marker: &str) -> Result<u32>
         .env(MARKER_VAR, marker)
         .process_group(0);
     let program = cmd.get_program().to_string_lossy().into_owned();
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting {program}"))?;
+    let child = cmd.spawn().with_context(|| format!("starting {program}"))?;
     Ok(child.id())
 }
 
@@ -173,4 +171,73 @@ pub fn run(cmd: &mut Command) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A cgroup that holds every process of the testenv, so `down` finds them all, even
+/// those that overwrite their environment (redis-server rewrites its process title over
+/// it). Children inherit the cgroup at fork: xtask joins it while it starts the cluster.
+pub struct Cgroup {
+    pub dir: PathBuf,
+    root: PathBuf,
+}
+
+fn cgroup_root() -> Option<PathBuf> {
+    // cgroup v2 (unified or hybrid), else the v1 pids hierarchy.
+    [
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/pids",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.join("cgroup.procs").is_file())
+}
+
+impl Cgroup {
+    pub fn for_marker(marker: &str) -> Option<Self> {
+        let root = cgroup_root()?;
+        Some(Self {
+            dir: root.join(format!("stateward-testenv-{marker}")),
+            root,
+        })
+    }
+
+    /// Moves this process into the cgroup until the guard is dropped.
+    pub fn join(&self) -> Result<CgroupMembership<'_>> {
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating cgroup {}", self.dir.display()))?;
+        std::fs::write(
+            self.dir.join("cgroup.procs"),
+            std::process::id().to_string(),
+        )
+        .with_context(|| format!("joining cgroup {}", self.dir.display()))?;
+        Ok(CgroupMembership { cgroup: self })
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        std::fs::read_to_string(self.dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .filter(|pid| *pid != std::process::id())
+            .collect()
+    }
+
+    pub fn remove(&self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// While alive, xtask itself is in the testenv's cgroup.
+pub struct CgroupMembership<'a> {
+    cgroup: &'a Cgroup,
+}
+
+impl Drop for CgroupMembership<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            self.cgroup.root.join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+    }
 }

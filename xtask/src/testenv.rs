@@ -108,7 +108,9 @@ pub fn up() -> Result<Env> {
         }
         eprintln!("xtask: found a stale local cluster (a killed run?); cleaning it up");
         down()?;
-    } else if !procs::marked_processes(&marker).is_empty() {
+    } else if !procs::marked_processes(&marker).is_empty()
+        || procs::Cgroup::for_marker(&marker).is_some_and(|cg| !cg.pids().is_empty())
+    {
         eprintln!("xtask: found processes of an earlier local cluster; cleaning them up");
         down()?;
     }
@@ -128,8 +130,28 @@ pub fn up() -> Result<Env> {
     save_state(&dir, &state)?;
 
     setup_bridge()?;
+    // Everything started from here on (and their children) lands in the testenv cgroup.
+    let cgroup = procs::Cgroup::for_marker(&marker);
+    let _membership = match &cgroup {
+        Some(cg) => Some(cg.join()?),
+        None => {
+            eprintln!(
+                "xtask: no writable cgroup hierarchy; `down` will find processes by environment only"
+            );
+            None
+        }
+    };
 
-    for name in ["etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "s3", "node-a", "node-b"] {
+    for name in [
+        "etcd",
+        "etcd-peer",
+        "apiserver",
+        "kcm",
+        "scheduler",
+        "s3",
+        "node-a",
+        "node-b",
+    ] {
         state.ports.insert(name.to_string(), free_port()?);
     }
     let ports = state.ports.clone();
@@ -149,9 +171,21 @@ pub fn up() -> Result<Env> {
     let api_server = format!("https://127.0.0.1:{}", port("apiserver"));
     let api_server_from_pods = format!("https://{BRIDGE_IP}:{}", port("apiserver"));
     let kubeconfig = dir.join("kubeconfig");
-    write_kubeconfig(&kubeconfig, &api_server, &pki.ca_cert, "stateward-admin", &admin_token)?;
+    write_kubeconfig(
+        &kubeconfig,
+        &api_server,
+        &pki.ca_cert,
+        "stateward-admin",
+        &admin_token,
+    )?;
     let kcm_kubeconfig = dir.join("pki/kcm.kubeconfig");
-    write_kubeconfig(&kcm_kubeconfig, &api_server, &pki.ca_cert, "kcm", &kcm_token)?;
+    write_kubeconfig(
+        &kcm_kubeconfig,
+        &api_server,
+        &pki.ca_cert,
+        "kcm",
+        &kcm_token,
+    )?;
     let scheduler_kubeconfig = dir.join("pki/scheduler.kubeconfig");
     write_kubeconfig(
         &scheduler_kubeconfig,
@@ -192,8 +226,14 @@ pub fn up() -> Result<Env> {
         &format!("--listen-client-urls=http://127.0.0.1:{}", port("etcd")),
         &format!("--advertise-client-urls=http://127.0.0.1:{}", port("etcd")),
         &format!("--listen-peer-urls=http://127.0.0.1:{}", port("etcd-peer")),
-        &format!("--initial-advertise-peer-urls=http://127.0.0.1:{}", port("etcd-peer")),
-        &format!("--initial-cluster=testenv=http://127.0.0.1:{}", port("etcd-peer")),
+        &format!(
+            "--initial-advertise-peer-urls=http://127.0.0.1:{}",
+            port("etcd-peer")
+        ),
+        &format!(
+            "--initial-cluster=testenv=http://127.0.0.1:{}",
+            port("etcd-peer")
+        ),
         "--unsafe-no-fsync=true",
         "--quota-backend-bytes=4294967296",
         "--log-level=warn",
@@ -220,7 +260,10 @@ pub fn up() -> Result<Env> {
         &format!("--client-ca-file={}", pki.ca_cert.display()),
         &format!("--token-auth-file={}", dir.join("pki/tokens.csv").display()),
         &format!("--service-account-key-file={}", pki.sa_pub.display()),
-        &format!("--service-account-signing-key-file={}", pki.sa_key.display()),
+        &format!(
+            "--service-account-signing-key-file={}",
+            pki.sa_key.display()
+        ),
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
         "--api-audiences=https://kubernetes.default.svc.cluster.local",
         &format!("--kubelet-certificate-authority={}", pki.ca_cert.display()),
@@ -233,7 +276,9 @@ pub fn up() -> Result<Env> {
     start("kube-apiserver", apiserver, &mut state)?;
     runtime
         .block_on(wait_api_ready(&env, Duration::from_secs(120)))
-        .context("kube-apiserver did not become ready; see target/testenv/logs/kube-apiserver.log")?;
+        .context(
+            "kube-apiserver did not become ready; see target/testenv/logs/kube-apiserver.log",
+        )?;
 
     // kube-controller-manager: all default controllers.
     let mut kcm = Command::new(tool("kube-controller-manager"));
@@ -244,7 +289,10 @@ pub fn up() -> Result<Env> {
         "--leader-elect=false",
         "--bind-address=127.0.0.1",
         &format!("--secure-port={}", port("kcm")),
-        &format!("--service-account-private-key-file={}", pki.sa_key.display()),
+        &format!(
+            "--service-account-private-key-file={}",
+            pki.sa_key.display()
+        ),
         &format!("--root-ca-file={}", pki.ca_cert.display()),
         &format!("--cluster-signing-cert-file={}", pki.ca_cert.display()),
         &format!("--cluster-signing-key-file={}", pki.ca_key.display()),
@@ -261,8 +309,14 @@ pub fn up() -> Result<Env> {
     let mut scheduler = Command::new(tool("kube-scheduler"));
     scheduler.args([
         &format!("--kubeconfig={}", scheduler_kubeconfig.display()),
-        &format!("--authentication-kubeconfig={}", scheduler_kubeconfig.display()),
-        &format!("--authorization-kubeconfig={}", scheduler_kubeconfig.display()),
+        &format!(
+            "--authentication-kubeconfig={}",
+            scheduler_kubeconfig.display()
+        ),
+        &format!(
+            "--authorization-kubeconfig={}",
+            scheduler_kubeconfig.display()
+        ),
         "--leader-elect=false",
         "--bind-address=127.0.0.1",
         &format!("--secure-port={}", port("scheduler")),
@@ -342,13 +396,20 @@ pub fn down() -> Result<()> {
     if let Some(pid) = state.pids.get("stateward-node") {
         procs::terminate(&[*pid], Duration::from_secs(20));
     }
+    let cgroup = procs::Cgroup::for_marker(&marker);
     let mut remaining = procs::marked_processes(&marker);
     remaining.extend(state.pids.values().copied().filter(|p| procs::alive(*p)));
+    if let Some(cg) = &cgroup {
+        remaining.extend(cg.pids());
+    }
     remaining.sort_unstable();
     remaining.dedup();
     procs::terminate(&remaining, Duration::from_secs(10));
     // Anything that ignored SIGKILL for a moment (a process in D state) gets a second look.
-    let stubborn = procs::marked_processes(&marker);
+    let mut stubborn = procs::marked_processes(&marker);
+    if let Some(cg) = &cgroup {
+        stubborn.extend(cg.pids());
+    }
     if !stubborn.is_empty() {
         std::thread::sleep(Duration::from_secs(1));
         procs::terminate(&stubborn, Duration::from_secs(5));
@@ -358,7 +419,11 @@ pub fn down() -> Result<()> {
     procs::delete_netns();
     procs::delete_link(BRIDGE);
     let _ = std::fs::remove_file(dir.join("state.json"));
-    let left = procs::marked_processes(&marker);
+    let mut left = procs::marked_processes(&marker);
+    if let Some(cg) = &cgroup {
+        left.extend(cg.pids());
+        cg.remove();
+    }
     if !left.is_empty() {
         bail!("processes of the local cluster are still running: {left:?}");
     }
@@ -373,13 +438,20 @@ pub fn status() -> Result<()> {
         return Ok(());
     };
     for (name, pid) in &state.pids {
-        let alive = if procs::alive(*pid) { "running" } else { "DEAD" };
+        let alive = if procs::alive(*pid) {
+            "running"
+        } else {
+            "DEAD"
+        };
         println!("{name:<26} pid {pid:<8} {alive}");
     }
     if let Some(env) = read_env(&dir) {
         let runtime = tokio::runtime::Runtime::new()?;
         match runtime.block_on(cluster_ready(&env)) {
-            Ok(()) => println!("API server {} ready; S3 at {}", env.api_server, env.s3_endpoint),
+            Ok(()) => println!(
+                "API server {} ready; S3 at {}",
+                env.api_server, env.s3_endpoint
+            ),
             Err(e) => println!("not ready: {e:#}"),
         }
     }
@@ -387,7 +459,8 @@ pub fn status() -> Result<()> {
 }
 
 pub fn print_env() -> Result<()> {
-    let env = read_env(&state_dir()).context("the local cluster is not running: `cargo xtask testenv up`")?;
+    let env = read_env(&state_dir())
+        .context("the local cluster is not running: `cargo xtask testenv up`")?;
     print!("{}", shell_exports(&env));
     Ok(())
 }
@@ -446,7 +519,13 @@ fn setup_bridge() -> Result<()> {
     procs::delete_netns();
     procs::delete_link(BRIDGE);
     procs::run(Command::new("ip").args(["link", "add", BRIDGE, "type", "bridge"]))?;
-    procs::run(Command::new("ip").args(["addr", "add", &format!("{BRIDGE_IP}/16"), "dev", BRIDGE]))?;
+    procs::run(Command::new("ip").args([
+        "addr",
+        "add",
+        &format!("{BRIDGE_IP}/16"),
+        "dev",
+        BRIDGE,
+    ]))?;
     procs::run(Command::new("ip").args(["link", "set", BRIDGE, "up"]))?;
     // Pods reach each other and the host through the bridge; nothing is routed further.
     let _ = std::fs::write("/proc/sys/net/bridge/bridge-nf-call-iptables", "0");
@@ -482,8 +561,10 @@ async fn wait_http_ok(what: &str, addr: &str, path: &str, timeout: Duration) -> 
     let deadline = Instant::now() + timeout;
     loop {
         match http_get(addr, path).await {
-            Ok(status) if status == 200 => return Ok(()),
-            _ if Instant::now() > deadline => bail!("timed out after {timeout:?} waiting for {what}"),
+            Ok(200) => return Ok(()),
+            _ if Instant::now() > deadline => {
+                bail!("timed out after {timeout:?} waiting for {what}")
+            }
             _ => tokio::time::sleep(Duration::from_millis(250)).await,
         }
     }
@@ -492,7 +573,9 @@ async fn wait_http_ok(what: &str, addr: &str, path: &str, timeout: Duration) -> 
 /// A minimal plain-HTTP GET returning the status code (for etcd and the S3 server).
 async fn http_get(addr: &str, path: &str) -> Result<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await??;
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+            .await??;
     stream
         .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
         .await?;
@@ -546,7 +629,10 @@ async fn cluster_ready(env: &Env) -> Result<()> {
     api_readyz(&client).await?;
     let nodes: Api<Node> = Api::all(client.clone());
     for name in &env.nodes {
-        let node = nodes.get(name).await.with_context(|| format!("node {name}"))?;
+        let node = nodes
+            .get(name)
+            .await
+            .with_context(|| format!("node {name}"))?;
         let ready = node
             .status
             .and_then(|s| s.conditions)
@@ -560,7 +646,10 @@ async fn cluster_ready(env: &Env) -> Result<()> {
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
     sas.get("default").await.context("default ServiceAccount")?;
     let classes: Api<StorageClass> = Api::all(client);
-    classes.get("stateward-local").await.context("StorageClass stateward-local")?;
+    classes
+        .get("stateward-local")
+        .await
+        .context("StorageClass stateward-local")?;
     let s3 = env.s3_endpoint.trim_start_matches("http://").to_string();
     let code = http_get(&s3, "/").await.context("S3 server")?;
     // Unauthenticated requests are refused (403): that is the server answering.

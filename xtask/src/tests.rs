@@ -17,13 +17,13 @@ pub fn run(keep: bool, filter: Option<&str>) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let root = crate::repo_root();
 
+    let mut totals = Totals::default();
     step("unit tests");
-    let unit = Command::new(&cargo)
-        .current_dir(&root)
-        .args(["test", "--workspace", "--lib", "--bins"])
-        .status()
-        .context("running cargo test")?;
-    if !unit.success() {
+    let mut unit = Command::new(&cargo);
+    unit.current_dir(&root)
+        .args(["test", "--workspace", "--lib", "--bins"]);
+    if !run_counting(&mut unit, &mut totals)? {
+        totals.print();
         bail!("unit tests failed");
     }
 
@@ -39,8 +39,7 @@ pub fn run(keep: bool, filter: Option<&str>) -> Result<()> {
         if let Some(filter) = filter {
             cmd.arg(filter);
         }
-        let status = cmd.status().context("running cargo test")?;
-        if !status.success() {
+        if !run_counting(&mut cmd, &mut totals)? {
             bail!("integration tests failed (cluster logs: target/testenv/logs/)");
         }
         Ok(())
@@ -54,6 +53,7 @@ pub fn run(keep: bool, filter: Option<&str>) -> Result<()> {
             eprintln!("xtask: tear-down failed: {e:#}");
         }
     }
+    totals.print();
     result?;
     eprintln!(
         "xtask: all tests passed in {:.0} s",
@@ -64,4 +64,75 @@ pub fn run(keep: bool, filter: Option<&str>) -> Result<()> {
 
 fn step(name: &str) {
     eprintln!("\n==== xtask test: {name} ====");
+}
+
+/// Test counts summed over every `test result:` line cargo printed.
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(kind), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match kind {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+
+    /// The closing line CI reads.
+    fn print(&self) {
+        println!(
+            "tests: {} passed, {} failed, {} skipped",
+            self.passed, self.failed, self.ignored
+        );
+    }
+}
+
+/// Runs cargo test, echoing its output and counting results; true when it succeeded.
+fn run_counting(cmd: &mut Command, totals: &mut Totals) -> Result<bool> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    if let Some(stdout) = child.stdout.take() {
+        let mut out = std::io::stdout().lock();
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            totals.add_line(&line);
+            writeln!(out, "{line}")?;
+        }
+    }
+    Ok(child.wait()?.success())
+}
+
+#[cfg(test)]
+mod unit {
+    use super::Totals;
+
+    #[test]
+    fn sums_cargo_test_result_lines() {
+        let mut t = Totals::default();
+        t.add_line("test result: ok. 9 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 2.1s");
+        t.add_line(
+            "test result: FAILED. 2 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
+        t.add_line("something else");
+        assert_eq!((t.passed, t.failed, t.ignored), (11, 3, 1));
+    }
 }

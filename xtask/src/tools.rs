@@ -39,7 +39,10 @@ const TOOLS: &[GoTool] = &[
         module: "k8s",
         binaries: &[
             ("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver"),
-            ("kube-controller-manager", "k8s.io/kubernetes/cmd/kube-controller-manager"),
+            (
+                "kube-controller-manager",
+                "k8s.io/kubernetes/cmd/kube-controller-manager",
+            ),
             ("kube-scheduler", "k8s.io/kubernetes/cmd/kube-scheduler"),
         ],
         ldflags: kubernetes_ldflags,
@@ -94,8 +97,14 @@ pub fn ensure_all() -> Result<BTreeMap<String, PathBuf>> {
 fn ensure(tool: &GoTool) -> Result<PathBuf> {
     let module_dir = crate::repo_root().join("tools").join(tool.module);
     let key = module_key(&module_dir)?;
-    let dest = cache_dir().join("tools").join(format!("{}-{key}", tool.module));
-    if tool.binaries.iter().all(|(name, _)| dest.join(name).is_file()) {
+    let dest = cache_dir()
+        .join("tools")
+        .join(format!("{}-{key}", tool.module));
+    if tool
+        .binaries
+        .iter()
+        .all(|(name, _)| dest.join(name).is_file())
+    {
         return Ok(dest);
     }
     let go = which("go").context(
@@ -108,7 +117,11 @@ fn ensure(tool: &GoTool) -> Result<PathBuf> {
     let started = Instant::now();
     eprintln!(
         "xtask: building {} from tools/{} (cached in {}; the first build takes minutes)",
-        tool.binaries.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
+        tool.binaries
+            .iter()
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(", "),
         tool.module,
         dest.display()
     );

@@ -74,7 +74,13 @@ impl Cluster {
         let suffix: u32 = rand::rng().random_range(0..0xffffff);
         let base: String = test
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
             .take(40)
             .collect();
         let name = format!("{}-{suffix:06x}", base.trim_matches('-'));
@@ -84,18 +90,28 @@ impl Cluster {
         ))?;
         api.create(&PostParams::default(), &ns).await?;
         // Pods need the namespace's default ServiceAccount (made by the controller manager).
-        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(self.client.clone(), &name);
-        wait_for(&format!("ServiceAccount default in {name}"), Duration::from_secs(60), || async {
-            Ok(sas.get_opt("default").await?.map(|_| ()))
-        })
+        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            Api::namespaced(self.client.clone(), &name);
+        wait_for(
+            &format!("ServiceAccount default in {name}"),
+            Duration::from_secs(60),
+            || async { Ok(sas.get_opt("default").await?.map(|_| ())) },
+        )
         .await?;
-        Ok(TestNamespace { name, client: self.client.clone() })
+        Ok(TestNamespace {
+            name,
+            client: self.client.clone(),
+        })
     }
 
     /// Serialises tests that touch cluster-scoped objects, across test binaries too.
     pub async fn serial(&self) -> Result<SerialGuard> {
         let path = self.env.state_dir.join("serial.lock");
-        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
         let lock = tokio::task::spawn_blocking(move || {
             nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e)
         })
@@ -105,7 +121,10 @@ impl Cluster {
 
     pub fn api<K>(&self, namespace: &str) -> Api<K>
     where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug,
         K::DynamicType: Default,
     {
         Api::namespaced(self.client.clone(), namespace)
@@ -154,7 +173,9 @@ where
         }
         if started.elapsed() > timeout {
             match last_error {
-                Some(e) => bail!("timed out after {timeout:?} waiting for {what} (last error: {e})"),
+                Some(e) => {
+                    bail!("timed out after {timeout:?} waiting for {what} (last error: {e})")
+                }
                 None => bail!("timed out after {timeout:?} waiting for {what}"),
             }
         }
@@ -164,19 +185,25 @@ where
 
 /// Waits until the pod is Running and Ready; returns it.
 pub async fn wait_pod_ready(api: &Api<Pod>, name: &str, timeout: Duration) -> Result<Pod> {
-    wait_for(&format!("pod {name} Running and Ready"), timeout, || async {
-        let Some(pod) = api.get_opt(name).await? else { return Ok(None) };
-        if pod.metadata.deletion_timestamp.is_some() {
-            return Ok(None);
-        }
-        let status = pod.status.clone().unwrap_or_default();
-        let ready = status
-            .conditions
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True");
-        Ok((status.phase.as_deref() == Some("Running") && ready).then_some(pod))
-    })
+    wait_for(
+        &format!("pod {name} Running and Ready"),
+        timeout,
+        || async {
+            let Some(pod) = api.get_opt(name).await? else {
+                return Ok(None);
+            };
+            if pod.metadata.deletion_timestamp.is_some() {
+                return Ok(None);
+            }
+            let status = pod.status.clone().unwrap_or_default();
+            let ready = status
+                .conditions
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            Ok((status.phase.as_deref() == Some("Running") && ready).then_some(pod))
+        },
+    )
     .await
 }
 
@@ -205,12 +232,19 @@ pub async fn exec(
     command: &[&str],
     stdin: Option<Vec<u8>>,
 ) -> Result<ExecOutput> {
-    let mut params = AttachParams::default().stdin(stdin.is_some()).stdout(true).stderr(true);
+    let mut params = AttachParams::default()
+        .stdin(stdin.is_some())
+        .stdout(true)
+        .stderr(true);
     if let Some(c) = container {
         params = params.container(c);
     }
     let mut attached = api
-        .exec(pod, command.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &params)
+        .exec(
+            pod,
+            command.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            &params,
+        )
         .await
         .with_context(|| format!("exec {command:?} in pod {pod}"))?;
     let writer = match (stdin, attached.stdin()) {
@@ -225,7 +259,10 @@ pub async fn exec(
     let mut stderr_pipe = attached.stderr().context("no stderr")?;
     let status = attached.take_status();
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-    let (a, b) = tokio::join!(stdout_pipe.read_to_end(&mut stdout), stderr_pipe.read_to_end(&mut stderr));
+    let (a, b) = tokio::join!(
+        stdout_pipe.read_to_end(&mut stdout),
+        stderr_pipe.read_to_end(&mut stderr)
+    );
     a?;
     b?;
     if let Some(w) = writer {
@@ -251,5 +288,10 @@ pub async fn exec(
         }
         None => (-1, None),
     };
-    Ok(ExecOutput { stdout, stderr, exit_code, status_message })
+    Ok(ExecOutput {
+        stdout,
+        stderr,
+        exit_code,
+        status_message,
+    })
 }

@@ -68,37 +68,108 @@ async fn statefulset_runs_on_local_volumes_and_keeps_data_across_pod_deletion() 
 
     // The scheduler placed them (anti-affinity: one per node), each PVC is bound to a
     // local PV pinned to its pod's node.
-    let node0 = pod0.spec.as_ref().and_then(|s| s.node_name.clone()).context("pod 0 unscheduled")?;
-    let node1 = pod1.spec.as_ref().and_then(|s| s.node_name.clone()).context("pod 1 unscheduled")?;
-    ensure!(node0 != node1, "anti-affinity should spread the pods, both are on {node0}");
+    let node0 = pod0
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .context("pod 0 unscheduled")?;
+    let node1 = pod1
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .context("pod 1 unscheduled")?;
+    ensure!(
+        node0 != node1,
+        "anti-affinity should spread the pods, both are on {node0}"
+    );
     for (pod, node) in [("web-0", &node0), ("web-1", &node1)] {
         let pvc = pvcs.get(&format!("data-{pod}")).await?;
         let status = pvc.status.clone().unwrap_or_default();
-        ensure!(status.phase.as_deref() == Some("Bound"), "PVC of {pod} is {:?}", status.phase);
-        let pv = pvs.get(pvc.spec.as_ref().and_then(|s| s.volume_name.as_deref()).unwrap_or_default()).await?;
-        let affinity = serde_json::to_string(&pv.spec.as_ref().and_then(|s| s.node_affinity.clone()))?;
-        ensure!(affinity.contains(node.as_str()), "PV of {pod} is not pinned to {node}: {affinity}");
+        ensure!(
+            status.phase.as_deref() == Some("Bound"),
+            "PVC of {pod} is {:?}",
+            status.phase
+        );
+        let pv = pvs
+            .get(
+                pvc.spec
+                    .as_ref()
+                    .and_then(|s| s.volume_name.as_deref())
+                    .unwrap_or_default(),
+            )
+            .await?;
+        let affinity =
+            serde_json::to_string(&pv.spec.as_ref().and_then(|s| s.node_affinity.clone()))?;
+        ensure!(
+            affinity.contains(node.as_str()),
+            "PV of {pod} is not pinned to {node}: {affinity}"
+        );
     }
 
     // df inside the pod shows the claimed capacity within 10 %.
-    let df = exec(&pods, "web-0", None, &["stateward-probe", "df", "/data"], None).await?;
-    ensure!(df.exit_code == 0, "df failed: {}", String::from_utf8_lossy(&df.stderr));
+    let df = exec(
+        &pods,
+        "web-0",
+        None,
+        &["stateward-probe", "df", "/data"],
+        None,
+    )
+    .await?;
+    ensure!(
+        df.exit_code == 0,
+        "df failed: {}",
+        String::from_utf8_lossy(&df.stderr)
+    );
     let bytes: f64 = df.stdout_str().trim().parse()?;
     let claimed = 256.0 * 1024.0 * 1024.0;
-    ensure!((bytes - claimed).abs() / claimed < 0.10, "df shows {bytes} bytes for a 256Mi claim");
+    ensure!(
+        (bytes - claimed).abs() / claimed < 0.10,
+        "df shows {bytes} bytes for a 256Mi claim"
+    );
 
     // A file written by replica 0 survives deleting pod 0.
-    let write = exec(&pods, "web-0", None, &["stateward-probe", "write", "/data/hello.txt", "kept across restarts"], None).await?;
-    ensure!(write.exit_code == 0, "write failed: {}", String::from_utf8_lossy(&write.stderr));
+    let write = exec(
+        &pods,
+        "web-0",
+        None,
+        &[
+            "stateward-probe",
+            "write",
+            "/data/hello.txt",
+            "kept across restarts",
+        ],
+        None,
+    )
+    .await?;
+    ensure!(
+        write.exit_code == 0,
+        "write failed: {}",
+        String::from_utf8_lossy(&write.stderr)
+    );
     let old_uid = pod_uid(&pod0);
     pods.delete("web-0", &DeleteParams::default()).await?;
     wait_for("pod web-0 to be replaced", 2 * MINUTE, || async {
-        Ok(pods.get_opt("web-0").await?.filter(|p| pod_uid(p) != old_uid).map(|_| ()))
+        Ok(pods
+            .get_opt("web-0")
+            .await?
+            .filter(|p| pod_uid(p) != old_uid)
+            .map(|_| ()))
     })
     .await?;
     wait_pod_ready(&pods, "web-0", 2 * MINUTE).await?;
-    let read = exec(&pods, "web-0", None, &["stateward-probe", "read", "/data/hello.txt"], None).await?;
-    ensure!(read.stdout_str() == "kept across restarts", "read back {:?}", read.stdout_str());
+    let read = exec(
+        &pods,
+        "web-0",
+        None,
+        &["stateward-probe", "read", "/data/hello.txt"],
+        None,
+    )
+    .await?;
+    ensure!(
+        read.stdout_str() == "kept across restarts",
+        "read back {:?}",
+        read.stdout_str()
+    );
     ns.cleanup().await
 }
 
@@ -119,10 +190,30 @@ spec:
     pods.create(&PostParams::default(), &pod).await?;
     wait_pod_ready(&pods, "shell", MINUTE).await?;
 
-    let out = exec(&pods, "shell", Some("main"), &["sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 7"], None).await?;
-    ensure!(out.stdout_str() == "to-stdout\n", "stdout was {:?}", out.stdout_str());
-    ensure!(String::from_utf8_lossy(&out.stderr) == "to-stderr\n", "stderr was {:?}", out.stderr);
-    ensure!(out.exit_code == 7, "exit code was {} ({:?})", out.exit_code, out.status_message);
+    let out = exec(
+        &pods,
+        "shell",
+        Some("main"),
+        &["sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 7"],
+        None,
+    )
+    .await?;
+    ensure!(
+        out.stdout_str() == "to-stdout\n",
+        "stdout was {:?}",
+        out.stdout_str()
+    );
+    ensure!(
+        String::from_utf8_lossy(&out.stderr) == "to-stderr\n",
+        "stderr was {:?}",
+        out.stderr
+    );
+    ensure!(
+        out.exit_code == 7,
+        "exit code was {} ({:?})",
+        out.exit_code,
+        out.status_message
+    );
 
     let ok = exec(&pods, "shell", None, &["true"], None).await?;
     ensure!(ok.exit_code == 0, "true exited {}", ok.exit_code);
@@ -139,12 +230,23 @@ spec:
     let expected = Sha256::digest(&data);
     let echoed = exec(&pods, "shell", None, &["cat"], Some(data)).await?;
     ensure!(echoed.exit_code == 0, "cat exited {}", echoed.exit_code);
-    ensure!(echoed.stdout.len() == 64 << 20, "got {} bytes back", echoed.stdout.len());
-    ensure!(Sha256::digest(&echoed.stdout) == expected, "the bytes came back changed");
+    ensure!(
+        echoed.stdout.len() == 64 << 20,
+        "got {} bytes back",
+        echoed.stdout.len()
+    );
+    ensure!(
+        Sha256::digest(&echoed.stdout) == expected,
+        "the bytes came back changed"
+    );
 
     // The API server proxied WebSocket straight to the node: it never tried SPDY.
     let spdy = cluster.env.state_dir.join("node/spdy-attempts.log");
-    ensure!(!spdy.exists(), "the API server tried SPDY: {}", std::fs::read_to_string(&spdy).unwrap_or_default());
+    ensure!(
+        !spdy.exists(),
+        "the API server tried SPDY: {}",
+        std::fs::read_to_string(&spdy).unwrap_or_default()
+    );
     ns.cleanup().await
 }
 
@@ -171,11 +273,30 @@ spec:
     // Both listen on 8080: only possible with a network namespace each.
     let a = wait_pod_ready(&pods, "server-a", MINUTE).await?;
     wait_pod_ready(&pods, "server-b", MINUTE).await?;
-    let ip_a = a.status.and_then(|s| s.pod_ip).context("server-a has no pod IP")?;
-    let fetched = exec(&pods, "server-b", None, &["stateward-probe", "fetch", &format!("http://{ip_a}:8080/")], None).await?;
-    ensure!(fetched.stdout_str() == "hello from server-a", "server-b got {:?} ({})", fetched.stdout_str(), String::from_utf8_lossy(&fetched.stderr));
+    let ip_a = a
+        .status
+        .and_then(|s| s.pod_ip)
+        .context("server-a has no pod IP")?;
+    let fetched = exec(
+        &pods,
+        "server-b",
+        None,
+        &["stateward-probe", "fetch", &format!("http://{ip_a}:8080/")],
+        None,
+    )
+    .await?;
+    ensure!(
+        fetched.stdout_str() == "hello from server-a",
+        "server-b got {:?} ({})",
+        fetched.stdout_str(),
+        String::from_utf8_lossy(&fetched.stderr)
+    );
     let hostname = exec(&pods, "server-b", None, &["hostname"], None).await?;
-    ensure!(hostname.stdout_str().trim() == "server-b", "hostname in the pod is {:?}", hostname.stdout_str());
+    ensure!(
+        hostname.stdout_str().trim() == "server-b",
+        "hostname in the pod is {:?}",
+        hostname.stdout_str()
+    );
     ns.cleanup().await
 }
 
@@ -217,7 +338,10 @@ async fn jobs_report_termination_messages_exit_codes_and_read_only_mounts() -> R
     let jobs: Api<Job> = cluster.api(&ns.name);
     let secrets: Api<Secret> = cluster.api(&ns.name);
     secrets
-        .create(&PostParams::default(), &from_yaml("metadata: { name: job-secret }\nstringData: { token: s3cr3t-value }")?)
+        .create(
+            &PostParams::default(),
+            &from_yaml("metadata: { name: job-secret }\nstringData: { token: s3cr3t-value }")?,
+        )
         .await?;
     let pvcs: Api<PersistentVolumeClaim> = cluster.api(&ns.name);
     pvcs.create(
@@ -239,7 +363,13 @@ spec:
     )?;
     pods.create(&PostParams::default(), &writer).await?;
     wait_for("the writer pod to succeed", 2 * MINUTE, || async {
-        Ok(pods.get("writer").await?.status.and_then(|s| s.phase).filter(|p| p == "Succeeded").map(|_| ()))
+        Ok(pods
+            .get("writer")
+            .await?
+            .status
+            .and_then(|s| s.phase)
+            .filter(|p| p == "Succeeded")
+            .map(|_| ()))
     })
     .await?;
 
@@ -250,18 +380,32 @@ spec:
         "{ name: data, persistentVolumeClaim: { claimName: shared } }",
         "{ name: data, mountPath: /data, readOnly: true }",
     );
-    jobs.create(&PostParams::default(), &from_yaml(&reader)?).await?;
-    let failing = job_yaml("failing", "stateward-probe exit 3 --message 'it broke on purpose'", "", "");
-    jobs.create(&PostParams::default(), &from_yaml(&failing)?).await?;
+    jobs.create(&PostParams::default(), &from_yaml(&reader)?)
+        .await?;
+    let failing = job_yaml(
+        "failing",
+        "stateward-probe exit 3 --message 'it broke on purpose'",
+        "",
+        "",
+    );
+    jobs.create(&PostParams::default(), &from_yaml(&failing)?)
+        .await?;
 
     let job_condition = |name: &'static str, wanted: &'static str| {
         let jobs = jobs.clone();
         async move {
-            wait_for(&format!("Job {name} condition {wanted}"), 2 * MINUTE, || async {
-                let job = jobs.get(name).await?;
-                let conditions = job.status.and_then(|s| s.conditions).unwrap_or_default();
-                Ok(conditions.iter().any(|c| c.type_ == wanted && c.status == "True").then_some(()))
-            })
+            wait_for(
+                &format!("Job {name} condition {wanted}"),
+                2 * MINUTE,
+                || async {
+                    let job = jobs.get(name).await?;
+                    let conditions = job.status.and_then(|s| s.conditions).unwrap_or_default();
+                    Ok(conditions
+                        .iter()
+                        .any(|c| c.type_ == wanted && c.status == "True")
+                        .then_some(()))
+                },
+            )
             .await
         }
     };
@@ -288,29 +432,45 @@ spec:
         .and_then(|c| c.first().and_then(|c| c.state.clone()))
         .and_then(|s| s.terminated)
         .context("failing container not terminated")?;
-    ensure!(terminated.exit_code == 3, "exit code {}", terminated.exit_code);
-    ensure!(terminated.message.as_deref() == Some("it broke on purpose"), "message {:?}", terminated.message);
+    ensure!(
+        terminated.exit_code == 3,
+        "exit code {}",
+        terminated.exit_code
+    );
+    ensure!(
+        terminated.message.as_deref() == Some("it broke on purpose"),
+        "message {:?}",
+        terminated.message
+    );
     ns.cleanup().await
 }
 
 #[tokio::test]
-async fn garbage_collection_namespace_deletion_and_pod_processes_end_with_their_pods() -> Result<()> {
+async fn garbage_collection_namespace_deletion_and_pod_processes_end_with_their_pods() -> Result<()>
+{
     let cluster = Cluster::connect().await?;
     let ns = cluster.namespace("lifecycle").await?;
     let maps: Api<ConfigMap> = cluster.api(&ns.name);
     let pods: Api<Pod> = cluster.api(&ns.name);
 
     // Owner-reference garbage collection by the controller manager.
-    let owner = maps.create(&PostParams::default(), &from_yaml("metadata: { name: owner }")?).await?;
+    let owner = maps
+        .create(
+            &PostParams::default(),
+            &from_yaml("metadata: { name: owner }")?,
+        )
+        .await?;
     let child: ConfigMap = from_yaml(&format!(
         "metadata:\n  name: child\n  ownerReferences:\n  - {{ apiVersion: v1, kind: ConfigMap, name: owner, uid: {} }}\n",
         owner.uid().unwrap_or_default()
     ))?;
     maps.create(&PostParams::default(), &child).await?;
     maps.delete("owner", &DeleteParams::background()).await?;
-    wait_for("the child ConfigMap to be garbage-collected", MINUTE, || async {
-        Ok(maps.get_opt("child").await?.is_none().then_some(()))
-    })
+    wait_for(
+        "the child ConfigMap to be garbage-collected",
+        MINUTE,
+        || async { Ok(maps.get_opt("child").await?.is_none().then_some(())) },
+    )
     .await?;
 
     // A deleted pod's processes end and its object disappears.
@@ -325,13 +485,19 @@ async fn garbage_collection_namespace_deletion_and_pod_processes_end_with_their_
         .and_then(|c| c.first().and_then(|c| c.container_id.clone()))
         .context("no container id")?;
     let pid = container_id.trim_start_matches("stateward://").to_string();
-    ensure!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "container process {pid} is not running");
+    ensure!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "container process {pid} is not running"
+    );
     pods.delete("sleeper", &DeleteParams::default()).await?;
     wait_for("the sleeper pod object to disappear", MINUTE, || async {
         Ok(pods.get_opt("sleeper").await?.is_none().then_some(()))
     })
     .await?;
-    ensure!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "process {pid} outlived its pod");
+    ensure!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "process {pid} outlived its pod"
+    );
 
     // Namespace deletion finishes (the namespace controller deletes the running pod and
     // the local node completes the pod's deletion).
@@ -343,9 +509,11 @@ async fn garbage_collection_namespace_deletion_and_pod_processes_end_with_their_
     let name = ns.name.clone();
     ns.cleanup().await?;
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(cluster.client.clone());
-    wait_for(&format!("namespace {name} to be deleted"), 2 * MINUTE, || async {
-        Ok(namespaces.get_opt(&name).await?.is_none().then_some(()))
-    })
+    wait_for(
+        &format!("namespace {name} to be deleted"),
+        2 * MINUTE,
+        || async { Ok(namespaces.get_opt(&name).await?.is_none().then_some(())) },
+    )
     .await
 }
 
@@ -373,15 +541,27 @@ spec:
     pods.create(&PostParams::default(), &pod).await?;
     wait_pod_ready(&pods, "user", 2 * MINUTE).await?;
     let df = |pods: Api<Pod>| async move {
-        let out = exec(&pods, "user", None, &["stateward-probe", "df", "/data"], None).await?;
+        let out = exec(
+            &pods,
+            "user",
+            None,
+            &["stateward-probe", "df", "/data"],
+            None,
+        )
+        .await?;
         Ok::<f64, anyhow::Error>(out.stdout_str().trim().parse()?)
     };
     let before = df(pods.clone()).await?;
-    ensure!(before < 140.0 * 1024.0 * 1024.0, "a 128Mi volume shows {before} bytes");
+    ensure!(
+        before < 140.0 * 1024.0 * 1024.0,
+        "a 128Mi volume shows {before} bytes"
+    );
     pvcs.patch(
         "grow",
         &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({ "spec": { "resources": { "requests": { "storage": "384Mi" } } } })),
+        &Patch::Merge(
+            serde_json::json!({ "spec": { "resources": { "requests": { "storage": "384Mi" } } } }),
+        ),
     )
     .await?;
     if !stateward_testkit::node::storage::can_resize_online() {
@@ -390,11 +570,17 @@ spec:
         wait_for("the FileSystemResizePending condition", MINUTE, || async {
             let pvc = pvcs.get("grow").await?;
             let conditions = pvc.status.and_then(|s| s.conditions).unwrap_or_default();
-            Ok(conditions.iter().any(|c| c.type_ == "FileSystemResizePending" && c.status == "True").then_some(()))
+            Ok(conditions
+                .iter()
+                .any(|c| c.type_ == "FileSystemResizePending" && c.status == "True")
+                .then_some(()))
         })
         .await?;
         pods.delete("user", &DeleteParams::default()).await?;
-        wait_for("pod user to be gone", MINUTE, || async { Ok(pods.get_opt("user").await?.is_none().then_some(())) }).await?;
+        wait_for("pod user to be gone", MINUTE, || async {
+            Ok(pods.get_opt("user").await?.is_none().then_some(()))
+        })
+        .await?;
         pods.create(&PostParams::default(), &pod).await?;
         wait_pod_ready(&pods, "user", 2 * MINUTE).await?;
     }
@@ -408,11 +594,17 @@ spec:
     .await?;
     let capacity = wait_for("the claim's status capacity to follow", MINUTE, || async {
         let pvc = pvcs.get("grow").await?;
-        let cap = pvc.status.and_then(|s| s.capacity).and_then(|c| c.get("storage").map(|q| q.0.clone()));
+        let cap = pvc
+            .status
+            .and_then(|s| s.capacity)
+            .and_then(|c| c.get("storage").map(|q| q.0.clone()));
         Ok(cap.filter(|c| c == "384Mi"))
     })
     .await?;
-    ensure!(capacity == "384Mi" && after > before, "capacity {capacity}, df {before} -> {after}");
+    ensure!(
+        capacity == "384Mi" && after > before,
+        "capacity {capacity}, df {before} -> {after}"
+    );
     ns.cleanup().await
 }
 
@@ -448,27 +640,45 @@ spec:
 async fn restart_pod(pods: &Api<Pod>, name: &str) -> Result<()> {
     let old = pods.get(name).await?.uid().unwrap_or_default();
     pods.delete(name, &DeleteParams::default()).await?;
-    wait_for(&format!("pod {name} to be replaced"), 2 * MINUTE, || async {
-        Ok(pods.get_opt(name).await?.filter(|p| p.uid().unwrap_or_default() != old).map(|_| ()))
-    })
+    wait_for(
+        &format!("pod {name} to be replaced"),
+        2 * MINUTE,
+        || async {
+            Ok(pods
+                .get_opt(name)
+                .await?
+                .filter(|p| p.uid().unwrap_or_default() != old)
+                .map(|_| ()))
+        },
+    )
     .await?;
     wait_pod_ready(pods, name, 3 * MINUTE).await?;
     Ok(())
 }
 
 #[tokio::test]
-async fn redis_and_postgres_images_run_the_real_servers_and_keep_data_across_restarts() -> Result<()> {
+async fn redis_and_postgres_images_run_the_real_servers_and_keep_data_across_restarts() -> Result<()>
+{
     let cluster = Cluster::connect().await?;
     let ns = cluster.namespace("apps").await?;
     let sts: Api<StatefulSet> = cluster.api(&ns.name);
     let pods: Api<Pod> = cluster.api(&ns.name);
     let secrets: Api<Secret> = cluster.api(&ns.name);
     secrets
-        .create(&PostParams::default(), &from_yaml("metadata: { name: pg }\nstringData: { password: pg-test-password }")?)
+        .create(
+            &PostParams::default(),
+            &from_yaml("metadata: { name: pg }\nstringData: { password: pg-test-password }")?,
+        )
         .await?;
     sts.create(
         &PostParams::default(),
-        &from_yaml(&app_statefulset("redis", "redis:7.2", "/data", "[]", "[redis-cli, ping]"))?,
+        &from_yaml(&app_statefulset(
+            "redis",
+            "redis:7.2",
+            "/data",
+            "[]",
+            "[redis-cli, ping]",
+        ))?,
     )
     .await?;
     sts.create(
@@ -486,24 +696,75 @@ async fn redis_and_postgres_images_run_the_real_servers_and_keep_data_across_res
     wait_pod_ready(&pods, "redis-0", 3 * MINUTE).await?;
     wait_pod_ready(&pods, "postgres-0", 3 * MINUTE).await?;
 
-    let set = exec(&pods, "redis-0", None, &["redis-cli", "SET", "greeting", "kept-by-redis"], None).await?;
-    ensure!(set.stdout_str().trim() == "OK", "redis SET said {:?}", set.stdout_str());
-    let sql = "CREATE TABLE kept (id int, note text); INSERT INTO kept VALUES (42, 'kept-by-postgres');";
-    let created = exec(&pods, "postgres-0", None, &["psql", "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-c", sql], None).await?;
-    ensure!(created.exit_code == 0, "psql failed: {}", String::from_utf8_lossy(&created.stderr));
+    let set = exec(
+        &pods,
+        "redis-0",
+        None,
+        &["redis-cli", "SET", "greeting", "kept-by-redis"],
+        None,
+    )
+    .await?;
+    ensure!(
+        set.stdout_str().trim() == "OK",
+        "redis SET said {:?}",
+        set.stdout_str()
+    );
+    let sql =
+        "CREATE TABLE kept (id int, note text); INSERT INTO kept VALUES (42, 'kept-by-postgres');";
+    let created = exec(
+        &pods,
+        "postgres-0",
+        None,
+        &["psql", "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-c", sql],
+        None,
+    )
+    .await?;
+    ensure!(
+        created.exit_code == 0,
+        "psql failed: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
 
     // Both servers shut down gracefully on SIGTERM (redis saves its RDB) and come back
     // on the same volume.
     restart_pod(&pods, "redis-0").await?;
     restart_pod(&pods, "postgres-0").await?;
     let got = wait_for("redis to answer GET", MINUTE, || async {
-        let out = exec(&pods, "redis-0", None, &["redis-cli", "GET", "greeting"], None).await?;
+        let out = exec(
+            &pods,
+            "redis-0",
+            None,
+            &["redis-cli", "GET", "greeting"],
+            None,
+        )
+        .await?;
         Ok((out.exit_code == 0).then(|| out.stdout_str()))
     })
     .await?;
-    ensure!(got.trim() == "kept-by-redis", "redis GET after restart: {got:?}");
-    let row = exec(&pods, "postgres-0", None, &["psql", "-U", "postgres", "-tAc", "SELECT id, note FROM kept"], None).await?;
-    ensure!(row.stdout_str().trim() == "42|kept-by-postgres", "postgres row after restart: {:?} {}", row.stdout_str(), String::from_utf8_lossy(&row.stderr));
+    ensure!(
+        got.trim() == "kept-by-redis",
+        "redis GET after restart: {got:?}"
+    );
+    let row = exec(
+        &pods,
+        "postgres-0",
+        None,
+        &[
+            "psql",
+            "-U",
+            "postgres",
+            "-tAc",
+            "SELECT id, note FROM kept",
+        ],
+        None,
+    )
+    .await?;
+    ensure!(
+        row.stdout_str().trim() == "42|kept-by-postgres",
+        "postgres row after restart: {:?} {}",
+        row.stdout_str(),
+        String::from_utf8_lossy(&row.stderr)
+    );
     ns.cleanup().await
 }
 
@@ -515,11 +776,19 @@ async fn rbac_is_enforced_for_service_account_tokens_and_projected_pod_tokens() 
     let cluster = Cluster::connect().await?;
     let ns = cluster.namespace("rbac").await?;
     let sas: Api<ServiceAccount> = cluster.api(&ns.name);
-    sas.create(&PostParams::default(), &from_yaml("metadata: { name: reader }")?).await?;
+    sas.create(
+        &PostParams::default(),
+        &from_yaml("metadata: { name: reader }")?,
+    )
+    .await?;
 
     // A token of a ServiceAccount with no permissions is refused by the API server.
     let token = sas
-        .create_token_request("reader", &PostParams::default(), &from_yaml::<TokenRequest>("spec: { audiences: [] }")?)
+        .create_token_request(
+            "reader",
+            &PostParams::default(),
+            &from_yaml::<TokenRequest>("spec: { audiences: [] }")?,
+        )
         .await?
         .status
         .and_then(|s| s.token)
@@ -552,14 +821,34 @@ spec:
     let get = |path: String| {
         let pods = pods.clone();
         async move {
-            let out = exec(&pods, "client", None, &["stateward-probe", "kube", &path], None).await?;
-            ensure!(out.exit_code == 0, "probe kube failed: {}", String::from_utf8_lossy(&out.stderr));
-            Ok::<String, anyhow::Error>(out.stdout_str().lines().next().unwrap_or_default().to_string())
+            let out = exec(
+                &pods,
+                "client",
+                None,
+                &["stateward-probe", "kube", &path],
+                None,
+            )
+            .await?;
+            ensure!(
+                out.exit_code == 0,
+                "probe kube failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok::<String, anyhow::Error>(
+                out.stdout_str()
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
         }
     };
     let configmaps = format!("/api/v1/namespaces/{}/configmaps", ns.name);
     let secrets = format!("/api/v1/namespaces/{}/secrets", ns.name);
-    ensure!(get(configmaps.clone()).await? == "HTTP 403", "configmaps allowed before the Role");
+    ensure!(
+        get(configmaps.clone()).await? == "HTTP 403",
+        "configmaps allowed before the Role"
+    );
     let roles: Api<Role> = cluster.api(&ns.name);
     let bindings: Api<RoleBinding> = cluster.api(&ns.name);
     roles
@@ -578,13 +867,33 @@ spec:
             ))?,
         )
         .await?;
-    wait_for("the Role to take effect for the pod's token", MINUTE, || async {
-        Ok((get(configmaps.clone()).await? == "HTTP 200").then_some(()))
-    })
+    wait_for(
+        "the Role to take effect for the pod's token",
+        MINUTE,
+        || async { Ok((get(configmaps.clone()).await? == "HTTP 200").then_some(())) },
+    )
     .await?;
-    ensure!(get(secrets).await? == "HTTP 403", "the Role grants configmaps only, yet secrets were readable");
-    let token_file = exec(&pods, "client", None, &["stateward-probe", "read", "/var/run/secrets/kubernetes.io/serviceaccount/namespace"], None).await?;
-    ensure!(token_file.stdout_str() == ns.name, "projected namespace file says {:?}", token_file.stdout_str());
+    ensure!(
+        get(secrets).await? == "HTTP 403",
+        "the Role grants configmaps only, yet secrets were readable"
+    );
+    let token_file = exec(
+        &pods,
+        "client",
+        None,
+        &[
+            "stateward-probe",
+            "read",
+            "/var/run/secrets/kubernetes.io/serviceaccount/namespace",
+        ],
+        None,
+    )
+    .await?;
+    ensure!(
+        token_file.stdout_str() == ns.name,
+        "projected namespace file says {:?}",
+        token_file.stdout_str()
+    );
     ns.cleanup().await
 }
 
@@ -596,7 +905,8 @@ fn rustls_pemfile_der(path: &std::path::Path) -> Result<Vec<u8>> {
 }
 
 #[tokio::test]
-async fn s3_server_handles_multipart_ranged_reads_deletes_and_rejects_bad_credentials() -> Result<()> {
+async fn s3_server_handles_multipart_ranged_reads_deletes_and_rejects_bad_credentials() -> Result<()>
+{
     use aws_sdk_s3::primitives::ByteStream;
     use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
     let cluster = Cluster::connect().await?;
@@ -622,7 +932,12 @@ async fn s3_server_handles_multipart_ranged_reads_deletes_and_rejects_bad_creden
     for (i, b) in data.iter_mut().enumerate() {
         *b = (i.wrapping_mul(2654435761) >> 13) as u8;
     }
-    let upload = client.create_multipart_upload().bucket(&bucket).key("big.bin").send().await?;
+    let upload = client
+        .create_multipart_upload()
+        .bucket(&bucket)
+        .key("big.bin")
+        .send()
+        .await?;
     let upload_id = upload.upload_id().context("no upload id")?.to_string();
     let mut parts = Vec::new();
     for (i, chunk) in data.chunks(part_size).enumerate() {
@@ -636,18 +951,36 @@ async fn s3_server_handles_multipart_ranged_reads_deletes_and_rejects_bad_creden
             .body(ByteStream::from(chunk.to_vec()))
             .send()
             .await?;
-        parts.push(CompletedPart::builder().part_number(number).set_e_tag(part.e_tag().map(String::from)).build());
+        parts.push(
+            CompletedPart::builder()
+                .part_number(number)
+                .set_e_tag(part.e_tag().map(String::from))
+                .build(),
+        );
     }
     client
         .complete_multipart_upload()
         .bucket(&bucket)
         .key("big.bin")
         .upload_id(&upload_id)
-        .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .set_parts(Some(parts))
+                .build(),
+        )
         .send()
         .await?;
-    let head = client.head_object().bucket(&bucket).key("big.bin").send().await?;
-    ensure!(head.content_length() == Some(100 << 20), "size {:?}", head.content_length());
+    let head = client
+        .head_object()
+        .bucket(&bucket)
+        .key("big.bin")
+        .send()
+        .await?;
+    ensure!(
+        head.content_length() == Some(100 << 20),
+        "size {:?}",
+        head.content_length()
+    );
 
     let (start, end) = (33_554_000usize, 33_554_000usize + 1_000_000);
     let ranged = client
@@ -661,18 +994,32 @@ async fn s3_server_handles_multipart_ranged_reads_deletes_and_rejects_bad_creden
         .collect()
         .await?
         .into_bytes();
-    ensure!(ranged.as_ref() == &data[start..end], "the ranged GET returned other bytes");
+    ensure!(
+        ranged.as_ref() == &data[start..end],
+        "the ranged GET returned other bytes"
+    );
 
     // Wrong credentials are refused.
     let wrong = s3(&env.s3_access_key, "not-the-secret");
     let refused = wrong.list_objects_v2().bucket(&bucket).send().await;
     ensure!(refused.is_err(), "a wrong secret key was accepted");
     let text = format!("{:?}", refused.err());
-    ensure!(text.contains("SignatureDoesNotMatch") || text.contains("AccessDenied"), "unexpected refusal: {text}");
+    ensure!(
+        text.contains("SignatureDoesNotMatch") || text.contains("AccessDenied"),
+        "unexpected refusal: {text}"
+    );
 
-    client.delete_object().bucket(&bucket).key("big.bin").send().await?;
+    client
+        .delete_object()
+        .bucket(&bucket)
+        .key("big.bin")
+        .send()
+        .await?;
     let listed = client.list_objects_v2().bucket(&bucket).send().await?;
-    ensure!(listed.key_count().unwrap_or(0) == 0, "the object survived its deletion");
+    ensure!(
+        listed.key_count().unwrap_or(0) == 0,
+        "the object survived its deletion"
+    );
     client.delete_bucket().bucket(&bucket).send().await?;
     Ok(())
 }

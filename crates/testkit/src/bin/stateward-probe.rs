@@ -55,7 +55,8 @@ fn main() -> Result<()> {
         Cmd::Sleep { seconds } => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
                 let forever = std::time::Duration::from_secs(seconds.unwrap_or(u64::MAX / 4));
                 tokio::select! {
                     _ = term.recv() => println!("SIGTERM received, exiting"),
@@ -67,35 +68,50 @@ fn main() -> Result<()> {
         Cmd::Serve { port, text } => serve(port, text)?,
         Cmd::Fetch { url } => {
             let rest = url.strip_prefix("http://").context("only http:// URLs")?;
-            let (hostport, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
-            let mut stream = std::net::TcpStream::connect(hostport).with_context(|| format!("connecting to {hostport}"))?;
+            let (hostport, path) = rest
+                .split_once('/')
+                .map(|(h, p)| (h, format!("/{p}")))
+                .unwrap_or((rest, "/".into()));
+            let mut stream = std::net::TcpStream::connect(hostport)
+                .with_context(|| format!("connecting to {hostport}"))?;
             stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
             // One write: a request split over segments could be answered half-read.
-            stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").as_bytes())?;
+            stream
+                .write_all(format!("GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").as_bytes())?;
             let mut response = String::new();
             stream.read_to_string(&mut response)?;
-            let body = response.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+            let body = response
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b)
+                .unwrap_or("");
             print!("{body}");
         }
         Cmd::Write { path, content } => {
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent).ok();
             }
-            std::fs::write(&path, content).with_context(|| format!("writing {}", path.display()))?;
+            std::fs::write(&path, content)
+                .with_context(|| format!("writing {}", path.display()))?;
         }
         Cmd::Read { path } => {
-            let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let data =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
             std::io::stdout().write_all(&data)?;
         }
         Cmd::Df { path } => {
-            let stat = nix::sys::statvfs::statvfs(&path).with_context(|| format!("statvfs {}", path.display()))?;
+            let stat = nix::sys::statvfs::statvfs(&path)
+                .with_context(|| format!("statvfs {}", path.display()))?;
             println!("{}", stat.blocks() as u64 * stat.fragment_size() as u64);
         }
         Cmd::Env { name } => match std::env::var(&name) {
             Ok(v) => println!("{v}"),
             Err(_) => bail!("{name} is not set"),
         },
-        Cmd::Exit { code, message, message_path } => {
+        Cmd::Exit {
+            code,
+            message,
+            message_path,
+        } => {
             if let Some(m) = message {
                 std::fs::write(&message_path, &m).ok();
                 eprintln!("{m}");
@@ -128,9 +144,12 @@ fn main() -> Result<()> {
 }
 
 fn serve(port: u16, text: Option<String>) -> Result<()> {
-    let listener = std::net::TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding port {port}"))?;
+    let listener = std::net::TcpListener::bind(("0.0.0.0", port))
+        .with_context(|| format!("binding port {port}"))?;
     let text = text.unwrap_or_else(|| {
-        nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default()
+        nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default()
     });
     println!("serving on port {port}");
     for stream in listener.incoming() {
@@ -146,8 +165,15 @@ fn serve(port: u16, text: Option<String>) -> Result<()> {
         }
         let request = String::from_utf8_lossy(&head);
         let path = request.split_whitespace().nth(1).unwrap_or("/");
-        let body = if path == "/healthz" { "ok".to_string() } else { text.clone() };
-        let response = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        let body = if path == "/healthz" {
+            "ok".to_string()
+        } else {
+            text.clone()
+        };
+        let response = format!(
+            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
         let _ = stream.write_all(response.as_bytes());
     }
     Ok(())

@@ -120,8 +120,13 @@ pub fn argv(
     // The official redis image's entrypoint turns protected mode off when no config file
     // is given, so other pods can connect without a password.
     if kind == Known::Redis
-        && argv.first().map(|p| p.ends_with("redis-server")).unwrap_or(false)
-        && !argv.iter().any(|a| a.ends_with(".conf") || a == "--protected-mode")
+        && argv
+            .first()
+            .map(|p| p.ends_with("redis-server"))
+            .unwrap_or(false)
+        && !argv
+            .iter()
+            .any(|a| a.ends_with(".conf") || a == "--protected-mode")
     {
         argv.push("--protected-mode".into());
         argv.push("no".into());
@@ -181,12 +186,18 @@ mod tests {
         let ep = vec!["/bin/probe".to_string()];
         let cmd = vec!["serve".to_string()];
         let args = vec!["--port".to_string(), "80".to_string()];
-        assert_eq!(argv(&ep, &cmd, None, None, Known::Project), vec!["/bin/probe", "serve"]);
+        assert_eq!(
+            argv(&ep, &cmd, None, None, Known::Project),
+            vec!["/bin/probe", "serve"]
+        );
         assert_eq!(
             argv(&ep, &cmd, None, Some(&args), Known::Project),
             vec!["/bin/probe", "--port", "80"]
         );
-        assert_eq!(argv(&ep, &cmd, Some(&cmd), None, Known::Project), vec!["serve"]);
+        assert_eq!(
+            argv(&ep, &cmd, Some(&cmd), None, Known::Project),
+            vec!["serve"]
+        );
     }
 
     #[test]
@@ -202,6 +213,9 @@ mod tests {
 
     #[test]
     fn unknown_images_run_no_process() {
-        assert_eq!(resolve("nginx:1.27", Path::new("/x")), ImageProgram::NoProcess);
+        assert_eq!(
+            resolve("nginx:1.27", Path::new("/x")),
+            ImageProgram::NoProcess
+        );
     }
 }

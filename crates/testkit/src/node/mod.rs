@@ -22,8 +22,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
 
 /// Set by `cargo xtask testenv` on everything it starts; the node passes it on to every
@@ -88,7 +88,11 @@ impl VolumeUsage {
             return None;
         }
         state.maintenance.insert(dir.to_path_buf());
-        Some(UsageGuard { owner: self.clone(), dir: dir.to_path_buf(), maintenance: true })
+        Some(UsageGuard {
+            owner: self.clone(),
+            dir: dir.to_path_buf(),
+            maintenance: true,
+        })
     }
 
     /// Registers a pod's use of `dir`; `None` while the volume is under maintenance.
@@ -98,7 +102,11 @@ impl VolumeUsage {
             return None;
         }
         *state.users.entry(dir.to_path_buf()).or_default() += 1;
-        Some(UsageGuard { owner: self.clone(), dir: dir.to_path_buf(), maintenance: false })
+        Some(UsageGuard {
+            owner: self.clone(),
+            dir: dir.to_path_buf(),
+            maintenance: false,
+        })
     }
 }
 
@@ -127,7 +135,10 @@ impl Drop for UsageGuard {
 
 /// Arguments of `stateward-node`.
 #[derive(clap::Parser, Debug)]
-#[command(name = "stateward-node", about = "The local cluster's node (kubelet + runtime stand-in)")]
+#[command(
+    name = "stateward-node",
+    about = "The local cluster's node (kubelet + runtime stand-in)"
+)]
 pub struct Args {
     #[arg(long)]
     pub kubeconfig: PathBuf,
@@ -162,7 +173,10 @@ fn parse_nodes(raw: &[String]) -> Result<Vec<NodeSpec>> {
     raw.iter()
         .map(|n| {
             let (name, port) = n.split_once('=').context("--node takes name=port")?;
-            Ok(NodeSpec { name: name.to_string(), port: port.parse().context("--node port")? })
+            Ok(NodeSpec {
+                name: name.to_string(),
+                port: port.parse().context("--node port")?,
+            })
         })
         .collect()
 }
@@ -174,10 +188,12 @@ fn tls_config(args: &Args) -> Result<Arc<rustls::ServerConfig>> {
         .context("reading the node certificate")?
         .collect::<Result<_, _>>()?;
     let key = PrivateKeyDer::from_pem_file(&args.tls_key).context("reading the node key")?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)?;
     // Exec upgrades are HTTP/1.1 only.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
@@ -304,7 +320,12 @@ mod url_parts {
     pub fn parse(url: &str) -> Result<Parts> {
         let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
         let hostport = rest.split('/').next().unwrap_or(rest);
-        let (host, port) = hostport.rsplit_once(':').context("the API server URL needs a port")?;
-        Ok(Parts { host: host.to_string(), port: port.parse()? })
+        let (host, port) = hostport
+            .rsplit_once(':')
+            .context("the API server URL needs a port")?;
+        Ok(Parts {
+            host: host.to_string(),
+            port: port.parse()?,
+        })
     }
 }

@@ -38,9 +38,17 @@ impl Sandbox {
 }
 
 async fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(args).output().await.context("running ip")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .await
+        .context("running ip")?;
     if !out.status.success() {
-        bail!("ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -66,13 +74,20 @@ impl Network {
     }
 
     fn allocate(&self) -> Result<Ipv4Addr> {
-        let mut used = self.used.lock().map_err(|_| anyhow::anyhow!("IP allocator poisoned"))?;
+        let mut used = self
+            .used
+            .lock()
+            .map_err(|_| anyhow::anyhow!("IP allocator poisoned"))?;
         let gateway_offset = u32::from(self.gateway).wrapping_sub(self.base);
         // Start at .1.0 of the range so the host's own /24 stays free; skip network,
         // broadcast and the gateway.
         let first = 256.min(self.size / 2).max(2);
         for offset in first..self.size - 1 {
-            if offset != gateway_offset && offset % 256 != 0 && offset % 256 != 255 && !used.contains(&offset) {
+            if offset != gateway_offset
+                && offset % 256 != 0
+                && offset % 256 != 255
+                && !used.contains(&offset)
+            {
                 used.insert(offset);
                 return Ok(Ipv4Addr::from(self.base + offset));
             }
@@ -88,7 +103,11 @@ impl Network {
 
     /// Creates the pod's namespace and wires it to the bridge.
     pub async fn create(&self, pod_uid: &str) -> Result<Sandbox> {
-        let short: String = pod_uid.chars().filter(|c| c.is_ascii_hexdigit()).take(10).collect();
+        let short: String = pod_uid
+            .chars()
+            .filter(|c| c.is_ascii_hexdigit())
+            .take(10)
+            .collect();
         let netns = format!("{NETNS_PREFIX}{short}");
         let _serialised = self.setup.lock().await;
         let host_veth = format!("vstw{short}");
@@ -98,17 +117,33 @@ impl Network {
         let address = self.allocate()?;
         let result = async {
             ip(&["netns", "add", &netns]).await?;
-            ip(&["link", "add", &host_veth, "type", "veth", "peer", "name", "eth0", "netns", &netns]).await?;
+            ip(&[
+                "link", "add", &host_veth, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+            ])
+            .await?;
             ip(&["link", "set", &host_veth, "master", &self.bridge, "up"]).await?;
             let cidr = format!("{address}/{}", self.prefix_len);
             ip(&["-n", &netns, "addr", "add", &cidr, "dev", "eth0"]).await?;
             ip(&["-n", &netns, "link", "set", "lo", "up"]).await?;
             ip(&["-n", &netns, "link", "set", "eth0", "up"]).await?;
-            ip(&["-n", &netns, "route", "add", "default", "via", &self.gateway.to_string()]).await?;
+            ip(&[
+                "-n",
+                &netns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &self.gateway.to_string(),
+            ])
+            .await?;
             Ok::<_, anyhow::Error>(())
         }
         .await;
-        let sandbox = Sandbox { netns, ip: address, host_veth };
+        let sandbox = Sandbox {
+            netns,
+            ip: address,
+            host_veth,
+        };
         if let Err(e) = result {
             self.delete(&sandbox).await;
             return Err(e.context("setting up the pod network"));

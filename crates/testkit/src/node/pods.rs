@@ -85,7 +85,10 @@ impl ExecTarget {
 /// [`super::install_runner`]), so a rebuild of the workspace never pulls the file away
 /// from under a running node.
 fn self_exe() -> PathBuf {
-    super::RUNNER.get().cloned().unwrap_or_else(|| PathBuf::from("/proc/self/exe"))
+    super::RUNNER
+        .get()
+        .cloned()
+        .unwrap_or_else(|| PathBuf::from("/proc/self/exe"))
 }
 
 /// Why exec into a container is impossible right now.
@@ -106,8 +109,13 @@ pub enum ExecError {
 
 #[derive(Clone, Debug)]
 enum CState {
-    Waiting { reason: String, message: Option<String> },
-    Running { started: DateTime<Utc> },
+    Waiting {
+        reason: String,
+        message: Option<String>,
+    },
+    Running {
+        started: DateTime<Utc>,
+    },
     Terminated(Terminated),
 }
 
@@ -141,7 +149,10 @@ impl CStatus {
         Self {
             name: c.name.clone(),
             image: c.image.clone().unwrap_or_default(),
-            state: CState::Waiting { reason: "ContainerCreating".into(), message: None },
+            state: CState::Waiting {
+                reason: "ContainerCreating".into(),
+                message: None,
+            },
             last: None,
             restarts: 0,
             ready: false,
@@ -244,12 +255,21 @@ impl PodRuntime {
 
     /// The exec target of a container, or why there is none.
     pub fn exec_target(&self, container: Option<&str>) -> Result<ExecTarget, ExecError> {
-        let m = self.model.lock().map_err(|_| ExecError::PodNotFound(self.name.clone()))?;
+        let m = self
+            .model
+            .lock()
+            .map_err(|_| ExecError::PodNotFound(self.name.clone()))?;
         let c = match container {
-            Some(name) => m.containers.iter().chain(m.init.iter()).find(|c| c.name == name),
+            Some(name) => m
+                .containers
+                .iter()
+                .chain(m.init.iter())
+                .find(|c| c.name == name),
             None => m.containers.first(),
         }
-        .ok_or_else(|| ExecError::ContainerNotFound(container.unwrap_or_default().into(), self.name.clone()))?;
+        .ok_or_else(|| {
+            ExecError::ContainerNotFound(container.unwrap_or_default().into(), self.name.clone())
+        })?;
         if c.no_process {
             return Err(ExecError::NoProcess(c.name.clone(), c.image.clone()));
         }
@@ -266,7 +286,12 @@ impl PodRuntime {
 
 impl PodContext {
     pub fn new(client: Client, cfg: Arc<NodeConfig>, network: Network) -> Self {
-        Self { client, cfg, network, pods: Mutex::new(HashMap::new()) }
+        Self {
+            client,
+            cfg,
+            network,
+            pods: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn find(&self, namespace: &str, name: &str) -> Option<Arc<PodRuntime>> {
@@ -280,7 +305,9 @@ impl PodContext {
 
     /// Reacts to a pod seen by the watcher.
     pub fn observe(self: &Arc<Self>, pod: Pod) {
-        let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else { return };
+        let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+            return;
+        };
         if !self.cfg.nodes.iter().any(|n| n.name == node) {
             return;
         }
@@ -295,7 +322,11 @@ impl PodContext {
                 }
             }
             None => {
-                let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+                let phase = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase.clone())
+                    .unwrap_or_default();
                 if deleting {
                     // Never started here (or finished before a node restart): just finish
                     // the deletion.
@@ -331,20 +362,27 @@ impl PodContext {
 
     /// A pod vanished from the API (force-deleted): stop it now.
     pub fn forget(&self, uid: &str) {
-        if let Some(rt) = self.pods.lock().ok().and_then(|p| p.get(uid).cloned()) {
-            if rt.terminate.borrow().is_none() {
-                let _ = rt.terminate.send(Some(0));
-            }
+        if let Some(rt) = self.pods.lock().ok().and_then(|p| p.get(uid).cloned())
+            && rt.terminate.borrow().is_none()
+        {
+            let _ = rt.terminate.send(Some(0));
         }
     }
 
     pub fn known_uids(&self) -> Vec<String> {
-        self.pods.lock().map(|p| p.keys().cloned().collect()).unwrap_or_default()
+        self.pods
+            .lock()
+            .map(|p| p.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Stops every pod (node shutdown) and waits for them to be cleaned up.
     pub async fn shutdown(&self, timeout: Duration) {
-        let all: Vec<Arc<PodRuntime>> = self.pods.lock().map(|p| p.values().cloned().collect()).unwrap_or_default();
+        let all: Vec<Arc<PodRuntime>> = self
+            .pods
+            .lock()
+            .map(|p| p.values().cloned().collect())
+            .unwrap_or_default();
         for rt in &all {
             if rt.terminate.borrow().is_none() {
                 let _ = rt.terminate.send(Some(5));
@@ -357,16 +395,20 @@ impl PodContext {
     }
 
     async fn finalize_delete(&self, pod: &Pod) {
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
+        let api: Api<Pod> =
+            Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
         let params = DeleteParams {
             grace_period_seconds: Some(0),
-            preconditions: Some(Preconditions { uid: pod.uid(), resource_version: None }),
+            preconditions: Some(Preconditions {
+                uid: pod.uid(),
+                resource_version: None,
+            }),
             ..DeleteParams::default()
         };
-        if let Err(e) = api.delete(&pod.name_any(), &params).await {
-            if !matches!(&e, kube::Error::Api(s) if s.code == 404 || s.code == 409) {
-                tracing::warn!(pod = %pod.name_any(), error = %e, "final delete of the pod failed");
-            }
+        if let Err(e) = api.delete(&pod.name_any(), &params).await
+            && !matches!(&e, kube::Error::Api(s) if s.code == 404 || s.code == 409)
+        {
+            tracing::warn!(pod = %pod.name_any(), error = %e, "final delete of the pod failed");
         }
     }
 
@@ -380,10 +422,20 @@ impl PodContext {
         rt.update(|m| {
             m.phase = "Pending".into();
             m.start_time = Some(Utc::now());
-            m.init = spec.init_containers.iter().flatten().map(CStatus::new).collect();
+            m.init = spec
+                .init_containers
+                .iter()
+                .flatten()
+                .map(CStatus::new)
+                .collect();
             m.containers = spec.containers.iter().map(CStatus::new).collect();
         });
-        let writer = tokio::spawn(status_writer(self.client.clone(), pod.clone(), rt.clone(), node_ip));
+        let writer = tokio::spawn(status_writer(
+            self.client.clone(),
+            pod.clone(),
+            rt.clone(),
+            node_ip,
+        ));
         let dir = self.pod_dir(&rt.uid);
         let mut terminate = rt.terminate.subscribe();
 
@@ -422,10 +474,17 @@ impl PodContext {
             let ip = sb.ip;
             let netns = sb.netns_path();
             rt.update(|m| m.pod_ip = Some(ip));
-            let restart_policy = spec.restart_policy.clone().unwrap_or_else(|| "Always".into());
+            let restart_policy = spec
+                .restart_policy
+                .clone()
+                .unwrap_or_else(|| "Always".into());
             let mut init_ok = true;
             for (i, c) in spec.init_containers.iter().flatten().enumerate() {
-                let policy = if restart_policy == "Never" { "Never" } else { "OnFailure" };
+                let policy = if restart_policy == "Never" {
+                    "Never"
+                } else {
+                    "OnFailure"
+                };
                 let ok = self
                     .supervise(&pod, &rt, c, true, i, policy, &netns, &prepared, &dir)
                     .await;
@@ -449,7 +508,8 @@ impl PodContext {
                         restart_policy.clone(),
                     );
                     tasks.push(tokio::spawn(async move {
-                        ctx.supervise(&pod, &rt, &c, false, i, &policy, &netns, &prepared, &dir).await
+                        ctx.supervise(&pod, &rt, &c, false, i, &policy, &netns, &prepared, &dir)
+                            .await
                     }));
                 }
                 for t in tasks {
@@ -458,7 +518,10 @@ impl PodContext {
             } else if !init_ok {
                 rt.update(|m| {
                     for c in m.containers.iter_mut() {
-                        c.state = CState::Waiting { reason: "PodInitializing".into(), message: None };
+                        c.state = CState::Waiting {
+                            reason: "PodInitializing".into(),
+                            message: None,
+                        };
                         c.done = true;
                     }
                 });
@@ -490,9 +553,17 @@ impl PodContext {
         let spec = pod.spec.clone().unwrap_or_default();
         let mut prepared = HashMap::new();
         for volume in spec.volumes.iter().flatten() {
-            let p = volumes::prepare(&self.client, pod, volume, &dir.join("volumes"), &self.cfg.volumes).await?;
+            let p = volumes::prepare(
+                &self.client,
+                pod,
+                volume,
+                &dir.join("volumes"),
+                &self.cfg.volumes,
+            )
+            .await?;
             if let Some(fs_group) = spec.security_context.as_ref().and_then(|s| s.fs_group) {
-                let writable = volume.empty_dir.is_some() || volume.persistent_volume_claim.is_some();
+                let writable =
+                    volume.empty_dir.is_some() || volume.persistent_volume_claim.is_some();
                 if writable && !p.read_only {
                     volumes::apply_fs_group(&p.path, fs_group as u32)
                         .with_context(|| format!("applying fsGroup to volume {}", volume.name))?;
@@ -524,12 +595,22 @@ impl PodContext {
         let mut terminate = rt.terminate.subscribe();
         let image = c.image.clone().unwrap_or_default();
         let program = images::resolve(&image, &self.cfg.bin_dir);
-        let ImageProgram::Process { entrypoint, default_cmd, working_dir, extra_path, tmpfs, env: image_env, kind } = program
+        let ImageProgram::Process {
+            entrypoint,
+            default_cmd,
+            working_dir,
+            extra_path,
+            tmpfs,
+            env: image_env,
+            kind,
+        } = program
         else {
             // No process: Running and Ready until deleted.
             rt.set_container(init, index, |s| {
                 s.no_process = true;
-                s.state = CState::Running { started: Utc::now() };
+                s.state = CState::Running {
+                    started: Utc::now(),
+                };
                 s.ready = true;
                 s.started = true;
             });
@@ -553,7 +634,13 @@ impl PodContext {
         let sc = c.security_context.clone().unwrap_or_default();
         let uid = sc.run_as_user.or(pod_sc.run_as_user).map(|u| u as u32);
         let gid = sc.run_as_group.or(pod_sc.run_as_group).map(|g| g as u32);
-        let mut groups: Vec<u32> = pod_sc.supplemental_groups.clone().unwrap_or_default().iter().map(|g| *g as u32).collect();
+        let mut groups: Vec<u32> = pod_sc
+            .supplemental_groups
+            .clone()
+            .unwrap_or_default()
+            .iter()
+            .map(|g| *g as u32)
+            .collect();
         if let Some(fs_group) = pod_sc.fs_group {
             groups.push(fs_group as u32);
         }
@@ -566,14 +653,33 @@ impl PodContext {
             }
             // Build the run spec (env is resolved at every start, as the kubelet does).
             let spec_result = self
-                .run_spec(pod, c, &entrypoint, &default_cmd, working_dir.as_deref(), &extra_path, &tmpfs, image_env.clone(), kind, netns, prepared, &term_path, uid, gid, &groups)
+                .run_spec(
+                    pod,
+                    c,
+                    &entrypoint,
+                    &default_cmd,
+                    working_dir.as_deref(),
+                    &extra_path,
+                    &tmpfs,
+                    image_env.clone(),
+                    kind,
+                    netns,
+                    prepared,
+                    &term_path,
+                    uid,
+                    gid,
+                    &groups,
+                )
                 .await;
             let run_spec = match spec_result {
                 Ok(s) => s,
                 Err(e) => {
                     let message = format!("{e:#}");
                     rt.set_container(init, index, |s| {
-                        s.state = CState::Waiting { reason: "CreateContainerConfigError".into(), message: Some(message) };
+                        s.state = CState::Waiting {
+                            reason: "CreateContainerConfigError".into(),
+                            message: Some(message),
+                        };
                     });
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -583,7 +689,11 @@ impl PodContext {
                 }
             };
             let _ = std::fs::write(&term_path, b"");
-            let log = match std::fs::OpenOptions::new().create(true).append(true).open(&log_path) {
+            let log = match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+            {
                 Ok(f) => f,
                 Err(e) => {
                     tracing::error!(error = %e, "opening the container log");
@@ -593,9 +703,16 @@ impl PodContext {
             let mut cmd = tokio::process::Command::new(self_exe());
             cmd.arg("run-container")
                 .env_clear()
-                .env(SPEC_VAR, serde_json::to_string(&run_spec).unwrap_or_default())
+                .env(
+                    SPEC_VAR,
+                    serde_json::to_string(&run_spec).unwrap_or_default(),
+                )
                 .stdin(Stdio::null())
-                .stdout(log.try_clone().map(Stdio::from).unwrap_or_else(|_| Stdio::null()))
+                .stdout(
+                    log.try_clone()
+                        .map(Stdio::from)
+                        .unwrap_or_else(|_| Stdio::null()),
+                )
                 .stderr(Stdio::from(log))
                 .process_group(0);
             if let Some(marker) = &self.cfg.marker {
@@ -607,7 +724,10 @@ impl PodContext {
                 Ok(child) => child,
                 Err(e) => {
                     rt.set_container(init, index, |s| {
-                        s.state = CState::Waiting { reason: "RunContainerError".into(), message: Some(e.to_string()) };
+                        s.state = CState::Waiting {
+                            reason: "RunContainerError".into(),
+                            message: Some(e.to_string()),
+                        };
                     });
                     tokio::time::sleep(Duration::from_secs(2)).await;
                     continue;
@@ -633,7 +753,13 @@ impl PodContext {
 
             let (liveness_tx, mut liveness_rx) = tokio::sync::mpsc::channel::<String>(1);
             let probes = (!init).then(|| {
-                tokio::spawn(probe_loop(rt.clone(), c.clone(), index, target.clone(), liveness_tx))
+                tokio::spawn(probe_loop(
+                    rt.clone(),
+                    c.clone(),
+                    index,
+                    target.clone(),
+                    liveness_tx,
+                ))
             });
 
             let mut killed_by: Option<String> = None;
@@ -667,7 +793,11 @@ impl PodContext {
             let terminated = Terminated {
                 exit_code,
                 signal,
-                reason: if exit_code == 0 { "Completed".into() } else { "Error".into() },
+                reason: if exit_code == 0 {
+                    "Completed".into()
+                } else {
+                    "Error".into()
+                },
                 message,
                 started: Some(started),
                 finished: Utc::now(),
@@ -688,7 +818,10 @@ impl PodContext {
                     s.restarts += 1;
                     s.state = CState::Waiting {
                         reason: "CrashLoopBackOff".into(),
-                        message: Some(format!("back-off {}s restarting failed container", backoff.as_secs())),
+                        message: Some(format!(
+                            "back-off {}s restarting failed container",
+                            backoff.as_secs()
+                        )),
                     };
                 } else {
                     s.state = CState::Terminated(terminated.clone());
@@ -735,10 +868,22 @@ impl PodContext {
             ("PATH".to_string(), path.join(":")),
             ("HOSTNAME".to_string(), pod.name_any()),
             ("HOME".to_string(), "/root".to_string()),
-            ("KUBERNETES_SERVICE_HOST".to_string(), self.cfg.api_host.clone()),
-            ("KUBERNETES_SERVICE_PORT".to_string(), self.cfg.api_port.to_string()),
-            ("KUBERNETES_SERVICE_PORT_HTTPS".to_string(), self.cfg.api_port.to_string()),
-            ("KUBERNETES_PORT".to_string(), format!("tcp://{}:{}", self.cfg.api_host, self.cfg.api_port)),
+            (
+                "KUBERNETES_SERVICE_HOST".to_string(),
+                self.cfg.api_host.clone(),
+            ),
+            (
+                "KUBERNETES_SERVICE_PORT".to_string(),
+                self.cfg.api_port.to_string(),
+            ),
+            (
+                "KUBERNETES_SERVICE_PORT_HTTPS".to_string(),
+                self.cfg.api_port.to_string(),
+            ),
+            (
+                "KUBERNETES_PORT".to_string(),
+                format!("tcp://{}:{}", self.cfg.api_host, self.cfg.api_port),
+            ),
         ];
         base.extend(image_env);
         if let Some(marker) = &self.cfg.marker {
@@ -747,20 +892,42 @@ impl PodContext {
         let env = volumes::container_env(&self.client, pod, c, base).await?;
         let vars: HashMap<String, String> = env.iter().cloned().collect();
         let expand = |list: &Option<Vec<String>>| {
-            list.as_ref().map(|l| l.iter().map(|a| volumes::expand(a, &vars)).collect::<Vec<_>>())
+            list.as_ref().map(|l| {
+                l.iter()
+                    .map(|a| volumes::expand(a, &vars))
+                    .collect::<Vec<_>>()
+            })
         };
-        let argv = images::argv(entrypoint, default_cmd, expand(&c.command).as_deref(), expand(&c.args).as_deref(), kind);
+        let argv = images::argv(
+            entrypoint,
+            default_cmd,
+            expand(&c.command).as_deref(),
+            expand(&c.args).as_deref(),
+            kind,
+        );
         let mut mounts: Vec<MountSpec> = tmpfs
             .iter()
-            .map(|t| MountSpec { source: None, target: PathBuf::from(t), read_only: false })
+            .map(|t| MountSpec {
+                source: None,
+                target: PathBuf::from(t),
+                read_only: false,
+            })
             .collect();
         mounts.extend(volumes::container_mounts(c, prepared)?);
         mounts.push(MountSpec {
             source: Some(term_path.to_path_buf()),
-            target: PathBuf::from(c.termination_message_path.clone().unwrap_or_else(|| "/dev/termination-log".into())),
+            target: PathBuf::from(
+                c.termination_message_path
+                    .clone()
+                    .unwrap_or_else(|| "/dev/termination-log".into()),
+            ),
             read_only: false,
         });
-        let working_dir = c.working_dir.clone().or(image_working_dir.map(String::from)).map(PathBuf::from);
+        let working_dir = c
+            .working_dir
+            .clone()
+            .or(image_working_dir.map(String::from))
+            .map(PathBuf::from);
         Ok(RunSpec {
             netns: Some(netns.to_path_buf()),
             enter_pid: None,
@@ -784,8 +951,14 @@ async fn wait_terminate(terminate: &mut watch::Receiver<Option<i64>>) -> i64 {
     }
 }
 
-async fn stop_process(child: &mut tokio::process::Child, pid: u32, grace: i64) -> Option<std::process::ExitStatus> {
-    let Ok(raw) = i32::try_from(pid) else { return child.wait().await.ok() };
+async fn stop_process(
+    child: &mut tokio::process::Child,
+    pid: u32,
+    grace: i64,
+) -> Option<std::process::ExitStatus> {
+    let Ok(raw) = i32::try_from(pid) else {
+        return child.wait().await.ok();
+    };
     let _ = nix::sys::signal::kill(Pid::from_raw(raw), Signal::SIGTERM);
     let grace = Duration::from_secs(grace.max(0) as u64);
     match tokio::time::timeout(grace, child.wait()).await {
@@ -823,7 +996,9 @@ fn tail_log(path: &std::path::Path, lines: usize, bytes: usize) -> Option<String
     let all: Vec<&str> = text.lines().collect();
     let tail = all[all.len().saturating_sub(lines)..].join("\n");
     let start = tail.len().saturating_sub(bytes);
-    let start = (start..tail.len()).find(|i| tail.is_char_boundary(*i)).unwrap_or(tail.len());
+    let start = (start..tail.len())
+        .find(|i| tail.is_char_boundary(*i))
+        .unwrap_or(tail.len());
     (!tail.is_empty()).then(|| tail[start..].to_string())
 }
 
@@ -871,43 +1046,46 @@ async fn probe_loop(
         let Some(next) = next else { return };
         tokio::time::sleep_until(next.into()).await;
         let now = Instant::now();
-        if let (Some((t, p)), Some(at)) = (&readiness, next_ready) {
-            if at <= now {
-                if probes::run_once(p, &c, ip, &target).await {
-                    ready_ok += 1;
-                    ready_fail = 0;
-                    if ready_ok >= t.success_threshold {
-                        rt.set_container(false, index, |s| s.ready = true);
-                    }
-                } else {
-                    ready_fail += 1;
-                    ready_ok = 0;
-                    if ready_fail >= t.failure_threshold {
-                        rt.set_container(false, index, |s| s.ready = false);
-                    }
+        if let (Some((t, p)), Some(at)) = (&readiness, next_ready)
+            && at <= now
+        {
+            if probes::run_once(p, &c, ip, &target).await {
+                ready_ok += 1;
+                ready_fail = 0;
+                if ready_ok >= t.success_threshold {
+                    rt.set_container(false, index, |s| s.ready = true);
                 }
-                next_ready = Some(Instant::now() + t.period);
+            } else {
+                ready_fail += 1;
+                ready_ok = 0;
+                if ready_fail >= t.failure_threshold {
+                    rt.set_container(false, index, |s| s.ready = false);
+                }
             }
+            next_ready = Some(Instant::now() + t.period);
         }
-        if let (Some((t, p)), Some(at)) = (&live, next_live) {
-            if at <= now {
-                if probes::run_once(p, &c, ip, &target).await {
-                    live_fail = 0;
-                } else {
-                    live_fail += 1;
-                    if live_fail >= t.failure_threshold {
-                        let _ = liveness.send("liveness probe failed".into()).await;
-                        return;
-                    }
+        if let (Some((t, p)), Some(at)) = (&live, next_live)
+            && at <= now
+        {
+            if probes::run_once(p, &c, ip, &target).await {
+                live_fail = 0;
+            } else {
+                live_fail += 1;
+                if live_fail >= t.failure_threshold {
+                    let _ = liveness.send("liveness probe failed".into()).await;
+                    return;
                 }
-                next_live = Some(Instant::now() + t.period);
             }
+            next_live = Some(Instant::now() + t.period);
         }
     }
 }
 
 fn condition(m: &mut PodModel, type_: &str, status: bool, now: DateTime<Utc>) -> Value {
-    let entry = m.transitions.entry(type_.to_string()).or_insert((status, now));
+    let entry = m
+        .transitions
+        .entry(type_.to_string())
+        .or_insert((status, now));
     if entry.0 != status {
         *entry = (status, now);
     }
@@ -922,13 +1100,23 @@ fn condition(m: &mut PodModel, type_: &str, status: bool, now: DateTime<Utc>) ->
 fn status_json(m: &mut PodModel, host_ip: Ipv4Addr) -> Value {
     let now = Utc::now();
     let all_done = !m.containers.is_empty() && m.containers.iter().all(|c| c.done);
-    let init_failed = m.init.iter().any(|c| c.done && matches!(&c.state, CState::Terminated(t) if t.exit_code != 0));
+    let init_failed = m
+        .init
+        .iter()
+        .any(|c| c.done && matches!(&c.state, CState::Terminated(t) if t.exit_code != 0));
     let phase = if init_failed {
         "Failed"
     } else if all_done {
-        let ok = m.containers.iter().all(|c| matches!(&c.state, CState::Terminated(t) if t.exit_code == 0));
+        let ok = m
+            .containers
+            .iter()
+            .all(|c| matches!(&c.state, CState::Terminated(t) if t.exit_code == 0));
         if ok { "Succeeded" } else { "Failed" }
-    } else if m.initialized && m.containers.iter().any(|c| !matches!(c.state, CState::Waiting { .. }) || c.restarts > 0) {
+    } else if m.initialized
+        && m.containers
+            .iter()
+            .any(|c| !matches!(c.state, CState::Waiting { .. }) || c.restarts > 0)
+    {
         "Running"
     } else {
         "Pending"
@@ -953,7 +1141,8 @@ fn status_json(m: &mut PodModel, host_ip: Ipv4Addr) -> Value {
         "qosClass": "BestEffort",
     });
     if !m.init.is_empty() {
-        status["initContainerStatuses"] = json!(m.init.iter().map(CStatus::to_json).collect::<Vec<_>>());
+        status["initContainerStatuses"] =
+            json!(m.init.iter().map(CStatus::to_json).collect::<Vec<_>>());
     }
     if let Some(ip) = m.pod_ip {
         status["podIP"] = json!(ip.to_string());
@@ -983,7 +1172,10 @@ async fn status_writer(client: Client, pod: Pod, rt: Arc<PodRuntime>, host_ip: I
         };
         if last.as_ref() != Some(&status) {
             let patch = json!({ "status": status });
-            match api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            match api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
                 Ok(_) => last = Some(status),
                 Err(kube::Error::Api(s)) if s.code == 404 => return,
                 Err(e) => {

@@ -20,13 +20,20 @@ pub struct Timing {
 }
 
 pub fn timing(probe: &Probe) -> Timing {
-    let secs = |v: Option<i32>, d: u64| Duration::from_secs(v.map(|v| v.max(0) as u64).unwrap_or(d));
+    let secs =
+        |v: Option<i32>, d: u64| Duration::from_secs(v.map(|v| v.max(0) as u64).unwrap_or(d));
     Timing {
         initial_delay: secs(probe.initial_delay_seconds, 0),
         period: secs(probe.period_seconds, 10).max(Duration::from_secs(1)),
         timeout: secs(probe.timeout_seconds, 1).max(Duration::from_secs(1)),
-        success_threshold: probe.success_threshold.map(|v| v.max(1) as u32).unwrap_or(1),
-        failure_threshold: probe.failure_threshold.map(|v| v.max(1) as u32).unwrap_or(3),
+        success_threshold: probe
+            .success_threshold
+            .map(|v| v.max(1) as u32)
+            .unwrap_or(1),
+        failure_threshold: probe
+            .failure_threshold
+            .map(|v| v.max(1) as u32)
+            .unwrap_or(3),
     }
 }
 
@@ -43,7 +50,12 @@ fn port_of(container: &Container, port: &IntOrString) -> Option<u16> {
 }
 
 /// Runs one probe; `true` when it succeeded.
-pub async fn run_once(probe: &Probe, container: &Container, ip: Ipv4Addr, exec: &ExecTarget) -> bool {
+pub async fn run_once(
+    probe: &Probe,
+    container: &Container,
+    ip: Ipv4Addr,
+    exec: &ExecTarget,
+) -> bool {
     let timeout = timing(probe).timeout;
     if let Some(action) = &probe.exec {
         let command = action.command.clone().unwrap_or_default();
@@ -53,18 +65,24 @@ pub async fn run_once(probe: &Probe, container: &Container, ip: Ipv4Addr, exec: 
         };
     }
     if let Some(tcp) = &probe.tcp_socket {
-        let Some(port) = port_of(container, &tcp.port) else { return false };
+        let Some(port) = port_of(container, &tcp.port) else {
+            return false;
+        };
         return matches!(
             tokio::time::timeout(timeout, tokio::net::TcpStream::connect((ip, port))).await,
             Ok(Ok(_))
         );
     }
     if let Some(http) = &probe.http_get {
-        let Some(port) = port_of(container, &http.port) else { return false };
+        let Some(port) = port_of(container, &http.port) else {
+            return false;
+        };
         let path = http.path.clone().unwrap_or_else(|| "/".into());
         let attempt = async {
             let mut stream = tokio::net::TcpStream::connect((ip, port)).await?;
-            let mut request = format!("GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nUser-Agent: kube-probe/1.36\r\nConnection: close\r\n");
+            let mut request = format!(
+                "GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nUser-Agent: kube-probe/1.36\r\nConnection: close\r\n"
+            );
             for header in http.http_headers.clone().unwrap_or_default() {
                 request.push_str(&format!("{}: {}\r\n", header.name, header.value));
             }

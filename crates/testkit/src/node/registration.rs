@@ -103,7 +103,11 @@ async fn renew_lease(client: &Client, node: &NodeSpec) -> Result<()> {
         },
     });
     leases
-        .patch(&node.name, &PatchParams::apply("stateward-node").force(), &Patch::Apply(&lease))
+        .patch(
+            &node.name,
+            &PatchParams::apply("stateward-node").force(),
+            &Patch::Apply(&lease),
+        )
         .await?;
     Ok(())
 }
@@ -116,10 +120,10 @@ pub async fn heartbeat(client: Client, cfg: Arc<NodeConfig>) {
             if let Err(e) = renew_lease(&client, node).await {
                 tracing::warn!(node = %node.name, error = %e, "renewing the node lease failed");
             }
-            if tick % 6 == 0 {
-                if let Err(e) = register(&client, &cfg, node).await {
-                    tracing::warn!(node = %node.name, error = %e, "updating the node status failed");
-                }
+            if tick.is_multiple_of(6)
+                && let Err(e) = register(&client, &cfg, node).await
+            {
+                tracing::warn!(node = %node.name, error = %e, "updating the node status failed");
             }
         }
         tick += 1;

@@ -59,8 +59,14 @@ pub fn run(spec_json: &str) -> Result<std::convert::Infallible> {
         unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS)
             .context("creating the container's mount namespace")?;
         // Private propagation: our mounts stay ours and the host's later mounts stay out.
-        mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-            .context("making / private")?;
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .context("making / private")?;
         if let Some(hostname) = &spec.hostname {
             sethostname(hostname).context("setting the hostname")?;
         }
@@ -103,7 +109,11 @@ pub fn run(spec_json: &str) -> Result<std::convert::Infallible> {
         .arg0(program)
         .args(args)
         .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (OsString::from(k), OsString::from(v))))
+        .envs(
+            spec.env
+                .iter()
+                .map(|(k, v)| (OsString::from(k), OsString::from(v))),
+        )
         .exec();
     Err(anyhow::Error::new(err).context(format!("starting {program}")))
 }
@@ -135,8 +145,16 @@ fn apply_mount(m: &MountSpec) -> Result<()> {
                         .with_context(|| format!("creating mount point {}", target.display()))?;
                 }
             }
-            mount(Some(source.as_path()), target.as_path(), None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-                .with_context(|| format!("bind-mounting {} at {}", source.display(), target.display()))?;
+            mount(
+                Some(source.as_path()),
+                target.as_path(),
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .with_context(|| {
+                format!("bind-mounting {} at {}", source.display(), target.display())
+            })?;
             if m.read_only {
                 mount(
                     None::<&str>,
@@ -150,8 +168,14 @@ fn apply_mount(m: &MountSpec) -> Result<()> {
         }
         None => {
             std::fs::create_dir_all(target)?;
-            mount(Some("tmpfs"), target.as_path(), Some("tmpfs"), MsFlags::empty(), Some("mode=1777"))
-                .with_context(|| format!("mounting a tmpfs at {}", target.display()))?;
+            mount(
+                Some("tmpfs"),
+                target.as_path(),
+                Some("tmpfs"),
+                MsFlags::empty(),
+                Some("mode=1777"),
+            )
+            .with_context(|| format!("mounting a tmpfs at {}", target.display()))?;
         }
     }
     Ok(())
@@ -172,7 +196,10 @@ mod tests {
 
     #[test]
     fn resolves_programs_on_the_given_path() {
-        assert_eq!(resolve_program("/bin/sh", ""), Some(PathBuf::from("/bin/sh")));
+        assert_eq!(
+            resolve_program("/bin/sh", ""),
+            Some(PathBuf::from("/bin/sh"))
+        );
         assert!(resolve_program("sh", "/nonexistent:/bin").is_some());
         assert_eq!(resolve_program("no-such-program-here", "/bin"), None);
     }

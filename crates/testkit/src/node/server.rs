@@ -28,7 +28,11 @@ use super::pods::PodContext;
 const V5: &str = "v5.channel.k8s.io";
 const V4: &str = "v4.channel.k8s.io";
 
-pub async fn serve(ctx: Arc<PodContext>, addr: SocketAddr, tls: Arc<rustls::ServerConfig>) -> Result<()> {
+pub async fn serve(
+    ctx: Arc<PodContext>,
+    addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the kubelet endpoint {addr}"))?;
@@ -45,7 +49,9 @@ pub async fn serve(ctx: Arc<PodContext>, addr: SocketAddr, tls: Arc<rustls::Serv
         let acceptor = acceptor.clone();
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let Ok(tls) = acceptor.accept(stream).await else { return };
+            let Ok(tls) = acceptor.accept(stream).await else {
+                return;
+            };
             let service = service_fn(move |req| handle(ctx.clone(), req));
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), service)
@@ -68,8 +74,10 @@ fn status_error(code: StatusCode, message: &str) -> Response<Full<Bytes>> {
         "message": message, "code": code.as_u16(),
     });
     let mut r = text(code, body.to_string());
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -78,9 +86,9 @@ fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
         .query()
         .map(|q| {
             q.split('&')
-                .filter_map(|kv| {
+                .map(|kv| {
                     let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                    Some((percent_decode(k), percent_decode(v)))
+                    (percent_decode(k), percent_decode(v))
                 })
                 .collect()
         })
@@ -94,7 +102,9 @@ fn percent_decode(s: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'%' => {
-                let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok());
                 match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
                     Some(b) => {
                         out.push(b);
@@ -119,8 +129,17 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-async fn handle(ctx: Arc<PodContext>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
-    let path: Vec<String> = req.uri().path().trim_matches('/').split('/').map(percent_decode).collect();
+async fn handle(
+    ctx: Arc<PodContext>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let path: Vec<String> = req
+        .uri()
+        .path()
+        .trim_matches('/')
+        .split('/')
+        .map(percent_decode)
+        .collect();
     let upgrade = req
         .headers()
         .get(header::UPGRADE)
@@ -134,12 +153,20 @@ async fn handle(ctx: Arc<PodContext>, req: Request<Incoming>) -> Result<Response
             "the stateward local node speaks WebSocket (v5.channel.k8s.io) only; SPDY was refused",
         ));
     }
-    let response = match path.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    let response = match path
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["healthz"] => text(StatusCode::OK, "ok"),
         ["exec", ns, pod, container] => exec(ctx, req, ns, pod, Some(container)).await,
         ["exec", ns, pod] => exec(ctx, req, ns, pod, None).await,
         ["containerLogs", ns, pod, container] => logs(&ctx, &req, ns, pod, container),
-        _ => status_error(StatusCode::NOT_FOUND, "the stateward local node serves exec, containerLogs and healthz only"),
+        _ => status_error(
+            StatusCode::NOT_FOUND,
+            "the stateward local node serves exec, containerLogs and healthz only",
+        ),
     };
     Ok(response)
 }
@@ -155,16 +182,36 @@ fn record_spdy(ctx: &PodContext, req: &Request<Incoming>) {
     }
 }
 
-fn logs(ctx: &PodContext, req: &Request<Incoming>, ns: &str, pod: &str, container: &str) -> Response<Full<Bytes>> {
+fn logs(
+    ctx: &PodContext,
+    req: &Request<Incoming>,
+    ns: &str,
+    pod: &str,
+    container: &str,
+) -> Response<Full<Bytes>> {
     let Some(rt) = ctx.find(ns, pod) else {
-        return status_error(StatusCode::NOT_FOUND, &format!("pod {ns}/{pod} not found on this node"));
+        return status_error(
+            StatusCode::NOT_FOUND,
+            &format!("pod {ns}/{pod} not found on this node"),
+        );
     };
-    let path = ctx.cfg.state_dir.join("pods").join(&rt.uid).join(format!("{container}.log"));
+    let path = ctx
+        .cfg
+        .state_dir
+        .join("pods")
+        .join(&rt.uid)
+        .join(format!("{container}.log"));
     let Ok(body) = std::fs::read(&path) else {
-        return status_error(StatusCode::NOT_FOUND, &format!("no logs for container {container}"));
+        return status_error(
+            StatusCode::NOT_FOUND,
+            &format!("no logs for container {container}"),
+        );
     };
     let params: HashMap<String, String> = query(req).into_iter().collect();
-    let body = match params.get("tailLines").and_then(|t| t.parse::<usize>().ok()) {
+    let body = match params
+        .get("tailLines")
+        .and_then(|t| t.parse::<usize>().ok())
+    {
         Some(n) => {
             let text = String::from_utf8_lossy(&body);
             let lines: Vec<&str> = text.lines().collect();
@@ -175,8 +222,10 @@ fn logs(ctx: &PodContext, req: &Request<Incoming>, ns: &str, pod: &str, containe
         None => body,
     };
     let mut r = Response::new(Full::new(Bytes::from(body)));
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain"),
+    );
     r
 }
 
@@ -188,14 +237,25 @@ async fn exec(
     container: Option<&str>,
 ) -> Response<Full<Bytes>> {
     let params = query(&req);
-    let command: Vec<String> = params.iter().filter(|(k, _)| k == "command").map(|(_, v)| v.clone()).collect();
-    let flag = |name: &str| params.iter().any(|(k, v)| k == name && (v == "1" || v == "true"));
+    let command: Vec<String> = params
+        .iter()
+        .filter(|(k, _)| k == "command")
+        .map(|(_, v)| v.clone())
+        .collect();
+    let flag = |name: &str| {
+        params
+            .iter()
+            .any(|(k, v)| k == name && (v == "1" || v == "true"))
+    };
     let (stdin, stdout, stderr) = (flag("input"), flag("output"), flag("error"));
     if command.is_empty() {
         return status_error(StatusCode::BAD_REQUEST, "exec needs a command");
     }
     let Some(rt) = ctx.find(ns, pod) else {
-        return status_error(StatusCode::NOT_FOUND, &format!("pod {ns}/{pod} not found on this node"));
+        return status_error(
+            StatusCode::NOT_FOUND,
+            &format!("pod {ns}/{pod} not found on this node"),
+        );
     };
     let target = match rt.exec_target(container) {
         Ok(t) => t,
@@ -207,8 +267,16 @@ async fn exec(
         .and_then(|v| v.to_str().ok())
         .map(|v| v.eq_ignore_ascii_case("websocket"))
         .unwrap_or(false);
-    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned().filter(|_| is_ws) else {
-        return status_error(StatusCode::BAD_REQUEST, "exec needs a WebSocket upgrade (v5.channel.k8s.io)");
+    let Some(key) = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .cloned()
+        .filter(|_| is_ws)
+    else {
+        return status_error(
+            StatusCode::BAD_REQUEST,
+            "exec needs a WebSocket upgrade (v5.channel.k8s.io)",
+        );
     };
     let offered: Vec<String> = req
         .headers()
@@ -224,19 +292,34 @@ async fn exec(
     } else {
         return status_error(
             StatusCode::BAD_REQUEST,
-            &format!("no supported exec protocol offered ({offered:?}); the local node speaks {V5} and {V4}"),
+            &format!(
+                "no supported exec protocol offered ({offered:?}); the local node speaks {V5} and {V4}"
+            ),
         );
     };
 
     let mut child = match target
         .command(&command)
         .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
-        .stdout(if stdout { Stdio::piped() } else { Stdio::null() })
-        .stderr(if stderr { Stdio::piped() } else { Stdio::null() })
+        .stdout(if stdout {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stderr(if stderr {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .spawn()
     {
         Ok(c) => c,
-        Err(e) => return status_error(StatusCode::INTERNAL_SERVER_ERROR, &format!("starting the exec: {e}")),
+        Err(e) => {
+            return status_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("starting the exec: {e}"),
+            );
+        }
     };
 
     let accept = derive_accept_key(key.as_bytes());
@@ -258,12 +341,21 @@ async fn exec(
 
     let mut r = text(StatusCode::SWITCHING_PROTOCOLS, "");
     let h = r.headers_mut();
-    h.insert(header::UPGRADE, header::HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, header::HeaderValue::from_static("Upgrade"));
+    h.insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static("websocket"),
+    );
+    h.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("Upgrade"),
+    );
     if let Ok(v) = header::HeaderValue::from_str(&accept) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
-    h.insert(header::SEC_WEBSOCKET_PROTOCOL, header::HeaderValue::from_static(if protocol == V5 { V5 } else { V4 }));
+    h.insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        header::HeaderValue::from_static(if protocol == V5 { V5 } else { V4 }),
+    );
     r
 }
 
@@ -278,8 +370,20 @@ where
 
     let mut readers = Vec::new();
     for (channel, pipe) in [
-        (1u8, child.stdout.take().map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>)),
-        (2u8, child.stderr.take().map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>)),
+        (
+            1u8,
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        ),
+        (
+            2u8,
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        ),
     ] {
         let Some(mut pipe) = pipe else { continue };
         let tx = tx.clone();
@@ -315,10 +419,10 @@ where
             match msg {
                 Message::Binary(data) if !data.is_empty() => match data[0] {
                     0 => {
-                        if let Some(pipe) = stdin.as_mut() {
-                            if pipe.write_all(&data[1..]).await.is_err() {
-                                stdin = None;
-                            }
+                        if let Some(pipe) = stdin.as_mut()
+                            && pipe.write_all(&data[1..]).await.is_err()
+                        {
+                            stdin = None;
                         }
                     }
                     255 if v5 && data.get(1) == Some(&0) => {
@@ -340,7 +444,9 @@ where
         let _ = r.await;
     }
     stdin_task.abort();
-    let Ok(Some(mut sink)) = writer.await else { return Ok(()) };
+    let Ok(Some(mut sink)) = writer.await else {
+        return Ok(());
+    };
     let code = status.code().unwrap_or_else(|| {
         use std::os::unix::process::ExitStatusExt;
         128 + status.signal().unwrap_or(0)

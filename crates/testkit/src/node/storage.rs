@@ -29,7 +29,9 @@ const PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
 /// Parses a Kubernetes quantity of bytes ("1Gi", "500M", "1073741824").
 pub fn parse_bytes(q: &str) -> Result<u64> {
     let q = q.trim();
-    let split = q.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(q.len());
+    let split = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(q.len());
     let (num, suffix) = q.split_at(split);
     let num: f64 = num.parse().with_context(|| format!("bad quantity {q:?}"))?;
     let mult: f64 = match suffix {
@@ -63,15 +65,27 @@ pub fn can_resize_online() -> bool {
 
 async fn grow_image(image: &Path, bytes: u64) -> Result<()> {
     if std::fs::metadata(image)?.len() < bytes {
-        run("truncate", &["-s", &bytes.to_string(), &image.to_string_lossy()]).await?;
+        run(
+            "truncate",
+            &["-s", &bytes.to_string(), &image.to_string_lossy()],
+        )
+        .await?;
     }
     Ok(())
 }
 
 async fn run(cmd: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(cmd).args(args).output().await.with_context(|| format!("running {cmd}"))?;
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .await
+        .with_context(|| format!("running {cmd}"))?;
     if !out.status.success() {
-        bail!("{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -108,7 +122,11 @@ impl Storage {
             "reclaimPolicy": "Delete",
         });
         classes
-            .patch(STORAGE_CLASS, &PatchParams::apply("stateward-node").force(), &Patch::Apply(&class))
+            .patch(
+                STORAGE_CLASS,
+                &PatchParams::apply("stateward-node").force(),
+                &Patch::Apply(&class),
+            )
             .await?;
         Ok(())
     }
@@ -129,11 +147,16 @@ impl Storage {
         let pv_list = pvs.list(&ListParams::default()).await?.items;
         for pvc in claims.list(&ListParams::default()).await?.items {
             let annotations = pvc.annotations();
-            let ours = annotations.get(STORAGE_PROVISIONER).map(String::as_str) == Some(PROVISIONER);
+            let ours =
+                annotations.get(STORAGE_PROVISIONER).map(String::as_str) == Some(PROVISIONER);
             if !ours {
                 continue;
             }
-            let bound_to = pvc.spec.as_ref().and_then(|s| s.volume_name.clone()).filter(|v| !v.is_empty());
+            let bound_to = pvc
+                .spec
+                .as_ref()
+                .and_then(|s| s.volume_name.clone())
+                .filter(|v| !v.is_empty());
             let result = match bound_to {
                 None => self.provision(&pvc, &pv_list).await,
                 Some(pv) => self.expand(&pvc, &pv, &pv_list).await,
@@ -143,19 +166,29 @@ impl Storage {
             }
         }
         for pv in &pv_list {
-            let ours = pv.annotations().get(PROVISIONED_BY).map(String::as_str) == Some(PROVISIONER);
+            let ours =
+                pv.annotations().get(PROVISIONED_BY).map(String::as_str) == Some(PROVISIONER);
             let phase = pv.status.as_ref().and_then(|s| s.phase.as_deref());
-            let reclaim = pv.spec.as_ref().and_then(|s| s.persistent_volume_reclaim_policy.as_deref());
-            if ours && phase == Some("Released") && reclaim == Some("Delete") {
-                if let Err(e) = self.delete(&pv.name_any()).await {
-                    tracing::warn!(pv = %pv.name_any(), error = %format!("{e:#}"), "deleting the volume failed");
-                }
+            let reclaim = pv
+                .spec
+                .as_ref()
+                .and_then(|s| s.persistent_volume_reclaim_policy.as_deref());
+            if ours
+                && phase == Some("Released")
+                && reclaim == Some("Delete")
+                && let Err(e) = self.delete(&pv.name_any()).await
+            {
+                tracing::warn!(pv = %pv.name_any(), error = %format!("{e:#}"), "deleting the volume failed");
             }
         }
         Ok(())
     }
 
-    async fn provision(&self, pvc: &PersistentVolumeClaim, existing: &[PersistentVolume]) -> Result<()> {
+    async fn provision(
+        &self,
+        pvc: &PersistentVolumeClaim,
+        existing: &[PersistentVolume],
+    ) -> Result<()> {
         let Some(node) = pvc.annotations().get(SELECTED_NODE).cloned() else {
             return Ok(()); // WaitForFirstConsumer: the scheduler has not picked a node yet.
         };
@@ -209,7 +242,8 @@ impl Storage {
             },
         });
         let pvs: Api<PersistentVolume> = Api::all(self.client.clone());
-        pvs.create(&PostParams::default(), &serde_json::from_value(pv)?).await?;
+        pvs.create(&PostParams::default(), &serde_json::from_value(pv)?)
+            .await?;
         tracing::info!(pv = %pv_name, pvc = %pvc.name_any(), %node, bytes, "provisioned a volume");
         Ok(())
     }
@@ -225,7 +259,21 @@ impl Storage {
         let image_s = image.to_string_lossy().into_owned();
         run("truncate", &["-s", &bytes.to_string(), &image_s]).await?;
         // No reserved blocks and a sparse inode table, so `df` shows close to the claim.
-        run("mkfs.ext4", &["-q", "-F", "-m", "0", "-i", "65536", "-E", "lazy_itable_init=1,lazy_journal_init=1", &image_s]).await?;
+        run(
+            "mkfs.ext4",
+            &[
+                "-q",
+                "-F",
+                "-m",
+                "0",
+                "-i",
+                "65536",
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1",
+                &image_s,
+            ],
+        )
+        .await?;
         let device = run("losetup", &["--find", "--show", &image_s]).await?;
         if let Err(e) = run("mount", &[&device, &dir.to_string_lossy()]).await {
             let _ = run("losetup", &["-d", &device]).await;
@@ -241,7 +289,10 @@ impl Storage {
             if !name.starts_with("loop") {
                 continue;
             }
-            let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) else { continue };
+            let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file"))
+            else {
+                continue;
+            };
             if Path::new(backing.trim()) == image {
                 return Some(format!("/dev/{name}"));
             }
@@ -249,8 +300,15 @@ impl Storage {
         None
     }
 
-    async fn expand(&self, pvc: &PersistentVolumeClaim, pv_name: &str, pvs: &[PersistentVolume]) -> Result<()> {
-        let Some(pv) = pvs.iter().find(|p| p.name_any() == pv_name) else { return Ok(()) };
+    async fn expand(
+        &self,
+        pvc: &PersistentVolumeClaim,
+        pv_name: &str,
+        pvs: &[PersistentVolume],
+    ) -> Result<()> {
+        let Some(pv) = pvs.iter().find(|p| p.name_any() == pv_name) else {
+            return Ok(());
+        };
         if pv.annotations().get(PROVISIONED_BY).map(String::as_str) != Some(PROVISIONER) {
             return Ok(());
         }
@@ -267,7 +325,9 @@ impl Storage {
             .and_then(|s| s.capacity.as_ref())
             .and_then(|c| c.get("storage"))
             .map(|q| q.0.clone());
-        let (Some(requested), Some(capacity)) = (requested, capacity) else { return Ok(()) };
+        let (Some(requested), Some(capacity)) = (requested, capacity) else {
+            return Ok(());
+        };
         let (want, have) = (parse_bytes(&requested)?, parse_bytes(&capacity)?);
         if want <= have {
             return Ok(());
@@ -288,9 +348,11 @@ impl Storage {
             // wait for this).
             let dir = self.volume_dir(pv_name);
             let Some(_maintenance) = self.cfg.volumes.try_maintain(&dir) else {
-                let pending = pvc.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| {
-                    c.iter().any(|c| c.type_ == "FileSystemResizePending")
-                });
+                let pending = pvc
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "FileSystemResizePending"));
                 if pending {
                     return Ok(());
                 }
@@ -300,7 +362,13 @@ impl Storage {
                     "message": "Waiting for the claim's pods to stop: the local node expands volumes \
                                 offline here (no CAP_SYS_RESOURCE for online ext4 growth); restart the pod.",
                 }]}});
-                claims.patch_status(&pvc.name_any(), &PatchParams::default(), &Patch::Merge(&condition)).await?;
+                claims
+                    .patch_status(
+                        &pvc.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(&condition),
+                    )
+                    .await?;
                 return Ok(());
             };
             run("umount", &[&dir.to_string_lossy()]).await?;
@@ -308,7 +376,10 @@ impl Storage {
                 grow_image(&image, want).await?;
                 run("losetup", &["-c", &device]).await?;
                 // e2fsck exits 1 when it fixed something, which is fine before a resize.
-                let _ = Command::new("e2fsck").args(["-f", "-p", &device]).output().await;
+                let _ = Command::new("e2fsck")
+                    .args(["-f", "-p", &device])
+                    .output()
+                    .await;
                 run("resize2fs", &[&device]).await
             }
             .await;
@@ -317,7 +388,11 @@ impl Storage {
         }
         let pvs_api: Api<PersistentVolume> = Api::all(self.client.clone());
         pvs_api
-            .patch(pv_name, &PatchParams::default(), &Patch::Merge(&json!({ "spec": { "capacity": { "storage": requested } } })))
+            .patch(
+                pv_name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({ "spec": { "capacity": { "storage": requested } } })),
+            )
             .await?;
         let status = json!({ "status": {
             "capacity": { "storage": Quantity(requested.clone()) },
@@ -326,7 +401,11 @@ impl Storage {
             "allocatedResourceStatuses": null,
         }});
         claims
-            .patch_status(&pvc.name_any(), &PatchParams::default(), &Patch::Merge(&status))
+            .patch_status(
+                &pvc.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&status),
+            )
             .await?;
         tracing::info!(pv = %pv_name, from = have, to = want, online = can_resize_online(), "expanded a volume");
         Ok(())

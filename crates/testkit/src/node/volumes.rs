@@ -36,27 +36,45 @@ fn field_value(pod: &Pod, field: &ObjectFieldSelector) -> Result<String> {
     let meta = &pod.metadata;
     let path = field.field_path.as_str();
     let label = |map: &Option<BTreeMap<String, String>>, key: &str| {
-        map.as_ref().and_then(|m| m.get(key).cloned()).unwrap_or_default()
+        map.as_ref()
+            .and_then(|m| m.get(key).cloned())
+            .unwrap_or_default()
     };
     let value = match path {
         "metadata.name" => meta.name.clone().unwrap_or_default(),
         "metadata.namespace" => meta.namespace.clone().unwrap_or_default(),
         "metadata.uid" => meta.uid.clone().unwrap_or_default(),
-        "spec.nodeName" => pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        "spec.nodeName" => pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default(),
         "spec.serviceAccountName" => pod
             .spec
             .as_ref()
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_default(),
-        "status.podIP" => pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default(),
-        "status.hostIP" => pod.status.as_ref().and_then(|s| s.host_ip.clone()).unwrap_or_default(),
+        "status.podIP" => pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .unwrap_or_default(),
+        "status.hostIP" => pod
+            .status
+            .as_ref()
+            .and_then(|s| s.host_ip.clone())
+            .unwrap_or_default(),
         "metadata.labels" => format_map(&meta.labels),
         "metadata.annotations" => format_map(&meta.annotations),
         other => {
-            if let Some(key) = other.strip_prefix("metadata.labels['").and_then(|k| k.strip_suffix("']")) {
+            if let Some(key) = other
+                .strip_prefix("metadata.labels['")
+                .and_then(|k| k.strip_suffix("']"))
+            {
                 label(&meta.labels, key)
-            } else if let Some(key) =
-                other.strip_prefix("metadata.annotations['").and_then(|k| k.strip_suffix("']"))
+            } else if let Some(key) = other
+                .strip_prefix("metadata.annotations['")
+                .and_then(|k| k.strip_suffix("']"))
             {
                 label(&meta.annotations, key)
             } else {
@@ -107,11 +125,19 @@ pub fn expand(input: &str, vars: &HashMap<String, String>) -> String {
     out
 }
 
-async fn secret_data(client: &Client, ns: &str, name: &str) -> Result<Option<BTreeMap<String, Vec<u8>>>> {
+async fn secret_data(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> Result<Option<BTreeMap<String, Vec<u8>>>> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     Ok(secrets.get_opt(name).await?.map(|s| {
-        let mut data: BTreeMap<String, Vec<u8>> =
-            s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+        let mut data: BTreeMap<String, Vec<u8>> = s
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect();
         for (k, v) in s.string_data.unwrap_or_default() {
             data.insert(k, v.into_bytes());
         }
@@ -119,7 +145,11 @@ async fn secret_data(client: &Client, ns: &str, name: &str) -> Result<Option<BTr
     }))
 }
 
-async fn configmap_data(client: &Client, ns: &str, name: &str) -> Result<Option<BTreeMap<String, Vec<u8>>>> {
+async fn configmap_data(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> Result<Option<BTreeMap<String, Vec<u8>>>> {
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     Ok(maps.get_opt(name).await?.map(|c| {
         let mut data: BTreeMap<String, Vec<u8>> = c
@@ -146,28 +176,42 @@ pub async fn container_env(
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let mut order: Vec<String> = Vec::new();
     let mut vars: HashMap<String, String> = HashMap::new();
-    let set = |order: &mut Vec<String>, vars: &mut HashMap<String, String>, k: String, v: String| {
-        if !vars.contains_key(&k) {
-            order.push(k.clone());
-        }
-        vars.insert(k, v);
-    };
+    let set =
+        |order: &mut Vec<String>, vars: &mut HashMap<String, String>, k: String, v: String| {
+            if !vars.contains_key(&k) {
+                order.push(k.clone());
+            }
+            vars.insert(k, v);
+        };
     for (k, v) in base {
         set(&mut order, &mut vars, k, v);
     }
     for from in container.env_from.clone().unwrap_or_default() {
         let prefix = from.prefix.clone().unwrap_or_default();
         let (data, optional, what) = if let Some(s) = &from.secret_ref {
-            (secret_data(client, &ns, &s.name).await?, s.optional.unwrap_or(false), format!("Secret {}", s.name))
+            (
+                secret_data(client, &ns, &s.name).await?,
+                s.optional.unwrap_or(false),
+                format!("Secret {}", s.name),
+            )
         } else if let Some(c) = &from.config_map_ref {
-            (configmap_data(client, &ns, &c.name).await?, c.optional.unwrap_or(false), format!("ConfigMap {}", c.name))
+            (
+                configmap_data(client, &ns, &c.name).await?,
+                c.optional.unwrap_or(false),
+                format!("ConfigMap {}", c.name),
+            )
         } else {
             continue;
         };
         match data {
             Some(data) => {
                 for (k, v) in data {
-                    set(&mut order, &mut vars, format!("{prefix}{k}"), String::from_utf8_lossy(&v).into_owned());
+                    set(
+                        &mut order,
+                        &mut vars,
+                        format!("{prefix}{k}"),
+                        String::from_utf8_lossy(&v).into_owned(),
+                    );
                 }
             }
             None if optional => {}
@@ -232,8 +276,15 @@ fn write_files(dir: &Path, files: &[(String, Vec<u8>, u32)]) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     for (rel, data, mode) in files {
         let rel = Path::new(rel);
-        if rel.is_absolute() || rel.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-            bail!("volume file path {} must be relative and stay inside the volume", rel.display());
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            bail!(
+                "volume file path {} must be relative and stay inside the volume",
+                rel.display()
+            );
         }
         let path = dir.join(rel);
         if let Some(parent) = path.parent() {
@@ -252,7 +303,10 @@ fn select_items(
     what: &str,
 ) -> Result<Vec<(String, Vec<u8>, u32)>> {
     match items {
-        None => Ok(data.into_iter().map(|(k, v)| (k, v, default_mode)).collect()),
+        None => Ok(data
+            .into_iter()
+            .map(|(k, v)| (k, v, default_mode))
+            .collect()),
         Some(items) => items
             .iter()
             .map(|item| {
@@ -267,7 +321,11 @@ fn select_items(
     }
 }
 
-fn downward_files(pod: &Pod, items: &[DownwardAPIVolumeFile], default_mode: u32) -> Result<Vec<(String, Vec<u8>, u32)>> {
+fn downward_files(
+    pod: &Pod,
+    items: &[DownwardAPIVolumeFile],
+    default_mode: u32,
+) -> Result<Vec<(String, Vec<u8>, u32)>> {
     items
         .iter()
         .filter_map(|item| {
@@ -311,7 +369,9 @@ async fn service_account_token(
     let response = api
         .create_token_request(&sa, &Default::default(), &request)
         .await
-        .map_err(|e| NotReady::Waiting(format!("requesting a token for ServiceAccount {sa}: {e}")))?;
+        .map_err(|e| {
+            NotReady::Waiting(format!("requesting a token for ServiceAccount {sa}: {e}"))
+        })?;
     response
         .status
         .and_then(|s| s.token)
@@ -331,25 +391,39 @@ pub async fn prepare(
     if volume.empty_dir.is_some() {
         std::fs::create_dir_all(&target)?;
         std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o777))?;
-        return Ok(Prepared { path: target, read_only: false, usage: None });
+        return Ok(Prepared {
+            path: target,
+            read_only: false,
+            usage: None,
+        });
     }
     if let Some(host) = &volume.host_path {
         let path = PathBuf::from(&host.path);
         if !path.exists() && host.type_.as_deref() == Some("DirectoryOrCreate") {
             std::fs::create_dir_all(&path)?;
         }
-        return Ok(Prepared { path, read_only: false, usage: None });
+        return Ok(Prepared {
+            path,
+            read_only: false,
+            usage: None,
+        });
     }
     if let Some(claim) = &volume.persistent_volume_claim {
         let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
-        let pvc = claims
-            .get_opt(&claim.claim_name)
-            .await?
-            .ok_or_else(|| NotReady::Waiting(format!("PersistentVolumeClaim {} not found", claim.claim_name)))?;
+        let pvc = claims.get_opt(&claim.claim_name).await?.ok_or_else(|| {
+            NotReady::Waiting(format!(
+                "PersistentVolumeClaim {} not found",
+                claim.claim_name
+            ))
+        })?;
         let bound = pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
         let pv_name = pvc.spec.as_ref().and_then(|s| s.volume_name.clone());
         let (true, Some(pv_name)) = (bound, pv_name) else {
-            return Err(NotReady::Waiting(format!("PersistentVolumeClaim {} is not bound yet", claim.claim_name)).into());
+            return Err(NotReady::Waiting(format!(
+                "PersistentVolumeClaim {} is not bound yet",
+                claim.claim_name
+            ))
+            .into());
         };
         let pvs: Api<PersistentVolume> = Api::all(client.clone());
         let pv = pvs.get(&pv_name).await?;
@@ -358,27 +432,54 @@ pub async fn prepare(
             .local
             .map(|l| l.path)
             .or(spec.host_path.map(|h| h.path))
-            .ok_or_else(|| NotReady::Waiting(format!("PersistentVolume {pv_name} is neither local nor hostPath")))?;
+            .ok_or_else(|| {
+                NotReady::Waiting(format!(
+                    "PersistentVolume {pv_name} is neither local nor hostPath"
+                ))
+            })?;
         let path = PathBuf::from(path);
         // A pending expansion that cannot happen online waits for the volume to be unused:
         // let the storage side do it before this pod mounts the volume.
-        let requested = pvc.spec.as_ref().and_then(|s| s.resources.as_ref()).and_then(|r| r.requests.as_ref()).and_then(|r| r.get("storage")).map(|q| q.0.clone());
-        let capacity = pvc.status.as_ref().and_then(|s| s.capacity.as_ref()).and_then(|c| c.get("storage")).map(|q| q.0.clone());
+        let requested = pvc
+            .spec
+            .as_ref()
+            .and_then(|s| s.resources.as_ref())
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|r| r.get("storage"))
+            .map(|q| q.0.clone());
+        let capacity = pvc
+            .status
+            .as_ref()
+            .and_then(|s| s.capacity.as_ref())
+            .and_then(|c| c.get("storage"))
+            .map(|q| q.0.clone());
         if let (Some(requested), Some(capacity)) = (requested, capacity) {
-            let pending = super::storage::parse_bytes(&requested)? > super::storage::parse_bytes(&capacity)?;
+            let pending =
+                super::storage::parse_bytes(&requested)? > super::storage::parse_bytes(&capacity)?;
             if pending && !super::storage::can_resize_online() {
-                return Err(NotReady::Waiting(format!("PersistentVolumeClaim {} is being expanded", claim.claim_name)).into());
+                return Err(NotReady::Waiting(format!(
+                    "PersistentVolumeClaim {} is being expanded",
+                    claim.claim_name
+                ))
+                .into());
             }
         }
-        let usage = usage
-            .try_use(&path)
-            .ok_or_else(|| NotReady::Waiting(format!("PersistentVolume {pv_name} is being resized")))?;
+        let usage = usage.try_use(&path).ok_or_else(|| {
+            NotReady::Waiting(format!("PersistentVolume {pv_name} is being resized"))
+        })?;
         // A loop-backed volume must be mounted, else we would bind its empty mount point.
         let image = path.with_extension("img");
         if image.exists() && !is_mount_point(&path) {
-            return Err(NotReady::Waiting(format!("PersistentVolume {pv_name} is not mounted yet")).into());
+            return Err(NotReady::Waiting(format!(
+                "PersistentVolume {pv_name} is not mounted yet"
+            ))
+            .into());
         }
-        return Ok(Prepared { path, read_only: claim.read_only.unwrap_or(false), usage: Some(std::sync::Arc::new(usage)) });
+        return Ok(Prepared {
+            path,
+            read_only: claim.read_only.unwrap_or(false),
+            usage: Some(std::sync::Arc::new(usage)),
+        });
     }
     if let Some(secret) = &volume.secret {
         let name = secret.secret_name.clone().unwrap_or_default();
@@ -386,10 +487,20 @@ pub async fn prepare(
         let files = match secret_data(client, &ns, &name).await? {
             Some(data) => select_items(data, &secret.items, mode, &format!("Secret {name}"))?,
             None if secret.optional.unwrap_or(false) => vec![],
-            None => return Err(NotReady::Waiting(format!("Secret {name} not found (volume {})", volume.name)).into()),
+            None => {
+                return Err(NotReady::Waiting(format!(
+                    "Secret {name} not found (volume {})",
+                    volume.name
+                ))
+                .into());
+            }
         };
         write_files(&target, &files)?;
-        return Ok(Prepared { path: target, read_only: true, usage: None });
+        return Ok(Prepared {
+            path: target,
+            read_only: true,
+            usage: None,
+        });
     }
     if let Some(cm) = &volume.config_map {
         let name = cm.name.clone();
@@ -397,45 +508,87 @@ pub async fn prepare(
         let files = match configmap_data(client, &ns, &name).await? {
             Some(data) => select_items(data, &cm.items, mode, &format!("ConfigMap {name}"))?,
             None if cm.optional.unwrap_or(false) => vec![],
-            None => return Err(NotReady::Waiting(format!("ConfigMap {name} not found (volume {})", volume.name)).into()),
+            None => {
+                return Err(NotReady::Waiting(format!(
+                    "ConfigMap {name} not found (volume {})",
+                    volume.name
+                ))
+                .into());
+            }
         };
         write_files(&target, &files)?;
-        return Ok(Prepared { path: target, read_only: true, usage: None });
+        return Ok(Prepared {
+            path: target,
+            read_only: true,
+            usage: None,
+        });
     }
     if let Some(downward) = &volume.downward_api {
         let mode = downward.default_mode.map(|m| m as u32).unwrap_or(0o644);
         let files = downward_files(pod, downward.items.as_deref().unwrap_or_default(), mode)?;
         write_files(&target, &files)?;
-        return Ok(Prepared { path: target, read_only: true, usage: None });
+        return Ok(Prepared {
+            path: target,
+            read_only: true,
+            usage: None,
+        });
     }
     if let Some(projected) = &volume.projected {
         let mode = projected.default_mode.map(|m| m as u32).unwrap_or(0o644);
         let mut files = Vec::new();
         for source in projected.sources.clone().unwrap_or_default() {
             if let Some(token) = source.service_account_token {
-                let jwt = service_account_token(client, pod, token.audience, token.expiration_seconds).await?;
+                let jwt =
+                    service_account_token(client, pod, token.audience, token.expiration_seconds)
+                        .await?;
                 files.push((token.path, jwt.into_bytes(), mode));
             }
             if let Some(cm) = source.config_map {
                 match configmap_data(client, &ns, &cm.name).await? {
-                    Some(data) => files.extend(select_items(data, &cm.items, mode, &format!("ConfigMap {}", cm.name))?),
+                    Some(data) => files.extend(select_items(
+                        data,
+                        &cm.items,
+                        mode,
+                        &format!("ConfigMap {}", cm.name),
+                    )?),
                     None if cm.optional.unwrap_or(false) => {}
-                    None => return Err(NotReady::Waiting(format!("ConfigMap {} not found", cm.name)).into()),
+                    None => {
+                        return Err(
+                            NotReady::Waiting(format!("ConfigMap {} not found", cm.name)).into(),
+                        );
+                    }
                 }
             }
             if let Some(secret) = source.secret {
                 match secret_data(client, &ns, &secret.name).await? {
-                    Some(data) => files.extend(select_items(data, &secret.items, mode, &format!("Secret {}", secret.name))?),
+                    Some(data) => files.extend(select_items(
+                        data,
+                        &secret.items,
+                        mode,
+                        &format!("Secret {}", secret.name),
+                    )?),
                     None if secret.optional.unwrap_or(false) => {}
-                    None => return Err(NotReady::Waiting(format!("Secret {} not found", secret.name)).into()),
+                    None => {
+                        return Err(
+                            NotReady::Waiting(format!("Secret {} not found", secret.name)).into(),
+                        );
+                    }
                 }
             }
             if let Some(downward) = source.downward_api {
-                files.extend(downward_files(pod, downward.items.as_deref().unwrap_or_default(), mode)?);
+                files.extend(downward_files(
+                    pod,
+                    downward.items.as_deref().unwrap_or_default(),
+                    mode,
+                )?);
             }
         }
         write_files(&target, &files)?;
-        return Ok(Prepared { path: target, read_only: true, usage: None });
+        return Ok(Prepared {
+            path: target,
+            read_only: true,
+            usage: None,
+        });
     }
     bail!(
         "volume {}: this volume type is not supported by the local node (supported: emptyDir, \
@@ -479,7 +632,10 @@ pub fn apply_fs_group(path: &Path, fs_group: u32) -> Result<()> {
 }
 
 /// The bind mounts of one container: its volumeMounts (with subPath) onto prepared volumes.
-pub fn container_mounts(container: &Container, prepared: &HashMap<String, Prepared>) -> Result<Vec<MountSpec>> {
+pub fn container_mounts(
+    container: &Container,
+    prepared: &HashMap<String, Prepared>,
+) -> Result<Vec<MountSpec>> {
     let mut mounts = Vec::new();
     for vm in container.volume_mounts.clone().unwrap_or_default() {
         let volume = prepared
