@@ -42,6 +42,11 @@ enum Command {
     },
     /// Build (or reuse from the cache) the pinned Go binaries and print where they are.
     Tools,
+    /// Write the CRD YAML into the Helm chart (`--check`: fail when the committed file is stale).
+    Crds {
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -74,10 +79,38 @@ fn main() -> Result<()> {
             TestenvAction::Env => testenv::print_env(),
         },
         Command::Test { keep, filter } => tests::run(keep, filter.as_deref()),
+        Command::Crds { check } => crds(check),
         Command::Tools => {
             let tools = tools::ensure_all()?;
             println!("{}", serde_json::to_string_pretty(&tools)?);
             Ok(())
         }
     }
+}
+
+/// Where the generated CRDs live in the chart (Helm installs `crds/` but never upgrades it).
+pub fn crds_path() -> PathBuf {
+    repo_root().join("charts/stateward/crds/stateward.io_crds.yaml")
+}
+
+fn crds(check: bool) -> Result<()> {
+    let generated = stateward_api::crds_yaml()?;
+    let path = crds_path();
+    if check {
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        if committed != generated {
+            anyhow::bail!(
+                "{} is stale: the CRD types changed; run `cargo xtask crds` and commit the result",
+                path.display()
+            );
+        }
+        eprintln!("xtask: CRDs in the chart are up to date");
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&path, generated)?;
+    eprintln!("xtask: wrote {}", path.display());
+    Ok(())
 }

@@ -18,6 +18,9 @@ pub fn run(keep: bool, filter: Option<&str>) -> Result<()> {
     let root = crate::repo_root();
 
     let mut totals = Totals::default();
+    step("generated files");
+    crate::crds(true)?;
+
     step("unit tests");
     let mut unit = Command::new(&cargo);
     unit.current_dir(&root)

@@ -295,3 +295,96 @@ pub async fn exec(
         status_message,
     })
 }
+
+/// Installs (server-side apply, forced) the given CRDs and waits until they are
+/// Established. Cluster-scoped: callers hold [`Cluster::serial`].
+pub async fn install_crds(
+    client: &Client,
+    crds: &[k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition],
+) -> Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::ResourceExt;
+    use kube::api::{Patch, PatchParams};
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in crds {
+        let name = crd.name_any();
+        api.patch(
+            &name,
+            &PatchParams::apply("stateward-tests").force(),
+            &Patch::Apply(crd),
+        )
+        .await
+        .with_context(|| format!("applying CRD {name}"))?;
+    }
+    for crd in crds {
+        let name = crd.name_any();
+        wait_for(
+            &format!("CRD {name} Established"),
+            Duration::from_secs(60),
+            || async {
+                let crd = api.get(&name).await?;
+                let established = crd
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                Ok(established.then_some(()))
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Applies every document of a multi-document YAML stream into `namespace` (server-side
+/// apply), resolving kinds through discovery. Returns the first error, which names the
+/// object.
+pub async fn apply_yaml(
+    client: &Client,
+    namespace: &str,
+    yaml: &str,
+    manager: &str,
+) -> Result<Vec<kube::api::DynamicObject>> {
+    use kube::api::{DynamicObject, Patch, PatchParams};
+    use kube::discovery::{Discovery, Scope};
+    let discovery = Discovery::new(client.clone()).run().await?;
+    let mut applied = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let value = serde_yaml::Value::deserialize(doc)?;
+        if value.is_null() {
+            continue;
+        }
+        let object: DynamicObject = serde_yaml::from_value(value)?;
+        let types = object
+            .types
+            .clone()
+            .context("a document without apiVersion/kind")?;
+        let gvk = kube::api::GroupVersionKind::try_from(&types)?;
+        let (resource, caps) = discovery.resolve_gvk(&gvk).with_context(|| {
+            format!(
+                "the API server does not know {}/{}",
+                types.api_version, types.kind
+            )
+        })?;
+        let api: Api<DynamicObject> = match caps.scope {
+            Scope::Namespaced => Api::namespaced_with(client.clone(), namespace, &resource),
+            Scope::Cluster => Api::all_with(client.clone(), &resource),
+        };
+        let name = object
+            .metadata
+            .name
+            .clone()
+            .context("a document without metadata.name")?;
+        let result = api
+            .patch(
+                &name,
+                &PatchParams::apply(manager).force(),
+                &Patch::Apply(&object),
+            )
+            .await
+            .with_context(|| format!("applying {} {name}", types.kind))?;
+        applied.push(result);
+    }
+    Ok(applied)
+}

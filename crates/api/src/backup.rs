@@ -1,0 +1,143 @@
+//! `Backup`: one backup of one app.
+
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::common::Conditions;
+use crate::statefulapp::{BackupMethod, ReplicaSelection};
+
+/// One backup of one StatefulApp. Its data lives in the app's repository under
+/// `<prefix>/<namespace>/<app>/<backup>-<uid>/`; a backup without a committed manifest
+/// does not exist.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "stateward.io",
+    version = "v1alpha1",
+    kind = "Backup",
+    doc = "One backup of one StatefulApp.",
+    namespaced,
+    status = "BackupStatus",
+    shortname = "bk",
+    category = "stateward",
+    printcolumn = r#"{"name":"App","type":"string","jsonPath":".spec.app"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Size","type":"integer","format":"int64","jsonPath":".status.storedBytes","description":"Bytes stored in the repository"}"#,
+    printcolumn = r#"{"name":"Duration","type":"string","jsonPath":".status.duration"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self == oldSelf || (has(self.cancel) && self.cancel && oldSelf.app == self.app)").message("a Backup's spec is immutable, except setting cancel: true"))]
+pub struct BackupSpec {
+    /// Name of the StatefulApp (same namespace) to back up.
+    #[schemars(length(min = 1, max = 253))]
+    pub app: String,
+    /// Repository override (default: the app's `spec.backup.repository`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub repository: Option<String>,
+    /// Method override (default: the app's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<BackupMethod>,
+    /// Replica selection override (default: the app's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<ReplicaSelection>,
+    /// What happens to the stored data when this Backup is deleted: `Delete` (default)
+    /// or `Retain`.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+    /// Upper bound, in seconds, for this run (default: the app's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 60, max = 604800))]
+    pub active_deadline_seconds: Option<i64>,
+    /// Set to true to cancel a running backup: its Jobs stop, uploads are aborted, no
+    /// manifest is written and the Backup ends Failed with reason `Cancelled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel: Option<bool>,
+}
+
+/// What happens to stored data when a Backup object is deleted.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum DeletionPolicy {
+    /// Delete the stored data (default).
+    #[default]
+    Delete,
+    /// Keep the stored data; it can still be restored by repository path.
+    Retain,
+}
+
+/// Phase of a backup run.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum BackupPhase {
+    #[default]
+    Pending,
+    Running,
+    Completed,
+    Failed,
+}
+
+/// Observed state of a Backup: the run's state machine, persisted so that a restarted
+/// manager continues where it was.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupStatus {
+    /// Generation of the spec this status reflects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Pending`, `Running`, `Completed` or `Failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<BackupPhase>,
+    /// Conditions of the run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Conditions,
+    /// When the run started (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    /// When the run ended (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<String>,
+    /// Human-readable duration of the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<String>,
+    /// Bytes stored in the repository (after compression and encryption).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_bytes: Option<i64>,
+    /// Object key prefix of this backup in the repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// Per-volume (or per-pod for Exec) results.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub volumes: Vec<VolumeResult>,
+}
+
+/// The result of one volume (or one dump stream).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeResult {
+    /// PVC name (Volume method) or pod name (Exec method).
+    pub name: String,
+    /// `Pending`, `Running`, `Completed` or `Failed`.
+    #[serde(default)]
+    pub phase: BackupPhase,
+    /// Bytes read from the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_read: Option<i64>,
+    /// Bytes stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_stored: Option<i64>,
+    /// sha256 of the stored stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Files archived (Volume method).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<i64>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}

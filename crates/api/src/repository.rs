@@ -1,0 +1,123 @@
+//! `BackupRepository`: where backups live.
+
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::common::{Conditions, SecretKeyRef};
+
+/// An S3 bucket (and prefix) that stores backups. Credentials come only from Secret
+/// references; the backup controller checks reachability and shows it as `Ready`.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "stateward.io",
+    version = "v1alpha1",
+    kind = "BackupRepository",
+    doc = "An S3 location that stores backups.",
+    namespaced,
+    status = "BackupRepositoryStatus",
+    shortname = "brepo",
+    category = "stateward",
+    printcolumn = r#"{"name":"Bucket","type":"string","jsonPath":".spec.s3.bucket"}"#,
+    printcolumn = r#"{"name":"Prefix","type":"string","jsonPath":".spec.s3.prefix"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupRepositorySpec {
+    /// The S3 (or S3-compatible) location.
+    pub s3: S3Location,
+    /// Optional client-side encryption in the `age` format, so backups can be decrypted
+    /// with standard tools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+    /// Namespaces (other than the repository's own) whose backups may be restored from
+    /// this repository. Empty (default): only this namespace's prefix is readable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub allow_restore_from_namespaces: Vec<String>,
+}
+
+/// How the SDK computes request checksums.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum ChecksumMode {
+    /// The SDK's default (trailing CRC checksums on uploads).
+    #[default]
+    WhenSupported,
+    /// Only when the operation requires one: for S3-compatible servers that reject
+    /// trailing checksums.
+    WhenRequired,
+}
+
+/// An S3 bucket and prefix.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Location {
+    /// Bucket name.
+    #[schemars(
+        length(min = 3, max = 63),
+        regex(pattern = r"^[a-z0-9][a-z0-9.\-]*[a-z0-9]$")
+    )]
+    pub bucket: String,
+    /// Key prefix under which this repository's backups live (no leading or trailing `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512), regex(pattern = r"^[^/].*[^/]$|^[^/]$"))]
+    pub prefix: Option<String>,
+    /// Region (default `us-east-1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub region: Option<String>,
+    /// Endpoint URL for S3-compatible servers, e.g. `https://s3.example.com:9000`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), regex(pattern = r"^https?://"))]
+    pub endpoint: Option<String>,
+    /// Address buckets by path (`endpoint/bucket/key`) rather than virtual host.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force_path_style: bool,
+    /// `WhenSupported` (default) or `WhenRequired`.
+    #[serde(default)]
+    pub checksum_mode: ChecksumMode,
+    /// Access key id and secret access key.
+    pub credentials: S3Credentials,
+}
+
+/// Where the S3 credentials are.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Credentials {
+    /// Secret key holding the access key id.
+    pub access_key_id: SecretKeyRef,
+    /// Secret key holding the secret access key.
+    pub secret_access_key: SecretKeyRef,
+}
+
+/// age encryption: backups are encrypted to the recipient; restores decrypt with the
+/// identity.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Encryption {
+    /// Secret key holding the age recipient (`age1...`), used to encrypt backups.
+    pub recipient: SecretKeyRef,
+    /// Secret key holding the age identity (`AGE-SECRET-KEY-1...`), needed for restores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<SecretKeyRef>,
+}
+
+/// Observed state of a repository.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupRepositoryStatus {
+    /// Generation of the spec last checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready` with a reason a user can act on (`SecretNotFound`, `KeyMissing`,
+    /// `EndpointUnreachable`, `AccessDenied`, `NoSuchBucket`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Conditions,
+    /// When the repository was last checked (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checked_time: Option<String>,
+}

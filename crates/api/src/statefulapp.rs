@@ -1,0 +1,544 @@
+//! `StatefulApp`: "manage this StatefulSet" — backup, scaling and monitoring policy.
+
+use std::collections::BTreeMap;
+
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::common::Conditions;
+
+/// Manage an existing StatefulSet: its backups (and their schedules), scaling and
+/// monitoring. Each section is acted on by its own controller.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "stateward.io",
+    version = "v1alpha1",
+    kind = "StatefulApp",
+    doc = "A StatefulSet managed by Stateward: backup, scaling and monitoring policy.",
+    namespaced,
+    status = "StatefulAppStatus",
+    shortname = "sapp",
+    category = "stateward",
+    scale = r#"{"specReplicasPath":".spec.scaling.replicas","statusReplicasPath":".status.replicas","labelSelectorPath":".status.selector"}"#,
+    printcolumn = r#"{"name":"StatefulSet","type":"string","jsonPath":".spec.statefulSetName"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.health.readyReplicas","description":"Ready replicas"}"#,
+    printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.replicas"}"#,
+    printcolumn = r#"{"name":"Healthy","type":"string","jsonPath":".status.conditions[?(@.type==\"Healthy\")].status"}"#,
+    printcolumn = r#"{"name":"Backups","type":"string","jsonPath":".status.conditions[?(@.type==\"BackupsHealthy\")].status"}"#,
+    printcolumn = r#"{"name":"Last Backup","type":"date","jsonPath":".status.backup.lastSuccessfulTime"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct StatefulAppSpec {
+    /// Name of the StatefulSet (same namespace) this app manages. The StatefulSet is
+    /// never recreated; Stateward attaches to it as it is.
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("statefulSetName is immutable: create another StatefulApp"))]
+    pub stateful_set_name: String,
+    /// Backup policy: repository, method, hooks and schedules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupPolicy>,
+    /// Scaling policy: replicas, bounds, scale-down safety, storage size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<ScalingPolicy>,
+    /// Monitoring policy: metrics endpoint, ServiceMonitor, alert rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitoring: Option<MonitoringPolicy>,
+    /// What happens to this app's Backups (and their stored data) when the StatefulApp
+    /// is deleted. `Retain` (default) keeps them; `Delete` deletes the Backup objects,
+    /// whose own `deletionPolicy` then decides about the stored data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backups_on_delete: Option<BackupsOnDelete>,
+}
+
+/// What happens to an app's Backups when the app is deleted.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum BackupsOnDelete {
+    #[default]
+    Retain,
+    Delete,
+}
+
+/// How a backup copies the app's data.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum BackupMethod {
+    /// Copy the files of each PersistentVolumeClaim (mounted read-only by an agent Job).
+    #[default]
+    Volume,
+    /// Run a command in the app container (`pg_dumpall`, `redis-cli --rdb -`) and store its
+    /// standard output.
+    Exec,
+}
+
+/// Which replicas a backup copies.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum ReplicaSelection {
+    /// Every replica's volumes (or dump).
+    #[default]
+    All,
+    /// Only one replica (the lowest ordinal that is ready): enough for replicated data.
+    One,
+}
+
+/// Backup policy of an app.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.method != 'Exec' || (has(self.exec) && size(self.exec.command) > 0)").message("method Exec requires exec.command").field_path(".exec").reason(Reason::FieldValueRequired))]
+pub struct BackupPolicy {
+    /// Name of the BackupRepository (same namespace) that stores the backups.
+    #[schemars(length(min = 1, max = 253))]
+    pub repository: String,
+    /// How data is copied: `Volume` (files of each PVC, default) or `Exec` (a dump command's
+    /// output).
+    #[serde(default)]
+    pub method: BackupMethod,
+    /// The dump command for the Exec method (and the command that loads it on restore).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecSpec>,
+    /// Which replicas are backed up: `All` (default) or `One`.
+    #[serde(default)]
+    pub replicas: ReplicaSelection,
+    /// Commands run in the app container before and after each backup, for consistency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<Hooks>,
+    /// Upper bound, in seconds, for one backup run; past it the run is stopped and Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 60, max = 604800))]
+    pub active_deadline_seconds: Option<i64>,
+    /// Scheduled backups, keyed by name. Cron and time zone are fully checked by the
+    /// backup controller; problems show as the `SchedulesValid` condition naming the
+    /// schedule and field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub schedules: Vec<Schedule>,
+}
+
+/// A dump (and load) command run in the app container.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecSpec {
+    /// Container to run in (default: the pod's first container).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub container: Option<String>,
+    /// Command whose standard output is the backup, e.g. `[pg_dumpall, -U, postgres]`.
+    #[schemars(length(min = 1, max = 64))]
+    pub command: Vec<String>,
+    /// Command that reads a backup from standard input on restore, e.g. `[psql, -U, postgres]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub restore_command: Vec<String>,
+}
+
+/// Pre- and post-backup hooks.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Hooks {
+    /// Run before the data is copied, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub pre: Vec<Hook>,
+    /// Run after the copy, in order, also when the copy failed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub post: Vec<Hook>,
+}
+
+/// What to do when a hook fails.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum OnError {
+    /// Fail the backup (post-hooks still run).
+    #[default]
+    Fail,
+    /// Record the failure and go on.
+    Continue,
+}
+
+/// A command run in the app container around a backup.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Hook {
+    /// Name shown in status and events.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Container to run in (default: the pod's first container).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub container: Option<String>,
+    /// The command (no shell unless you call one).
+    #[schemars(length(min = 1, max = 64))]
+    pub command: Vec<String>,
+    /// Seconds before the hook is considered failed.
+    #[serde(default = "default_hook_timeout")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub timeout_seconds: i32,
+    /// `Fail` (default) or `Continue`.
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Keep this pre-hook's session open until the post-hooks ran (for a lock that must stay
+    /// held while the data is copied, e.g. `FLUSH TABLES WITH READ LOCK`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hold_until_post_hook: bool,
+}
+
+fn default_hook_timeout() -> i32 {
+    60
+}
+
+/// What to do when a schedule fires while the previous run is still going.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum ConcurrencyPolicy {
+    /// Skip the new run (default).
+    #[default]
+    Forbid,
+    /// Cancel the running backup and start the new one.
+    Replace,
+    /// Run both.
+    Allow,
+}
+
+/// What to do with slots missed while the operator was down.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum MissedRunPolicy {
+    /// Run once for the most recent missed slot (default), never a burst.
+    #[default]
+    RunOnce,
+    /// Skip missed slots; record them in status.
+    Skip,
+}
+
+/// A scheduled backup.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Schedule {
+    /// Unique name of the schedule within the app (a DNS label).
+    #[schemars(
+        length(min = 1, max = 40),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// Five-field cron expression (`minute hour day-of-month month day-of-week`) or a macro
+    /// (`@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`).
+    #[schemars(
+        length(min = 1, max = 100),
+        regex(
+            pattern = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|(\S+\s+){4}\S+)$"
+        )
+    )]
+    pub cron: String,
+    /// IANA time zone the cron expression is read in (default `UTC`), e.g. `Europe/Paris`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub time_zone: Option<String>,
+    /// Stop creating backups from this schedule (existing ones are kept).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
+    /// `Forbid` (default), `Replace` or `Allow`.
+    #[serde(default)]
+    pub concurrency_policy: ConcurrencyPolicy,
+    /// A slot not started within this many seconds counts as missed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub starting_deadline_seconds: Option<i64>,
+    /// `RunOnce` (default) or `Skip`.
+    #[serde(default)]
+    pub missed_run_policy: MissedRunPolicy,
+    /// Spread start times by up to this many seconds, derived from the app's identity so
+    /// it is stable (avoids a thousand apps firing in the same second).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub jitter_seconds: Option<i32>,
+    /// Which backups of this schedule to keep. The newest successful backup is never
+    /// deleted by retention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
+}
+
+/// Grandfather-father-son retention: a backup is kept when any rule keeps it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.keepLast) || has(self.keepHourly) || has(self.keepDaily) || has(self.keepWeekly) || has(self.keepMonthly) || has(self.keepYearly)").message("retention needs at least one keep* rule"))]
+pub struct Retention {
+    /// Keep the newest N backups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub keep_last: Option<u32>,
+    /// Keep the newest backup of each of the last N hours.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub keep_hourly: Option<u32>,
+    /// Keep the newest backup of each of the last N days.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest backup of each of the last N weeks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest backup of each of the last N months.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub keep_monthly: Option<u32>,
+    /// Keep the newest backup of each of the last N years.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub keep_yearly: Option<u32>,
+}
+
+/// Scaling policy of an app.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas").message("minReplicas must not exceed maxReplicas").field_path(".minReplicas"))]
+pub struct ScalingPolicy {
+    /// Desired replicas. Unset (default), Stateward does not manage the StatefulSet's
+    /// replicas and `/scale` is unavailable. Not bounded here so that an HPA write is never
+    /// rejected: the scaling controller clamps to min/max and reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// Lowest replica count the scaling controller will set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub min_replicas: Option<i32>,
+    /// Highest replica count the scaling controller will set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: Option<i32>,
+    /// Safety steps before a replica is removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_down: Option<ScaleDownPolicy>,
+    /// Volume size of the app's claims, and automatic expansion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StoragePolicy>,
+}
+
+/// What happens to a removed replica's volume.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum RemovedVolumePolicy {
+    /// Keep the PVC but mark it stale so a later scale-up never silently reattaches it.
+    #[default]
+    RetainStale,
+    /// Delete the PVC after the backup (if any) completed.
+    Delete,
+}
+
+/// Safety steps of a scale-down.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleDownPolicy {
+    /// Back up the replicas being removed first (default true).
+    #[serde(default = "default_true")]
+    pub backup_first: bool,
+    /// Command run in each leaving replica before it goes (e.g. leave a cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_stop_hook: Option<Hook>,
+    /// `RetainStale` (default) or `Delete`.
+    #[serde(default)]
+    pub removed_volumes: RemovedVolumePolicy,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Volume size of the app's claims.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StoragePolicy {
+    /// Size every data claim should have (a quantity such as `20Gi`). It can only grow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("isQuantity(self)").message("size must be a quantity such as 20Gi"))]
+    #[x_kube(validation = Rule::new("!isQuantity(self) || !isQuantity(oldSelf) || quantity(self).compareTo(quantity(oldSelf)) >= 0").message("storage size can never shrink"))]
+    pub size: Option<String>,
+    /// Grow volumes automatically when they fill up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_expand: Option<AutoExpand>,
+}
+
+/// Automatic volume expansion.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoExpand {
+    /// Expand when usage passes this percentage.
+    #[serde(default = "default_threshold")]
+    #[schemars(range(min = 50, max = 99))]
+    pub threshold_percent: i32,
+    /// Grow by this percentage of the current size each time.
+    #[serde(default = "default_increment")]
+    #[schemars(range(min = 5, max = 400))]
+    pub increment_percent: i32,
+    /// Never grow beyond this size (a quantity).
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(validation = Rule::new("isQuantity(self)").message("maxSize must be a quantity such as 100Gi"))]
+    pub max_size: String,
+}
+
+fn default_threshold() -> i32 {
+    80
+}
+
+fn default_increment() -> i32 {
+    25
+}
+
+/// Monitoring policy of an app.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitoringPolicy {
+    /// The app's own metrics port (for the ServiceMonitor), if it exposes one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub metrics_port: Option<i32>,
+    /// Path of the app's metrics endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), regex(pattern = "^/"))]
+    pub metrics_path: Option<String>,
+    /// Create a ServiceMonitor when the Prometheus Operator CRDs exist (default true).
+    #[serde(default = "default_true")]
+    pub service_monitor: bool,
+    /// Create a PrometheusRule with Stateward's alerts when the CRDs exist (default true).
+    #[serde(default = "default_true")]
+    pub alert_rules: bool,
+    /// The newest successful backup may be at most this old before `BackupsHealthy`
+    /// turns False and alerts fire, e.g. `26h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(s|m|h|d))+$"))]
+    pub backup_max_age: Option<String>,
+}
+
+/// Observed state, written section by section by the four controllers.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StatefulAppStatus {
+    /// Conditions (`Healthy`, `BackupsHealthy`, `SchedulesValid`, `Scaling`, ...), one
+    /// writer per type.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Conditions,
+    /// Replicas of the StatefulSet (for `/scale`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// Label selector of the app's pods as a string (for `/scale` and HPA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Written by the backup controller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupStatusSection>,
+    /// Written by the restore controller while a restore runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreStatusSection>,
+    /// Written by the scaling controller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<ScalingStatusSection>,
+    /// Written by the monitoring controller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthStatusSection>,
+}
+
+/// Backup section of an app's status.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupStatusSection {
+    /// Generation of the spec this section reflects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Completion time of the newest successful backup (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_successful_time: Option<String>,
+    /// Name of the newest successful Backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_successful_backup: Option<String>,
+    /// Failed runs since the last success.
+    #[serde(default)]
+    pub consecutive_failures: i32,
+    /// Per-schedule state, keyed by schedule name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub schedules: BTreeMap<String, ScheduleStatus>,
+}
+
+/// State of one schedule.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleStatus {
+    /// The last slot a Backup was created for (RFC 3339, UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scheduled_time: Option<String>,
+    /// The next slot (RFC 3339, UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_scheduled_time: Option<String>,
+    /// Slots skipped (missed or forbidden by concurrency policy).
+    #[serde(default)]
+    pub skipped_slots: i64,
+}
+
+/// Restore section of an app's status.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreStatusSection {
+    /// Generation of the spec this section reflects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The Restore currently running against this app.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_restore: Option<String>,
+}
+
+/// Scaling section of an app's status.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingStatusSection {
+    /// Generation of the spec this section reflects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Replica count the controller is moving to (after clamping).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_replicas: Option<i32>,
+    /// What the controller is doing (`Steady`, `ScalingUp`, `ScalingDown`, `Stopped`, `Expanding`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+}
+
+/// Health section of an app's status.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthStatusSection {
+    /// Generation of the spec this section reflects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Replicas the StatefulSet wants.
+    #[serde(default)]
+    pub desired_replicas: i32,
+    /// Replicas that are ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Pods that are not ready, with the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub unready_pods: Vec<UnreadyPod>,
+}
+
+/// A pod that is not ready.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UnreadyPod {
+    /// Pod name.
+    pub name: String,
+    /// Why it is not ready.
+    #[serde(default)]
+    pub reason: String,
+}
