@@ -1,0 +1,387 @@
+//! The per-app operation lock.
+//!
+//! Operations that change an app's data or shape (backup hooks and runs, restore,
+//! scale-down, volume expansion) exclude each other per app. The lock is a
+//! `coordination.k8s.io` Lease named after the app, written with resourceVersion
+//! preconditions (create, or replace at the version read), so two writers never both
+//! win. The Lease records the holder (apiVersion/resource/kind/name/uid of the operation
+//! object), an intent (e.g. `Stop` with the replica count to come back to) and a token.
+//! A nested operation (the backup a scale-down asks for first) presents its parent's
+//! token and runs under the parent's lock instead of deadlocking on it. A lock whose
+//! holder object is gone (or finished) is recovered by the next acquirer.
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use kube::api::{ApiResource, DeleteParams, DynamicObject, PostParams, Preconditions};
+use kube::{Api, Client};
+use serde::{Deserialize, Serialize};
+
+use crate::names;
+use crate::time::to_k8s_micro_time;
+
+/// Annotation holding the [`LockRecord`] as JSON.
+pub const RECORD_ANNOTATION: &str = "stateward.io/operation-lock";
+
+/// The object whose operation holds the lock.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Holder {
+    /// e.g. `stateward.io/v1alpha1`.
+    pub api_version: String,
+    /// e.g. `Backup`.
+    pub kind: String,
+    /// Plural resource name, e.g. `backups` (to look the holder up without discovery).
+    pub resource: String,
+    pub name: String,
+    pub uid: String,
+}
+
+impl Holder {
+    fn identity(&self) -> String {
+        format!("{}/{}/{}", self.kind, self.name, self.uid)
+    }
+}
+
+/// What the holder intends to do to the app, so others (and a restarted manager) know.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(tag = "type")]
+pub enum Intent {
+    /// Read the app's data (a backup).
+    Read,
+    /// Stop the app, then bring it back to `replicas`.
+    Stop { replicas: i32 },
+    /// Change the app's data in place (a restore).
+    Write,
+    /// Change the app's shape (scale down, expand volumes).
+    Reshape,
+}
+
+/// The lock's content.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct LockRecord {
+    pub holder: Holder,
+    pub intent: Intent,
+    /// Presented by nested operations to run under this lock.
+    pub token: String,
+    pub acquired_at: DateTime<Utc>,
+}
+
+/// The outcome of an acquisition.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Acquired {
+    /// The caller holds the lock (newly, or again after a restart).
+    Held(LockRecord),
+    /// The caller runs under its parent's lock; nothing to release.
+    Nested(LockRecord),
+    /// Someone else holds it; wait and retry.
+    Busy(LockRecord),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("reading or writing the operation lock")]
+    Kube(#[from] kube::Error),
+    #[error("the operation lock's record is unreadable")]
+    Record(#[from] serde_json::Error),
+    #[error("lost a race for the operation lock {attempts} times in a row")]
+    Contention { attempts: u32 },
+}
+
+/// What to do, given the current record (pure: unit-tested).
+#[derive(Debug, PartialEq)]
+enum Decision {
+    Take,
+    AlreadyHeld,
+    Nested,
+    Busy,
+}
+
+fn decide(
+    current: Option<&LockRecord>,
+    holder: &Holder,
+    parent_token: Option<&str>,
+    holder_alive: bool,
+) -> Decision {
+    match current {
+        None => Decision::Take,
+        Some(record) if record.holder.uid == holder.uid => Decision::AlreadyHeld,
+        Some(record) if parent_token == Some(record.token.as_str()) => Decision::Nested,
+        Some(_) if !holder_alive => Decision::Take,
+        Some(_) => Decision::Busy,
+    }
+}
+
+/// The lock of one app.
+#[derive(Clone)]
+pub struct OperationLock {
+    client: Client,
+    namespace: String,
+    lease_name: String,
+}
+
+impl OperationLock {
+    pub fn new(client: Client, namespace: &str, app: &str) -> Self {
+        Self {
+            client,
+            namespace: namespace.to_string(),
+            lease_name: names::bounded(&format!("stateward-app-{app}"), 63, false),
+        }
+    }
+
+    pub fn lease_name(&self) -> &str {
+        &self.lease_name
+    }
+
+    fn api(&self) -> Api<Lease> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    fn record_of(lease: &Lease) -> Result<Option<LockRecord>, LockError> {
+        match lease
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(RECORD_ANNOTATION))
+        {
+            Some(json) if !json.is_empty() => Ok(Some(serde_json::from_str(json)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The current record, if the lock is held.
+    pub async fn current(&self) -> Result<Option<LockRecord>, LockError> {
+        match self.api().get_opt(&self.lease_name).await? {
+            Some(lease) => Self::record_of(&lease),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether the holder object still exists with the same uid and has not finished
+    /// (`status.phase` Completed, Failed or Succeeded).
+    pub async fn holder_alive(&self, holder: &Holder) -> Result<bool, LockError> {
+        let (group, version) = match holder.api_version.split_once('/') {
+            Some((g, v)) => (g.to_string(), v.to_string()),
+            None => (String::new(), holder.api_version.clone()),
+        };
+        let resource = ApiResource {
+            group,
+            version,
+            api_version: holder.api_version.clone(),
+            kind: holder.kind.clone(),
+            plural: holder.resource.clone(),
+        };
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), &self.namespace, &resource);
+        let Some(object) = api.get_opt(&holder.name).await? else {
+            return Ok(false);
+        };
+        if object.metadata.uid.as_deref() != Some(holder.uid.as_str()) {
+            return Ok(false);
+        }
+        let phase = object
+            .data
+            .pointer("/status/phase")
+            .and_then(|p| p.as_str())
+            .unwrap_or_default();
+        Ok(!matches!(phase, "Completed" | "Failed" | "Succeeded"))
+    }
+
+    /// Tries to take the lock for `holder` (or to run under the parent's lock when
+    /// `parent_token` is the current token). Never waits: `Busy` means try later.
+    pub async fn acquire(
+        &self,
+        holder: Holder,
+        intent: Intent,
+        parent_token: Option<&str>,
+    ) -> Result<Acquired, LockError> {
+        const ATTEMPTS: u32 = 5;
+        for _ in 0..ATTEMPTS {
+            let existing = self.api().get_opt(&self.lease_name).await?;
+            let current = match &existing {
+                Some(lease) => Self::record_of(lease)?,
+                None => None,
+            };
+            let alive = match &current {
+                Some(record) if record.holder.uid != holder.uid => {
+                    self.holder_alive(&record.holder).await?
+                }
+                _ => true,
+            };
+            match decide(current.as_ref(), &holder, parent_token, alive) {
+                Decision::AlreadyHeld => {
+                    return Ok(Acquired::Held(
+                        current.unwrap_or_else(|| unreachable_record(&holder)),
+                    ));
+                }
+                Decision::Nested => {
+                    return Ok(Acquired::Nested(
+                        current.unwrap_or_else(|| unreachable_record(&holder)),
+                    ));
+                }
+                Decision::Busy => {
+                    return Ok(Acquired::Busy(
+                        current.unwrap_or_else(|| unreachable_record(&holder)),
+                    ));
+                }
+                Decision::Take => {}
+            }
+            if let Some(previous) = &current {
+                tracing::info!(lock = %self.lease_name, previous = %previous.holder.identity(), "recovering an operation lock whose holder is gone or finished");
+            }
+            let record = LockRecord {
+                holder: holder.clone(),
+                intent: intent.clone(),
+                token: new_token(),
+                acquired_at: Utc::now(),
+            };
+            let mut lease = existing.unwrap_or_else(|| Lease {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(self.lease_name.clone()),
+                    labels: Some(
+                        [(
+                            "app.kubernetes.io/managed-by".to_string(),
+                            "stateward".to_string(),
+                        )]
+                        .into(),
+                    ),
+                    ..Default::default()
+                },
+                ..Default::default()
+            });
+            lease
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(
+                    RECORD_ANNOTATION.to_string(),
+                    serde_json::to_string(&record)?,
+                );
+            lease.spec = Some(LeaseSpec {
+                holder_identity: Some(holder.identity()),
+                acquire_time: Some(to_k8s_micro_time(record.acquired_at)),
+                renew_time: Some(to_k8s_micro_time(record.acquired_at)),
+                ..Default::default()
+            });
+            // create fails with 409 if someone created it first; replace carries the
+            // resourceVersion we read and fails with 409 if someone wrote since.
+            let written = if lease.metadata.resource_version.is_some() {
+                self.api()
+                    .replace(&self.lease_name, &PostParams::default(), &lease)
+                    .await
+            } else {
+                self.api().create(&PostParams::default(), &lease).await
+            };
+            match written {
+                Ok(_) => return Ok(Acquired::Held(record)),
+                Err(kube::Error::Api(status)) if status.code == 409 => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(LockError::Contention { attempts: ATTEMPTS })
+    }
+
+    /// Releases the lock if `token` still holds it (deleting the Lease with a
+    /// resourceVersion precondition). Releasing a lock one does not hold is a no-op.
+    pub async fn release(&self, token: &str) -> Result<bool, LockError> {
+        let Some(lease) = self.api().get_opt(&self.lease_name).await? else {
+            return Ok(false);
+        };
+        match Self::record_of(&lease)? {
+            Some(record) if record.token == token => {}
+            _ => return Ok(false),
+        }
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                resource_version: lease.metadata.resource_version.clone(),
+                uid: lease.metadata.uid.clone(),
+            }),
+            ..DeleteParams::default()
+        };
+        match self.api().delete(&self.lease_name, &params).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn unreachable_record(holder: &Holder) -> LockRecord {
+    // decide() only answers AlreadyHeld/Nested/Busy with a current record; this keeps
+    // the code free of unwrap without a panic path.
+    LockRecord {
+        holder: holder.clone(),
+        intent: Intent::Read,
+        token: String::new(),
+        acquired_at: Utc::now(),
+    }
+}
+
+fn new_token() -> String {
+    use rand::Rng;
+    let bytes: [u8; 16] = rand::rng().random();
+    hex::encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holder(uid: &str) -> Holder {
+        Holder {
+            api_version: "stateward.io/v1alpha1".into(),
+            kind: "Backup".into(),
+            resource: "backups".into(),
+            name: format!("b-{uid}"),
+            uid: uid.into(),
+        }
+    }
+
+    fn record(uid: &str, token: &str) -> LockRecord {
+        LockRecord {
+            holder: holder(uid),
+            intent: Intent::Stop { replicas: 3 },
+            token: token.into(),
+            acquired_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let mine = holder("1");
+        assert_eq!(decide(None, &mine, None, true), Decision::Take);
+        assert_eq!(
+            decide(Some(&record("1", "t")), &mine, None, true),
+            Decision::AlreadyHeld
+        );
+        assert_eq!(
+            decide(Some(&record("2", "t")), &mine, Some("t"), true),
+            Decision::Nested
+        );
+        assert_eq!(
+            decide(Some(&record("2", "t")), &mine, Some("other"), true),
+            Decision::Busy
+        );
+        assert_eq!(
+            decide(Some(&record("2", "t")), &mine, None, true),
+            Decision::Busy
+        );
+        assert_eq!(
+            decide(Some(&record("2", "t")), &mine, None, false),
+            Decision::Take,
+            "a dead holder is recovered"
+        );
+    }
+
+    #[test]
+    fn records_serialise_with_their_intent() -> Result<(), serde_json::Error> {
+        let r = record("1", "t");
+        let json = serde_json::to_string(&r)?;
+        assert!(
+            json.contains(r#""intent":{"type":"Stop","replicas":3}"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<LockRecord>(&json)?, r);
+        Ok(())
+    }
+}
