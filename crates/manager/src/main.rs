@@ -1,1 +1,275 @@
-fn main() {}
+//! `stateward`: the manager binary. It only wires: the controllers live in their own
+//! crates and run as independent sync loops; this binary starts the ones asked for, serves
+//! the admin endpoints, elects a leader when asked, and shuts down gracefully.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{Api, Client, ResourceExt};
+use prometheus_client::metrics::gauge::Gauge;
+use stateward_runtime::admin::{self, Readiness};
+use stateward_runtime::metrics::Metrics;
+use stateward_runtime::telemetry::{self, LogFormat};
+
+/// The controllers this binary can run. Each arrives with its capability (its own
+/// crate); none is compiled in yet, so `run` serves the admin endpoints and metrics only.
+const CONTROLLERS: &[&str] = &[];
+
+#[derive(Parser)]
+#[command(
+    name = "stateward",
+    version,
+    about = "Day-2 operations for stateful applications on Kubernetes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the manager.
+    Run(RunArgs),
+    /// Print the CRDs as YAML (pipe into `kubectl apply -f -` to install or upgrade them).
+    Crds,
+    /// Print the version.
+    Version,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Controllers to start, comma-separated, or `all`.
+    #[arg(long, default_value = "all", env = "STATEWARD_CONTROLLERS")]
+    controllers: String,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "STATEWARD_NAMESPACE")]
+    namespace: Option<String>,
+    /// Address of the admin server (/metrics, /livez, /readyz).
+    #[arg(long, default_value = "0.0.0.0:8080", env = "STATEWARD_ADMIN_ADDR")]
+    admin_addr: SocketAddr,
+    /// Elect a leader through a Lease; only the leader runs controllers.
+    #[arg(long, env = "STATEWARD_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Namespace of the leader-election Lease (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Leader lease duration in seconds.
+    #[arg(long, default_value_t = 15)]
+    lease_duration: u64,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text", env = "STATEWARD_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+fn main() -> Result<()> {
+    // One TLS crypto provider for the process: kube and the AWS SDK must not each pick
+    // their own (rustls panics when two are compiled in and none is installed).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crds => {
+            print!("{}", stateward_api::crds_yaml()?);
+            Ok(())
+        }
+        Command::Version => {
+            println!("stateward {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::Run(args) => {
+            telemetry::init(args.log_format);
+            tokio::runtime::Runtime::new()?.block_on(run(args))
+        }
+    }
+}
+
+fn selected_controllers(spec: &str) -> Result<Vec<&'static str>> {
+    if spec == "all" {
+        return Ok(CONTROLLERS.to_vec());
+    }
+    spec.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|name| {
+            CONTROLLERS
+                .iter()
+                .copied()
+                .find(|c| *c == name)
+                .with_context(|| {
+                    format!(
+                        "unknown controller {name:?}: this build has {}",
+                        if CONTROLLERS.is_empty() {
+                            "none yet".to_string()
+                        } else {
+                            CONTROLLERS.join(", ")
+                        }
+                    )
+                })
+        })
+        .collect()
+}
+
+/// Waits until every Stateward CRD is installed and Established, saying clearly what is
+/// missing meanwhile.
+async fn wait_for_crds(client: &Client) -> Result<()> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut warned = false;
+    loop {
+        let mut missing = Vec::new();
+        for crd in stateward_api::crds() {
+            let name = crd.name_any();
+            let established = match api.get_opt(&name).await {
+                Ok(Some(found)) => found
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True"),
+                Ok(None) => false,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read CRDs (RBAC needs get on customresourcedefinitions)");
+                    false
+                }
+            };
+            if !established {
+                missing.push(name);
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if !warned {
+            tracing::error!(
+                missing = ?missing,
+                "Stateward's CRDs are not installed: install the Helm chart, or run `stateward crds | kubectl apply --server-side -f -`; waiting"
+            );
+            warned = true;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let controllers = selected_controllers(&args.controllers)?;
+    let client = Client::try_default()
+        .await
+        .context("no Kubernetes configuration (in-cluster or KUBECONFIG)")?;
+    let metrics = Metrics::new();
+    for controller in &controllers {
+        metrics.reconcile.init(controller);
+    }
+    let leader_gauge: Gauge = Gauge::default();
+    metrics.register(
+        "leader",
+        "1 while this replica is the leader (or runs without leader election)",
+        leader_gauge.clone(),
+    );
+    let readiness = Readiness::default();
+    let listener = admin::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin address {}", args.admin_addr))?;
+    tracing::info!(addr = %args.admin_addr, controllers = ?controllers, namespace = ?args.namespace, "stateward starting");
+    let admin_task = tokio::spawn(admin::serve(listener, metrics.clone(), readiness.clone()));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "interrupt",
+        }
+    };
+    tokio::pin!(shutdown);
+
+    tokio::select! {
+        result = wait_for_crds(&client) => result?,
+        why = &mut shutdown => {
+            tracing::info!(%why, "shutting down before start-up finished");
+            return Ok(());
+        }
+    }
+    // No controller caches to sync yet; a controller marks readiness after its first
+    // sync once it exists.
+    readiness.set(true);
+    tracing::info!("ready");
+
+    if !args.leader_elect {
+        leader_gauge.set(1);
+        let why = (&mut shutdown).await;
+        tracing::info!(%why, "shutting down");
+        readiness.set(false);
+        admin_task.abort();
+        return Ok(());
+    }
+
+    let namespace = args
+        .lease_namespace
+        .clone()
+        .or_else(|| {
+            std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace").ok()
+        })
+        .unwrap_or_else(|| "default".into());
+    let identity = std::env::var("POD_NAME")
+        .unwrap_or_else(|_| format!("{}-{}", nix_hostname(), std::process::id()));
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), "stateward-manager")
+        .with_namespace(namespace.trim())
+        .with_identity(identity.clone())
+        .with_duration(args.lease_duration)
+        .with_grace(args.lease_duration.div_ceil(3).max(2))
+        .build()
+        .await
+        .context("setting up leader election")?;
+    let (mut leader, lease_task) = manager.watch().await;
+    tokio::pin!(lease_task);
+    loop {
+        let is_leader = *leader.borrow_and_update();
+        leader_gauge.set(i64::from(is_leader));
+        tracing::info!(%identity, leader = is_leader, "leadership");
+        tokio::select! {
+            changed = leader.changed() => {
+                if changed.is_err() {
+                    bail!("the leader-election task stopped");
+                }
+                if is_leader && !*leader.borrow() {
+                    // Lost leadership while acting: exit so a restart comes back as standby
+                    // rather than risk two active replicas.
+                    bail!("lost leadership");
+                }
+            }
+            result = &mut lease_task => {
+                bail!("the leader-election task ended: {result:?}");
+            }
+            why = &mut shutdown => {
+                tracing::info!(%why, "shutting down");
+                readiness.set(false);
+                drop(leader);
+                // Dropping the receiver makes the lease task release the lease.
+                let _ = tokio::time::timeout(Duration::from_secs(5), &mut lease_task).await;
+                admin_task.abort();
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn nix_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "stateward".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controller_selection_rejects_unknown_names() {
+        assert!(selected_controllers("all").is_ok());
+        let err = selected_controllers("backup")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("unknown controller \"backup\""), "{err}");
+    }
+}

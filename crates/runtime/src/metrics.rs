@@ -41,6 +41,22 @@ impl ReconcileMetrics {
         }
     }
 
+    /// Creates the zero-valued series of a controller at start-up (as controller-runtime
+    /// does), so dashboards and alerts see the controller before its first reconcile.
+    pub fn init(&self, controller: &str) {
+        for result in ["success", "error", "requeue", "requeue_after"] {
+            let _ = self.total.get_or_create(&ResultLabels {
+                controller: controller.into(),
+                result: result.into(),
+            });
+        }
+        let labels = ControllerLabels {
+            controller: controller.into(),
+        };
+        let _ = self.errors.get_or_create(&labels);
+        let _ = self.time.get_or_create(&labels);
+    }
+
     /// Starts timing one reconcile of `controller`; call [`ReconcileTimer::finish`].
     pub fn start(&self, controller: &str) -> ReconcileTimer {
         ReconcileTimer {
@@ -149,6 +165,10 @@ mod tests {
     #[test]
     fn exposes_controller_runtime_names() {
         let metrics = Metrics::new();
+        metrics.reconcile.init("restore");
+        assert!(metrics.encode().contains(
+            r#"controller_runtime_reconcile_total{controller="restore",result="error"} 0"#
+        ));
         metrics.reconcile.start("backup").finish("success");
         metrics.reconcile.start("backup").finish("error");
         let text = metrics.encode();

@@ -1,0 +1,189 @@
+//! The `stateward` binary against the local cluster: readiness, metrics, graceful
+//! shutdown, leader election. Run with `cargo xtask test`.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use stateward_testkit::harness::{Cluster, install_crds, wait_for};
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+struct Manager {
+    child: Child,
+    port: u16,
+}
+
+impl Manager {
+    fn start(cluster: &Cluster, extra: &[&str]) -> Result<Self> {
+        let port = free_port()?;
+        let child = Command::new(env!("CARGO_BIN_EXE_stateward"))
+            .arg("run")
+            .arg("--admin-addr")
+            .arg(format!("127.0.0.1:{port}"))
+            .args(extra)
+            .env("KUBECONFIG", &cluster.env.kubeconfig)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        Ok(Self { child, port })
+    }
+
+    async fn get(&self, path: &str) -> Result<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let code = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .context("no status")?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((code, body))
+    }
+
+    async fn wait_ready(&self) -> Result<()> {
+        wait_for(
+            "the manager to report ready",
+            Duration::from_secs(60),
+            || async { Ok(matches!(self.get("/readyz").await, Ok((200, _))).then_some(())) },
+        )
+        .await
+    }
+
+    async fn is_leader(&self) -> Result<bool> {
+        let (_, metrics) = self.get("/metrics").await?;
+        Ok(metrics.lines().any(|l| l.trim() == "stateward_leader 1"))
+    }
+
+    fn signal(&self, signal: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()?;
+        ensure!(status.success(), "kill -{signal} failed");
+        Ok(())
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn crds(cluster: &Cluster) -> Result<()> {
+    let _serial = cluster.serial().await?;
+    install_crds(&cluster.client, &stateward_api::crds()).await
+}
+
+#[tokio::test]
+async fn run_becomes_ready_serves_reconcile_metrics_and_exits_cleanly_on_sigterm() -> Result<()> {
+    let cluster = Cluster::connect().await?;
+    crds(&cluster).await?;
+    let mut manager = Manager::start(&cluster, &[])?;
+    manager.wait_ready().await?;
+    let (code, metrics) = manager.get("/metrics").await?;
+    ensure!(code == 200, "/metrics answered {code}");
+    // The controller-runtime reconcile families appear per running controller (zero
+    // valued at start-up); this build has no controller yet, so only the process-level
+    // families are served. The families' names and labels are unit-tested in the
+    // runtime crate.
+    ensure!(
+        metrics.trim_end().ends_with("# EOF"),
+        "not OpenMetrics text:\n{metrics}"
+    );
+    ensure!(
+        metrics.contains("# TYPE stateward_leader gauge"),
+        "stateward_leader missing from /metrics:\n{metrics}"
+    );
+    ensure!(
+        metrics.contains("stateward_leader 1"),
+        "without leader election the manager acts:\n{metrics}"
+    );
+    ensure!(manager.get("/livez").await?.0 == 200, "/livez not ok");
+    manager.signal("TERM")?;
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = manager.child.try_wait()? {
+            break status;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "the manager ignored SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    ensure!(
+        status.success(),
+        "the manager exited with {status} on SIGTERM"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_leader_election_one_acts_and_the_standby_takes_over_when_it_dies() -> Result<()> {
+    let cluster = Cluster::connect().await?;
+    crds(&cluster).await?;
+    let ns = cluster.namespace("leader").await?;
+    let args = [
+        "--leader-elect",
+        "--lease-namespace",
+        ns.name.as_str(),
+        "--lease-duration",
+        "6",
+    ];
+    let a = Manager::start(&cluster, &args)?;
+    let b = Manager::start(&cluster, &args)?;
+    a.wait_ready().await?;
+    b.wait_ready().await?;
+    let leaders = wait_for("exactly one leader", Duration::from_secs(60), || async {
+        let (la, lb) = (a.is_leader().await?, b.is_leader().await?);
+        Ok((la != lb).then_some((la, lb)))
+    })
+    .await?;
+    let (leader, standby) = if leaders.0 { (a, b) } else { (b, a) };
+    // Stays that way for a while: the standby does not act.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(
+        leader.is_leader().await? && !standby.is_leader().await?,
+        "leadership flapped"
+    );
+    ensure!(
+        standby.get("/readyz").await?.0 == 200,
+        "a healthy standby must be ready"
+    );
+    leader.signal("KILL")?;
+    let took_over = std::time::Instant::now();
+    wait_for(
+        "the standby to take over",
+        Duration::from_secs(30),
+        || async { Ok(standby.is_leader().await?.then_some(())) },
+    )
+    .await?;
+    eprintln!(
+        "standby took over {:.1} s after the leader was killed (lease 6 s)",
+        took_over.elapsed().as_secs_f64()
+    );
+    ensure!(
+        took_over.elapsed() < Duration::from_secs(20),
+        "hand-over took longer than the lease allows"
+    );
+    drop(leader);
+    drop(standby);
+    ns.cleanup().await
+}
