@@ -53,6 +53,8 @@ pub struct Env {
     pub state_dir: PathBuf,
     pub ca_cert: PathBuf,
     pub kubernetes_version: String,
+    /// The pinned helm binary (for chart tests).
+    pub helm: PathBuf,
 }
 
 pub fn state_dir() -> PathBuf {
@@ -195,6 +197,7 @@ pub fn up() -> Result<Env> {
         &scheduler_token,
     )?;
 
+    let tool = |name: &str| tools.get(name).cloned().unwrap_or_default();
     let env = Env {
         kubeconfig: kubeconfig.clone(),
         api_server: api_server.clone(),
@@ -208,6 +211,7 @@ pub fn up() -> Result<Env> {
         state_dir: dir.clone(),
         ca_cert: pki.ca_cert.clone(),
         kubernetes_version: tools::KUBERNETES_VERSION.into(),
+        helm: tool("helm"),
     };
 
     let logs = dir.join("logs");
@@ -216,7 +220,6 @@ pub fn up() -> Result<Env> {
         state.pids.insert(name.to_string(), pid);
         save_state(&dir, state)
     };
-    let tool = |name: &str| tools.get(name).cloned().unwrap_or_default();
 
     // etcd
     let mut etcd = Command::new(tool("etcd"));

@@ -21,6 +21,10 @@ pub fn run(keep: bool, filter: Option<&str>) -> Result<()> {
     step("generated files");
     crate::crds(true)?;
 
+    step("helm lint and template");
+    let tools = crate::tools::ensure_all()?;
+    chart_checks(tools.get("helm").context("helm was not built")?)?;
+
     step("unit tests");
     let mut unit = Command::new(&cargo);
     unit.current_dir(&root)
@@ -138,4 +142,54 @@ mod unit {
         t.add_line("something else");
         assert_eq!((t.passed, t.failed, t.ignored), (11, 3, 1));
     }
+}
+
+/// `helm lint` and `helm template` of the chart, with the default values and with the
+/// optional parts switched on.
+fn chart_checks(helm: &std::path::Path) -> Result<()> {
+    let chart = crate::repo_root().join("charts/stateward");
+    let version = crate::tools::KUBERNETES_VERSION.trim_start_matches('v');
+    let variants: [&[&str]; 2] = [
+        &[],
+        &[
+            "--set",
+            "namespaced=true",
+            "--set",
+            "metrics.serviceMonitor.enabled=true",
+            "--set",
+            "replicaCount=2",
+        ],
+    ];
+    for extra in variants {
+        let lint = Command::new(helm)
+            .arg("lint")
+            .arg("--strict")
+            .arg(&chart)
+            .args(["--kube-version", version])
+            .args(extra)
+            .output()?;
+        if !lint.status.success() {
+            bail!(
+                "helm lint {extra:?} failed:\n{}{}",
+                String::from_utf8_lossy(&lint.stdout),
+                String::from_utf8_lossy(&lint.stderr)
+            );
+        }
+        let template = Command::new(helm)
+            .args(["template", "stateward"])
+            .arg(&chart)
+            .args(["--kube-version", version, "--namespace", "stateward-system"])
+            .args(extra)
+            .output()?;
+        if !template.status.success() {
+            bail!(
+                "helm template {extra:?} failed:\n{}",
+                String::from_utf8_lossy(&template.stderr)
+            );
+        }
+        let rendered = String::from_utf8_lossy(&template.stdout);
+        let kinds = rendered.lines().filter(|l| l.starts_with("kind:")).count();
+        eprintln!("xtask: helm lint and template {extra:?}: ok ({kinds} objects)");
+    }
+    Ok(())
 }

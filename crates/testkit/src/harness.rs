@@ -29,6 +29,9 @@ pub struct TestEnv {
     pub state_dir: PathBuf,
     pub ca_cert: PathBuf,
     pub kubernetes_version: String,
+    /// The pinned helm binary.
+    #[serde(default)]
+    pub helm: PathBuf,
 }
 
 /// A connection to the local cluster.

@@ -1137,8 +1137,8 @@ fn status_json(m: &mut PodModel, host_ip: Ipv4Addr) -> Value {
         "hostIP": host_ip.to_string(),
         "hostIPs": [{ "ip": host_ip.to_string() }],
         "conditions": conditions,
+        // qosClass is set by the API server at creation and immutable: never written here.
         "containerStatuses": m.containers.iter().map(CStatus::to_json).collect::<Vec<_>>(),
-        "qosClass": "BestEffort",
     });
     if !m.init.is_empty() {
         status["initContainerStatuses"] =

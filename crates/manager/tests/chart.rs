@@ -1,0 +1,102 @@
+//! The Helm chart installs on the local cluster and the manager runs as a pod under the
+//! chart's own ServiceAccount, without permission errors. Run with `cargo xtask test`.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::LogParams;
+use stateward_testkit::harness::{Cluster, install_crds, wait_for};
+
+#[tokio::test]
+async fn chart_installs_and_the_manager_runs_as_a_pod_with_its_own_service_account() -> Result<()> {
+    let cluster = Cluster::connect().await?;
+    let _serial = cluster.serial().await?;
+    install_crds(&cluster.client, &stateward_api::crds()).await?;
+    let ns = cluster.namespace("chart").await?;
+    ensure!(
+        cluster.env.helm.is_file(),
+        "helm is not built: run through `cargo xtask test`"
+    );
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../charts/stateward");
+    let release = format!("sw-{}", &ns.name[ns.name.len() - 6..]);
+    let install = tokio::process::Command::new(&cluster.env.helm)
+        .args(["install", &release])
+        .arg(&chart)
+        .args(["--namespace", &ns.name, "--wait", "--timeout", "3m"])
+        .args([
+            "--set",
+            "image.repository=stateward",
+            "--set",
+            "image.tag=dev",
+        ])
+        .args([
+            "--set",
+            "leaderElection.leaseDurationSeconds=6",
+            "--set",
+            "logFormat=text",
+        ])
+        .env("KUBECONFIG", &cluster.env.kubeconfig)
+        .output()
+        .await?;
+    ensure!(
+        install.status.success(),
+        "helm install failed:\n{}{}",
+        String::from_utf8_lossy(&install.stdout),
+        String::from_utf8_lossy(&install.stderr)
+    );
+
+    let pods: Api<Pod> = cluster.api(&ns.name);
+    let pod = pods
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .next()
+        .context("the chart created no pod")?;
+    let name = pod.metadata.name.clone().context("unnamed pod")?;
+    let sa = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_default();
+    ensure!(
+        sa == format!("{release}-stateward"),
+        "the pod runs as ServiceAccount {sa:?}"
+    );
+    // Leader election works under the chart's RBAC: the log says so, and says nothing
+    // about missing permissions.
+    let logs = wait_for(
+        "the manager to log that it leads",
+        Duration::from_secs(60),
+        || async {
+            let logs = pods.logs(&name, &LogParams::default()).await?;
+            Ok(logs.contains("leader=true").then_some(logs))
+        },
+    )
+    .await?;
+    for bad in [
+        "forbidden",
+        "Forbidden",
+        "403",
+        "cannot read CRDs",
+        "not installed",
+    ] {
+        ensure!(
+            !logs.contains(bad),
+            "the manager's log mentions {bad:?}:\n{logs}"
+        );
+    }
+    let uninstall = tokio::process::Command::new(&cluster.env.helm)
+        .args(["uninstall", &release, "--namespace", &ns.name, "--wait"])
+        .env("KUBECONFIG", &cluster.env.kubeconfig)
+        .output()
+        .await?;
+    ensure!(
+        uninstall.status.success(),
+        "helm uninstall failed: {}",
+        String::from_utf8_lossy(&uninstall.stderr)
+    );
+    ns.cleanup().await
+}
