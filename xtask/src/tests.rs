@@ -128,22 +128,6 @@ fn run_counting(cmd: &mut Command, totals: &mut Totals) -> Result<bool> {
     Ok(child.wait()?.success())
 }
 
-#[cfg(test)]
-mod unit {
-    use super::Totals;
-
-    #[test]
-    fn sums_cargo_test_result_lines() {
-        let mut t = Totals::default();
-        t.add_line("test result: ok. 9 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 2.1s");
-        t.add_line(
-            "test result: FAILED. 2 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out",
-        );
-        t.add_line("something else");
-        assert_eq!((t.passed, t.failed, t.ignored), (11, 3, 1));
-    }
-}
-
 /// `helm lint` and `helm template` of the chart, with the default values and with the
 /// optional parts switched on.
 fn chart_checks(helm: &std::path::Path) -> Result<()> {
@@ -192,4 +176,20 @@ fn chart_checks(helm: &std::path::Path) -> Result<()> {
         eprintln!("xtask: helm lint and template {extra:?}: ok ({kinds} objects)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod unit {
+    use super::Totals;
+
+    #[test]
+    fn sums_cargo_test_result_lines() {
+        let mut t = Totals::default();
+        t.add_line("test result: ok. 9 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 2.1s");
+        t.add_line(
+            "test result: FAILED. 2 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
+        t.add_line("something else");
+        assert_eq!((t.passed, t.failed, t.ignored), (11, 3, 1));
+    }
 }
