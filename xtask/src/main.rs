@@ -4,6 +4,7 @@
 //! pinned Go modules under `tools/`), so the README needs only two commands:
 //! `cargo xtask demo` and `cargo xtask test`.
 
+mod demo;
 mod deps;
 mod pki;
 mod procs;
@@ -40,6 +41,8 @@ enum Command {
         /// Only run integration tests whose name contains this filter.
         filter: Option<String>,
     },
+    /// Run the operator's main job on the local cluster and print what a user would see.
+    Demo,
     /// Build (or reuse from the cache) the pinned Go binaries and print where they are.
     Tools,
     /// Write the CRD YAML into the Helm chart (`--check`: fail when the committed file is stale).
@@ -80,6 +83,7 @@ fn main() -> Result<()> {
         },
         Command::Test { keep, filter } => tests::run(keep, filter.as_deref()),
         Command::Crds { check } => crds(check),
+        Command::Demo => demo::run(),
         Command::Tools => {
             let tools = tools::ensure_all()?;
             println!("{}", serde_json::to_string_pretty(&tools)?);
