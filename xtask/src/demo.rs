@@ -34,17 +34,32 @@ pub fn run() -> Result<()> {
 
         say(&format!("applying examples/ into namespace {NAMESPACE}"));
         let namespaces: Api<Namespace> = Api::all(client.clone());
-        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": NAMESPACE}}))?;
-        namespaces.patch(NAMESPACE, &PatchParams::apply("stateward-demo").force(), &Patch::Apply(&ns)).await?;
+        let ns: Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": NAMESPACE}}))?;
+        namespaces
+            .patch(
+                NAMESPACE,
+                &PatchParams::apply("stateward-demo").force(),
+                &Patch::Apply(&ns),
+            )
+            .await?;
         let examples = crate::repo_root().join("examples");
-        for file in ["repository.yaml", "redis.yaml", "postgres.yaml", "redis-app.yaml", "postgres-app.yaml"] {
+        for file in [
+            "repository.yaml",
+            "redis.yaml",
+            "postgres.yaml",
+            "redis-app.yaml",
+            "postgres-app.yaml",
+        ] {
             let mut yaml = std::fs::read_to_string(examples.join(file))?;
             if file == "repository.yaml" {
                 // The example points at the local S3 server's usual address; use the port
                 // this cluster got.
                 yaml = yaml.replace("http://10.213.0.1:9000", &env.s3_endpoint_from_pods);
             }
-            apply(&client, &yaml).await.with_context(|| format!("applying examples/{file}"))?;
+            apply(&client, &yaml)
+                .await
+                .with_context(|| format!("applying examples/{file}"))?;
             println!("  applied examples/{file}");
         }
 
@@ -56,13 +71,26 @@ pub fn run() -> Result<()> {
         }
 
         say("writing real data");
-        let out = exec(&pods, "redis-0", &["redis-cli", "SET", "demo:greeting", "hello from stateward"]).await?;
+        let out = exec(
+            &pods,
+            "redis-0",
+            &["redis-cli", "SET", "demo:greeting", "hello from stateward"],
+        )
+        .await?;
         println!("  redis SET demo:greeting -> {}", out.trim());
         let sql = "CREATE TABLE IF NOT EXISTS demo (id int PRIMARY KEY, note text); \
                    INSERT INTO demo VALUES (1, 'hello from stateward') ON CONFLICT DO NOTHING; \
                    SELECT count(*) FROM demo;";
-        let out = exec(&pods, "postgres-0", &["psql", "-U", "postgres", "-tA", "-c", sql]).await?;
-        println!("  postgres rows in demo: {}", out.lines().last().unwrap_or_default().trim());
+        let out = exec(
+            &pods,
+            "postgres-0",
+            &["psql", "-U", "postgres", "-tA", "-c", sql],
+        )
+        .await?;
+        println!(
+            "  postgres rows in demo: {}",
+            out.lines().last().unwrap_or_default().trim()
+        );
 
         say("what a user sees (kubectl get statefulapps,backuprepositories -n stateward-demo)");
         for plural in ["statefulapps", "backuprepositories"] {
@@ -102,12 +130,29 @@ fn install_chart(helm: &std::path::Path, env: &Env) -> Result<()> {
     let output = Command::new(helm)
         .args(["upgrade", "--install", "stateward"])
         .arg(&chart)
-        .args(["--namespace", SYSTEM_NAMESPACE, "--create-namespace", "--wait", "--timeout", "3m"])
-        .args(["--set", "image.repository=stateward", "--set", "image.tag=dev", "--set", "logFormat=text"])
+        .args([
+            "--namespace",
+            SYSTEM_NAMESPACE,
+            "--create-namespace",
+            "--wait",
+            "--timeout",
+            "3m",
+        ])
+        .args([
+            "--set",
+            "image.repository=stateward",
+            "--set",
+            "image.tag=dev",
+            "--set",
+            "logFormat=text",
+        ])
         .env("KUBECONFIG", &env.kubeconfig)
         .output()?;
     if !output.status.success() {
-        bail!("helm install failed: {}", String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "helm install failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     println!("  release stateward installed in {SYSTEM_NAMESPACE}");
     Ok(())
@@ -117,15 +162,29 @@ async fn apply(client: &Client, yaml: &str) -> Result<()> {
     let discovery = Discovery::new(client.clone()).run().await?;
     for doc in serde_yaml_docs(yaml)? {
         let object: DynamicObject = serde_json::from_value(doc)?;
-        let types = object.types.clone().context("a document without apiVersion/kind")?;
+        let types = object
+            .types
+            .clone()
+            .context("a document without apiVersion/kind")?;
         let gvk = kube::api::GroupVersionKind::try_from(&types)?;
-        let (resource, caps) = discovery.resolve_gvk(&gvk).context("unknown kind (are the CRDs installed?)")?;
+        let (resource, caps) = discovery
+            .resolve_gvk(&gvk)
+            .context("unknown kind (are the CRDs installed?)")?;
         let api: Api<DynamicObject> = match caps.scope {
             Scope::Namespaced => Api::namespaced_with(client.clone(), NAMESPACE, &resource),
             Scope::Cluster => Api::all_with(client.clone(), &resource),
         };
-        let name = object.metadata.name.clone().context("a document without a name")?;
-        api.patch(&name, &PatchParams::apply("stateward-demo").force(), &Patch::Apply(&object)).await?;
+        let name = object
+            .metadata
+            .name
+            .clone()
+            .context("a document without a name")?;
+        api.patch(
+            &name,
+            &PatchParams::apply("stateward-demo").force(),
+            &Patch::Apply(&object),
+        )
+        .await?;
     }
     Ok(())
 }
@@ -164,7 +223,11 @@ async fn wait_ready(pods: &Api<Pod>, name: &str) -> Result<()> {
 
 async fn exec(pods: &Api<Pod>, pod: &str, command: &[&str]) -> Result<String> {
     let mut attached = pods
-        .exec(pod, command.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &AttachParams::default().stderr(false))
+        .exec(
+            pod,
+            command.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            &AttachParams::default().stderr(false),
+        )
         .await?;
     let mut out = String::new();
     if let Some(mut stdout) = attached.stdout() {
@@ -175,19 +238,37 @@ async fn exec(pods: &Api<Pod>, pod: &str, command: &[&str]) -> Result<String> {
 }
 
 async fn print_table(client: &Client, plural: &str) -> Result<()> {
-    let request = http::Request::get(format!("/apis/stateward.io/v1alpha1/namespaces/{NAMESPACE}/{plural}"))
-        .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
-        .body(Vec::new())?;
+    let request = http::Request::get(format!(
+        "/apis/stateward.io/v1alpha1/namespaces/{NAMESPACE}/{plural}"
+    ))
+    .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+    .body(Vec::new())?;
     let table: serde_json::Value = client.request(request).await?;
     let columns: Vec<String> = table["columnDefinitions"]
         .as_array()
-        .map(|c| c.iter().filter_map(|c| c["name"].as_str().map(|s| s.to_uppercase())).collect())
+        .map(|c| {
+            c.iter()
+                .filter_map(|c| c["name"].as_str().map(|s| s.to_uppercase()))
+                .collect()
+        })
         .unwrap_or_default();
     println!("  {}", columns.join("\t"));
     for row in table["rows"].as_array().cloned().unwrap_or_default() {
         let cells: Vec<String> = row["cells"]
             .as_array()
-            .map(|c| c.iter().map(|v| v.as_str().map(String::from).unwrap_or_else(|| if v.is_null() { "<none>".into() } else { v.to_string() })).collect())
+            .map(|c| {
+                c.iter()
+                    .map(|v| {
+                        v.as_str().map(String::from).unwrap_or_else(|| {
+                            if v.is_null() {
+                                "<none>".into()
+                            } else {
+                                v.to_string()
+                            }
+                        })
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         println!("  {}", cells.join("\t"));
     }

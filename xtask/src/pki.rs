@@ -21,7 +21,8 @@ pub struct Pki {
     pub sa_pub: PathBuf,
 }
 
-fn write_private(path: &Path, contents: &str) -> Result<()> {
+/// Writes a file only its owner can read (keys, tokens, kubeconfigs).
+pub fn write_private(path: &Path, contents: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()

@@ -506,16 +506,7 @@ fn write_kubeconfig(path: &Path, server: &str, ca: &Path, user: &str, token: &st
          stateward-testenv\n",
         ca = ca.display()
     );
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(text.as_bytes())?;
-    Ok(())
+    pki::write_private(path, &text)
 }
 
 fn setup_bridge() -> Result<()> {

@@ -49,6 +49,42 @@ pub fn parse_bytes(q: &str) -> Result<u64> {
     Ok((num * mult).ceil() as u64)
 }
 
+/// The storage a claim requests (`spec.resources.requests.storage`).
+pub fn requested_storage(pvc: &PersistentVolumeClaim) -> Option<String> {
+    pvc.spec
+        .as_ref()
+        .and_then(|s| s.resources.as_ref())
+        .and_then(|r| r.requests.as_ref())
+        .and_then(|r| r.get("storage"))
+        .map(|q| q.0.clone())
+}
+
+/// The storage a bound claim has (`status.capacity.storage`).
+pub fn capacity_storage(pvc: &PersistentVolumeClaim) -> Option<String> {
+    pvc.status
+        .as_ref()
+        .and_then(|s| s.capacity.as_ref())
+        .and_then(|c| c.get("storage"))
+        .map(|q| q.0.clone())
+}
+
+/// Whether a claim asks for more than it has.
+pub fn expansion_requested(pvc: &PersistentVolumeClaim) -> Result<bool> {
+    match (requested_storage(pvc), capacity_storage(pvc)) {
+        (Some(requested), Some(capacity)) => Ok(parse_bytes(&requested)? > parse_bytes(&capacity)?),
+        _ => Ok(false),
+    }
+}
+
+/// Whether `path` is a mount point in this mount namespace.
+pub fn is_mount_point(path: &Path) -> bool {
+    let wanted = path.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(&*wanted))
+}
+
 /// ext4 grows a mounted filesystem only for a process with CAP_SYS_RESOURCE (some
 /// sandboxes drop it even for root).
 pub fn can_resize_online() -> bool {
@@ -201,13 +237,7 @@ impl Storage {
             return Ok(());
         }
         let spec = pvc.spec.clone().unwrap_or_default();
-        let request = spec
-            .resources
-            .as_ref()
-            .and_then(|r| r.requests.as_ref())
-            .and_then(|r| r.get("storage"))
-            .map(|q| q.0.clone())
-            .context("the claim requests no storage")?;
+        let request = requested_storage(pvc).context("the claim requests no storage")?;
         let bytes = parse_bytes(&request)?;
         let dir = self.volume_dir(&pv_name);
         let loop_backed = self.create_backing(&pv_name, bytes).await;
@@ -312,20 +342,8 @@ impl Storage {
         if pv.annotations().get(PROVISIONED_BY).map(String::as_str) != Some(PROVISIONER) {
             return Ok(());
         }
-        let requested = pvc
-            .spec
-            .as_ref()
-            .and_then(|s| s.resources.as_ref())
-            .and_then(|r| r.requests.as_ref())
-            .and_then(|r| r.get("storage"))
-            .map(|q| q.0.clone());
-        let capacity = pvc
-            .status
-            .as_ref()
-            .and_then(|s| s.capacity.as_ref())
-            .and_then(|c| c.get("storage"))
-            .map(|q| q.0.clone());
-        let (Some(requested), Some(capacity)) = (requested, capacity) else {
+        let (Some(requested), Some(capacity)) = (requested_storage(pvc), capacity_storage(pvc))
+        else {
             return Ok(());
         };
         let (want, have) = (parse_bytes(&requested)?, parse_bytes(&capacity)?);
@@ -415,11 +433,7 @@ impl Storage {
         let dir = self.volume_dir(pv_name);
         let image = self.image_path(pv_name);
         if let Some(device) = self.loop_device_of(&image) {
-            let mounted = std::fs::read_to_string("/proc/self/mountinfo")
-                .unwrap_or_default()
-                .lines()
-                .any(|l| l.split(' ').nth(4) == Some(&*dir.to_string_lossy()));
-            if mounted {
+            if is_mount_point(&dir) {
                 run("umount", &[&dir.to_string_lossy()]).await?;
             }
             run("losetup", &["-d", &device]).await?;

@@ -440,36 +440,19 @@ pub async fn prepare(
         let path = PathBuf::from(path);
         // A pending expansion that cannot happen online waits for the volume to be unused:
         // let the storage side do it before this pod mounts the volume.
-        let requested = pvc
-            .spec
-            .as_ref()
-            .and_then(|s| s.resources.as_ref())
-            .and_then(|r| r.requests.as_ref())
-            .and_then(|r| r.get("storage"))
-            .map(|q| q.0.clone());
-        let capacity = pvc
-            .status
-            .as_ref()
-            .and_then(|s| s.capacity.as_ref())
-            .and_then(|c| c.get("storage"))
-            .map(|q| q.0.clone());
-        if let (Some(requested), Some(capacity)) = (requested, capacity) {
-            let pending =
-                super::storage::parse_bytes(&requested)? > super::storage::parse_bytes(&capacity)?;
-            if pending && !super::storage::can_resize_online() {
-                return Err(NotReady::Waiting(format!(
-                    "PersistentVolumeClaim {} is being expanded",
-                    claim.claim_name
-                ))
-                .into());
-            }
+        if !super::storage::can_resize_online() && super::storage::expansion_requested(&pvc)? {
+            return Err(NotReady::Waiting(format!(
+                "PersistentVolumeClaim {} is being expanded",
+                claim.claim_name
+            ))
+            .into());
         }
         let usage = usage.try_use(&path).ok_or_else(|| {
             NotReady::Waiting(format!("PersistentVolume {pv_name} is being resized"))
         })?;
         // A loop-backed volume must be mounted, else we would bind its empty mount point.
         let image = path.with_extension("img");
-        if image.exists() && !is_mount_point(&path) {
+        if image.exists() && !super::storage::is_mount_point(&path) {
             return Err(NotReady::Waiting(format!(
                 "PersistentVolume {pv_name} is not mounted yet"
             ))
@@ -595,14 +578,6 @@ pub async fn prepare(
          hostPath, persistentVolumeClaim, secret, configMap, downwardAPI, projected)",
         volume.name
     )
-}
-
-fn is_mount_point(path: &Path) -> bool {
-    let wanted = path.to_string_lossy();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(&*wanted))
 }
 
 /// Gives the pod's fsGroup ownership of a writable volume, as the kubelet does for
