@@ -72,8 +72,15 @@ pub fn run(spec_json: &str) -> Result<std::convert::Infallible> {
         }
         let mut mounts = spec.mounts.clone();
         mounts.sort_by_key(|m| m.target.components().count());
-        for m in &mounts {
-            apply_mount(m)?;
+        // Open every bind source first: a tmpfs mounted at /tmp would otherwise hide
+        // sources that live below /tmp (a checkout in /tmp, say). Binding through
+        // /proc/self/fd/N reaches them whatever is mounted later.
+        let sources = mounts
+            .iter()
+            .map(|m| m.source.as_ref().map(|s| open_path(s)).transpose())
+            .collect::<Result<Vec<_>>>()?;
+        for (m, source) in mounts.iter().zip(&sources) {
+            apply_mount(m, source.as_ref())?;
         }
     }
     if let Some(dir) = &spec.working_dir {
@@ -129,11 +136,25 @@ fn join_namespaces(pid: u32) -> Result<()> {
     Ok(())
 }
 
-fn apply_mount(m: &MountSpec) -> Result<()> {
+/// An O_PATH handle on a mount source (no read permission needed, works for files and
+/// directories).
+fn open_path(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_PATH.bits() | nix::fcntl::OFlag::O_CLOEXEC.bits())
+        .open(path)
+        .with_context(|| format!("opening mount source {}", path.display()))
+}
+
+fn apply_mount(m: &MountSpec, handle: Option<&File>) -> Result<()> {
     let target = &m.target;
-    match &m.source {
-        Some(source) => {
-            if source.is_dir() {
+    match (&m.source, handle) {
+        (Some(named), Some(handle)) => {
+            use std::os::fd::AsRawFd;
+            let source = PathBuf::from(format!("/proc/self/fd/{}", handle.as_raw_fd()));
+            let is_dir = handle.metadata().map(|m| m.is_dir()).unwrap_or(false);
+            if is_dir {
                 std::fs::create_dir_all(target)
                     .with_context(|| format!("creating mount point {}", target.display()))?;
             } else {
@@ -153,7 +174,7 @@ fn apply_mount(m: &MountSpec) -> Result<()> {
                 None::<&str>,
             )
             .with_context(|| {
-                format!("bind-mounting {} at {}", source.display(), target.display())
+                format!("bind-mounting {} at {}", named.display(), target.display())
             })?;
             if m.read_only {
                 mount(
@@ -166,7 +187,8 @@ fn apply_mount(m: &MountSpec) -> Result<()> {
                 .with_context(|| format!("making {} read-only", target.display()))?;
             }
         }
-        None => {
+        (Some(named), None) => bail!("mount source {} was not opened", named.display()),
+        (None, _) => {
             std::fs::create_dir_all(target)?;
             mount(
                 Some("tmpfs"),
