@@ -8,6 +8,7 @@
 //! object and no open multipart upload stays behind.
 
 pub mod archive;
+pub mod cli;
 pub mod upload;
 
 pub use archive::{ArchiveStats, write_volume_archive};

@@ -37,6 +37,17 @@ enum Command {
     Crds,
     /// Print the version.
     Version,
+    /// The data mover, run inside Jobs.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Archive a mounted volume (tar, zstd) into an S3 object.
+    BackupVolume(stateward_agent::cli::BackupVolumeArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -77,6 +88,17 @@ fn main() -> Result<()> {
         Command::Version => {
             println!("stateward {}", env!("CARGO_PKG_VERSION"));
             Ok(())
+        }
+        Command::Agent { command } => {
+            telemetry::init(LogFormat::Text);
+            let code = tokio::runtime::Runtime::new()?.block_on(async {
+                match command {
+                    AgentCommand::BackupVolume(args) => {
+                        stateward_agent::cli::backup_volume(args).await
+                    }
+                }
+            });
+            std::process::exit(code);
         }
         Command::Run(args) => {
             telemetry::init(args.log_format);
