@@ -913,6 +913,15 @@ impl PodContext {
                 read_only: false,
             })
             .collect();
+        // The project's binaries (and image entrypoints) must stay reachable when a
+        // private tmpfs covers where they live (a checkout under /tmp): bind them back.
+        if tmpfs.iter().any(|t| self.cfg.bin_dir.starts_with(t)) {
+            mounts.push(MountSpec {
+                source: Some(self.cfg.bin_dir.clone()),
+                target: self.cfg.bin_dir.clone(),
+                read_only: true,
+            });
+        }
         mounts.extend(volumes::container_mounts(c, prepared)?);
         mounts.push(MountSpec {
             source: Some(term_path.to_path_buf()),
