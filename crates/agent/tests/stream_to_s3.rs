@@ -11,25 +11,6 @@ use sha2::{Digest, Sha256};
 use stateward_agent::{UploadError, UploadOptions, stream_to_s3, write_volume_archive};
 use stateward_testkit::harness::Cluster;
 
-fn s3(cluster: &Cluster) -> aws_sdk_s3::Client {
-    let env = &cluster.env;
-    let creds = aws_sdk_s3::config::Credentials::new(
-        &env.s3_access_key,
-        &env.s3_secret_key,
-        None,
-        None,
-        "testenv",
-    );
-    let config = aws_sdk_s3::config::Builder::new()
-        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-        .region(aws_sdk_s3::config::Region::new(env.s3_region.clone()))
-        .endpoint_url(&env.s3_endpoint)
-        .force_path_style(true)
-        .credentials_provider(creds)
-        .build();
-    aws_sdk_s3::Client::from_conf(config)
-}
-
 async fn bucket(client: &aws_sdk_s3::Client) -> Result<String> {
     let name = format!("agent-{:08x}", rand::random::<u32>());
     client.create_bucket().bucket(&name).send().await?;
@@ -89,7 +70,7 @@ fn hash_tree(dir: &Path, rel: &Path, out: &mut BTreeMap<String, String>) -> Resu
 #[tokio::test]
 async fn a_volume_streams_to_s3_and_standard_tools_restore_it_byte_for_byte() -> Result<()> {
     let cluster = Cluster::connect().await?;
-    let client = s3(&cluster);
+    let client = cluster.s3_client();
     let bucket = bucket(&client).await?;
     let work = std::env::temp_dir().join(format!("stateward-agent-{}", std::process::id()));
     let source = work.join("source");
@@ -164,7 +145,7 @@ async fn a_volume_streams_to_s3_and_standard_tools_restore_it_byte_for_byte() ->
 #[tokio::test]
 async fn a_failing_stream_leaves_no_object_and_no_open_upload() -> Result<()> {
     let cluster = Cluster::connect().await?;
-    let client = s3(&cluster);
+    let client = cluster.s3_client();
     let bucket = bucket(&client).await?;
     let options = UploadOptions {
         bucket: bucket.clone(),

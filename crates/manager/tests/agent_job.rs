@@ -11,29 +11,16 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
 use kube::api::PostParams;
 use kube::{Api, ResourceExt};
 use sha2::{Digest, Sha256};
-use stateward_testkit::harness::{Cluster, from_yaml, wait_for};
+use stateward_testkit::harness::{
+    Cluster, first_container_terminated, from_yaml, wait_for, wait_pod_phase,
+};
 
 #[tokio::test]
 async fn an_agent_job_backs_up_a_read_only_volume_that_restores_by_hand() -> Result<()> {
     let cluster = Cluster::connect().await?;
     let ns = cluster.namespace("agent-job").await?;
     let env = &cluster.env;
-    let creds = aws_sdk_s3::config::Credentials::new(
-        &env.s3_access_key,
-        &env.s3_secret_key,
-        None,
-        None,
-        "testenv",
-    );
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::new()
-            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-            .region(aws_sdk_s3::config::Region::new(env.s3_region.clone()))
-            .endpoint_url(&env.s3_endpoint)
-            .force_path_style(true)
-            .credentials_provider(creds)
-            .build(),
-    );
+    let s3 = cluster.s3_client();
     let bucket = format!("agent-job-{:06x}", rand_suffix());
     s3.create_bucket().bucket(&bucket).send().await?;
 
@@ -64,18 +51,11 @@ spec:
 "#,
     )?;
     pods.create(&PostParams::default(), &writer).await?;
-    wait_for(
-        "the app pod to write its data",
-        Duration::from_secs(120),
-        || async {
-            Ok(pods
-                .get("app")
-                .await?
-                .status
-                .and_then(|s| s.phase)
-                .filter(|p| p == "Succeeded")
-                .map(|_| ()))
-        },
+    wait_pod_phase(
+        &pods,
+        "app",
+        "Succeeded",
+        std::time::Duration::from_secs(120),
     )
     .await?;
 
@@ -131,11 +111,7 @@ spec:
         .into_iter()
         .find(|p| p.labels().get("job-name").map(String::as_str) == Some("backup-data"))
         .context("no agent pod")?;
-    let message = agent_pod
-        .status
-        .and_then(|s| s.container_statuses)
-        .and_then(|c| c.first().and_then(|c| c.state.clone()))
-        .and_then(|s| s.terminated)
+    let message = first_container_terminated(&agent_pod)
         .and_then(|t| t.message)
         .context("no termination message")?;
     let summary: serde_json::Value = serde_json::from_str(&message)?;

@@ -177,18 +177,11 @@ async fn a_lock_whose_holder_is_gone_or_finished_is_recovered() -> Result<()> {
         Acquired::Held(_)
     ));
     let third = holder(&maps, "third").await?;
-    stateward_testkit::harness::wait_for(
-        "the holder pod to succeed",
-        std::time::Duration::from_secs(60),
-        || async {
-            Ok(pods
-                .get("finished-op")
-                .await?
-                .status
-                .and_then(|s| s.phase)
-                .filter(|p| p == "Succeeded")
-                .map(|_| ()))
-        },
+    stateward_testkit::harness::wait_pod_phase(
+        &pods,
+        "finished-op",
+        "Succeeded",
+        std::time::Duration::from_secs(120),
     )
     .await?;
     ensure!(

@@ -210,6 +210,60 @@ pub async fn wait_pod_ready(api: &Api<Pod>, name: &str, timeout: Duration) -> Re
     .await
 }
 
+/// Waits until the pod reaches `phase` (e.g. `Succeeded` for a pod that runs to
+/// completion).
+pub async fn wait_pod_phase(
+    api: &Api<Pod>,
+    name: &str,
+    phase: &str,
+    timeout: Duration,
+) -> Result<Pod> {
+    wait_for(
+        &format!("pod {name} to reach phase {phase}"),
+        timeout,
+        || async {
+            let pod = api.get(name).await?;
+            let reached = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some(phase);
+            Ok(reached.then_some(pod))
+        },
+    )
+    .await
+}
+
+/// The terminated state of a pod's first container, if it has ended.
+pub fn first_container_terminated(
+    pod: &Pod,
+) -> Option<k8s_openapi::api::core::v1::ContainerStateTerminated> {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.first())
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.terminated.clone())
+}
+
+impl Cluster {
+    /// An S3 client for the local S3 server (path-style, test credentials).
+    pub fn s3_client(&self) -> aws_sdk_s3::Client {
+        let env = &self.env;
+        let creds = aws_sdk_s3::config::Credentials::new(
+            &env.s3_access_key,
+            &env.s3_secret_key,
+            None,
+            None,
+            "testenv",
+        );
+        let config = aws_sdk_s3::config::Builder::new()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new(env.s3_region.clone()))
+            .endpoint_url(&env.s3_endpoint)
+            .force_path_style(true)
+            .credentials_provider(creds)
+            .build();
+        aws_sdk_s3::Client::from_conf(config)
+    }
+}
+
 /// The result of an exec.
 #[derive(Debug)]
 pub struct ExecOutput {

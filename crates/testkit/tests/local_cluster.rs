@@ -11,7 +11,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeCl
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use sha2::{Digest, Sha256};
-use stateward_testkit::harness::{Cluster, exec, from_yaml, wait_for, wait_pod_ready};
+use stateward_testkit::harness::{
+    Cluster, exec, first_container_terminated, from_yaml, wait_for, wait_pod_phase, wait_pod_ready,
+};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -362,15 +364,12 @@ spec:
 "#,
     )?;
     pods.create(&PostParams::default(), &writer).await?;
-    wait_for("the writer pod to succeed", 2 * MINUTE, || async {
-        Ok(pods
-            .get("writer")
-            .await?
-            .status
-            .and_then(|s| s.phase)
-            .filter(|p| p == "Succeeded")
-            .map(|_| ()))
-    })
+    wait_pod_phase(
+        &pods,
+        "writer",
+        "Succeeded",
+        std::time::Duration::from_secs(120),
+    )
     .await?;
 
     let reader = job_yaml(
@@ -414,24 +413,16 @@ spec:
 
     let all = pods.list(&Default::default()).await?.items;
     let reader_pod = job_pod(&all, "reader").context("no pod of Job reader")?;
-    let terminated = reader_pod
-        .status
-        .and_then(|s| s.container_statuses)
-        .and_then(|c| c.first().and_then(|c| c.state.clone()))
-        .and_then(|s| s.terminated)
-        .context("reader container not terminated")?;
+    let terminated =
+        first_container_terminated(&reader_pod).context("reader container not terminated")?;
     ensure!(
         terminated.message.as_deref() == Some("seed=seeded secret=s3cr3t-value\n"),
         "termination message was {:?}",
         terminated.message
     );
     let failing_pod = job_pod(&all, "failing").context("no pod of Job failing")?;
-    let terminated = failing_pod
-        .status
-        .and_then(|s| s.container_statuses)
-        .and_then(|c| c.first().and_then(|c| c.state.clone()))
-        .and_then(|s| s.terminated)
-        .context("failing container not terminated")?;
+    let terminated =
+        first_container_terminated(&failing_pod).context("failing container not terminated")?;
     ensure!(
         terminated.exit_code == 3,
         "exit code {}",
