@@ -32,6 +32,9 @@ pub fn run() -> Result<()> {
         say("installing the Stateward chart (manager as a pod, image `stateward` = this build)");
         install_chart(helm, &env)?;
 
+        say("creating the example repository's bucket on the local S3 server");
+        create_bucket(&env, "stateward-backups").await?;
+
         say(&format!("applying examples/ into namespace {NAMESPACE}"));
         let namespaces: Api<Namespace> = Api::all(client.clone());
         let ns: Namespace =
@@ -92,6 +95,9 @@ pub fn run() -> Result<()> {
             out.lines().last().unwrap_or_default().trim()
         );
 
+        say("waiting for the backup controller to check the repository");
+        wait_repository_checked(&client, "default").await?;
+
         say("what a user sees (kubectl get statefulapps,backuprepositories -n stateward-demo)");
         for plural in ["statefulapps", "backuprepositories"] {
             print_table(&client, plural).await?;
@@ -108,11 +114,62 @@ pub fn run() -> Result<()> {
     println!(
         "The demo ran in {:.0} s. The local cluster stays up: `eval \"$(cargo xtask testenv env)\"` to use it, \
          `cargo xtask testenv down` to stop it.\n\
-         Not shown yet: backups and restores run once the backup and restore controllers land \
-         (they are the next capabilities; see README's feature table).",
+         Not shown yet: Backup and Restore runs (the backup controller checks repositories today; \
+         runs, schedules and restores are the next capabilities; see README's feature table).",
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+async fn create_bucket(env: &Env, bucket: &str) -> Result<()> {
+    let creds = aws_sdk_s3::config::Credentials::new(
+        &env.s3_access_key,
+        &env.s3_secret_key,
+        None,
+        None,
+        "demo",
+    );
+    let config = aws_sdk_s3::config::Builder::new()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new(env.s3_region.clone()))
+        .endpoint_url(&env.s3_endpoint)
+        .force_path_style(true)
+        .credentials_provider(creds)
+        .build();
+    let s3 = aws_sdk_s3::Client::from_conf(config);
+    if s3.head_bucket().bucket(bucket).send().await.is_err() {
+        s3.create_bucket()
+            .bucket(bucket)
+            .send()
+            .await
+            .context("creating the demo bucket")?;
+    }
+    println!("  bucket {bucket} ready");
+    Ok(())
+}
+
+async fn wait_repository_checked(client: &Client, name: &str) -> Result<()> {
+    let api: Api<stateward_api::BackupRepository> = Api::namespaced(client.clone(), NAMESPACE);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let repo = api.get(name).await?;
+        if let Some(c) = repo
+            .status
+            .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"))
+        {
+            println!(
+                "  BackupRepository {name}: Ready={} reason={} ({})",
+                c.status, c.reason, c.message
+            );
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the backup controller did not check repository {name} within 90 s (see the manager pod's log)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 fn say(what: &str) {

@@ -69,7 +69,27 @@ pub fn s3_client(
         .map_err(|_| "AWS_ACCESS_KEY_ID is not set".to_string())?;
     let secret = std::env::var("AWS_SECRET_ACCESS_KEY")
         .map_err(|_| "AWS_SECRET_ACCESS_KEY is not set".to_string())?;
-    let creds = aws_sdk_s3::config::Credentials::new(key, secret, None, None, "stateward-agent");
+    Ok(s3_client_with(
+        &key,
+        &secret,
+        endpoint,
+        region,
+        force_path_style,
+        false,
+    ))
+}
+
+/// Builds an S3 client from explicit credentials (never logged). `checksum_when_required`
+/// is for S3-compatible servers that reject the SDK's default trailing checksums.
+pub fn s3_client_with(
+    key: &str,
+    secret: &str,
+    endpoint: Option<&str>,
+    region: &str,
+    force_path_style: bool,
+    checksum_when_required: bool,
+) -> aws_sdk_s3::Client {
+    let creds = aws_sdk_s3::config::Credentials::new(key, secret, None, None, "stateward");
     let mut config = aws_sdk_s3::config::Builder::new()
         .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
         .region(aws_sdk_s3::config::Region::new(region.to_string()))
@@ -78,7 +98,16 @@ pub fn s3_client(
     if let Some(endpoint) = endpoint {
         config = config.endpoint_url(endpoint);
     }
-    Ok(aws_sdk_s3::Client::from_conf(config.build()))
+    if checksum_when_required {
+        config = config
+            .request_checksum_calculation(
+                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+            )
+            .response_checksum_validation(
+                aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
+            );
+    }
+    aws_sdk_s3::Client::from_conf(config.build())
 }
 
 /// Runs `backup-volume`; returns the process exit code.

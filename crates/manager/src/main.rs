@@ -14,9 +14,33 @@ use stateward_runtime::admin::{self, Readiness};
 use stateward_runtime::metrics::Metrics;
 use stateward_runtime::telemetry::{self, LogFormat};
 
-/// The controllers this binary can run. Each arrives with its capability (its own
-/// crate); none is compiled in yet, so `run` serves the admin endpoints and metrics only.
-const CONTROLLERS: &[&str] = &[];
+/// The controllers this binary can run; each lives in its own crate and arrives with its
+/// capability.
+const CONTROLLERS: &[&str] = &[stateward_backup::CONTROLLER];
+
+/// Starts the selected controllers as independent sync loops.
+fn start_controllers(
+    controllers: &[&'static str],
+    client: &Client,
+    metrics: &Metrics,
+    namespace: &Option<String>,
+) -> tokio::task::JoinSet<&'static str> {
+    let mut set = tokio::task::JoinSet::new();
+    for name in controllers {
+        let base = stateward_runtime::Context::new(client.clone(), name, metrics.clone());
+        let namespace = namespace.clone();
+        match *name {
+            stateward_backup::CONTROLLER => {
+                set.spawn(async move {
+                    stateward_backup::run(base, namespace).await;
+                    stateward_backup::CONTROLLER
+                });
+            }
+            other => tracing::error!(controller = other, "no start function for this controller"),
+        }
+    }
+    set
+}
 
 #[derive(Parser)]
 #[command(
@@ -218,9 +242,15 @@ async fn run(args: RunArgs) -> Result<()> {
 
     if !args.leader_elect {
         leader_gauge.set(1);
-        let why = (&mut shutdown).await;
-        tracing::info!(%why, "shutting down");
+        let mut running = start_controllers(&controllers, &client, &metrics, &args.namespace);
+        tokio::select! {
+            why = &mut shutdown => tracing::info!(%why, "shutting down"),
+            Some(ended) = running.join_next() => {
+                bail!("controller {} stopped", ended.unwrap_or("?"));
+            }
+        }
         readiness.set(false);
+        running.shutdown().await;
         admin_task.abort();
         return Ok(());
     }
@@ -244,10 +274,19 @@ async fn run(args: RunArgs) -> Result<()> {
         .context("setting up leader election")?;
     let (mut leader, lease_task) = manager.watch().await;
     tokio::pin!(lease_task);
+    let mut running: Option<tokio::task::JoinSet<&'static str>> = None;
     loop {
         let is_leader = *leader.borrow_and_update();
         leader_gauge.set(i64::from(is_leader));
         tracing::info!(%identity, leader = is_leader, "leadership");
+        if is_leader && running.is_none() {
+            running = Some(start_controllers(
+                &controllers,
+                &client,
+                &metrics,
+                &args.namespace,
+            ));
+        }
         tokio::select! {
             changed = leader.changed() => {
                 if changed.is_err() {
@@ -262,9 +301,15 @@ async fn run(args: RunArgs) -> Result<()> {
             result = &mut lease_task => {
                 bail!("the leader-election task ended: {result:?}");
             }
+            Some(ended) = async { match running.as_mut() { Some(set) => set.join_next().await, None => std::future::pending().await } } => {
+                bail!("controller {} stopped", ended.unwrap_or("?"));
+            }
             why = &mut shutdown => {
                 tracing::info!(%why, "shutting down");
                 readiness.set(false);
+                if let Some(mut set) = running.take() {
+                    set.shutdown().await;
+                }
                 drop(leader);
                 // Dropping the receiver makes the lease task release the lease.
                 let _ = tokio::time::timeout(Duration::from_secs(5), &mut lease_task).await;
@@ -288,10 +333,11 @@ mod tests {
     #[test]
     fn controller_selection_rejects_unknown_names() {
         assert!(selected_controllers("all").is_ok());
-        let err = selected_controllers("backup")
+        assert_eq!(selected_controllers("backup").ok(), Some(vec!["backup"]));
+        let err = selected_controllers("backup,snapshots")
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(err.contains("unknown controller \"backup\""), "{err}");
+        assert!(err.contains("unknown controller \"snapshots\""), "{err}");
     }
 }

@@ -99,10 +99,18 @@ async fn run_becomes_ready_serves_reconcile_metrics_and_exits_cleanly_on_sigterm
     manager.wait_ready().await?;
     let (code, metrics) = manager.get("/metrics").await?;
     ensure!(code == 200, "/metrics answered {code}");
-    // The controller-runtime reconcile families appear per running controller (zero
-    // valued at start-up); this build has no controller yet, so only the process-level
-    // families are served. The families' names and labels are unit-tested in the
-    // runtime crate.
+    // controller-runtime's reconcile families, one series set per running controller,
+    // zero-valued from start-up.
+    for family in [
+        r#"controller_runtime_reconcile_total{controller="backup",result="success"}"#,
+        r#"controller_runtime_reconcile_errors_total{controller="backup"}"#,
+        r#"controller_runtime_reconcile_time_seconds_count{controller="backup"}"#,
+    ] {
+        ensure!(
+            metrics.contains(family),
+            "{family} missing from /metrics:\n{metrics}"
+        );
+    }
     ensure!(
         metrics.trim_end().ends_with("# EOF"),
         "not OpenMetrics text:\n{metrics}"

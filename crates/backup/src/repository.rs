@@ -1,0 +1,334 @@
+//! BackupRepository checks: the Secret references resolve, the bucket answers, and a
+//! write/delete probe under the prefix succeeds. The outcome is the `Ready` condition with
+//! a reason a user can act on, a Warning event when it is not ready, and a gauge.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource, ResourceExt};
+use stateward_api::BackupRepository;
+use stateward_api::common::SecretKeyRef;
+use stateward_api::repository::ChecksumMode;
+use stateward_runtime::{Context, apply, conditions, time};
+
+/// How often a ready repository is checked again.
+pub const RECHECK: Duration = Duration::from_secs(300);
+
+/// Why a repository is not ready; each variant is a condition reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Ready,
+    SecretNotFound(String),
+    KeyMissing { secret: String, key: String },
+    InvalidCredentials(String),
+    AccessDenied(String),
+    NoSuchBucket(String),
+    EndpointUnreachable(String),
+    ProbeFailed(String),
+}
+
+impl Verdict {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Ready => "Reachable",
+            Self::SecretNotFound(_) => "SecretNotFound",
+            Self::KeyMissing { .. } => "KeyMissing",
+            Self::InvalidCredentials(_) => "InvalidCredentials",
+            Self::AccessDenied(_) => "AccessDenied",
+            Self::NoSuchBucket(_) => "NoSuchBucket",
+            Self::EndpointUnreachable(_) => "EndpointUnreachable",
+            Self::ProbeFailed(_) => "ProbeFailed",
+        }
+    }
+
+    /// A sentence for the user. Never contains credentials: only names and S3 error codes.
+    pub fn message(&self, bucket: &str) -> String {
+        match self {
+            Self::Ready => format!("bucket {bucket} is reachable and writable under the prefix"),
+            Self::SecretNotFound(name) => {
+                format!("Secret {name} (credentials) not found in this namespace")
+            }
+            Self::KeyMissing { secret, key } => format!("Secret {secret} has no key {key}"),
+            Self::InvalidCredentials(detail) => {
+                format!("the S3 server rejected the credentials: {detail}")
+            }
+            Self::AccessDenied(detail) => format!("access to bucket {bucket} denied: {detail}"),
+            Self::NoSuchBucket(_) => format!("bucket {bucket} does not exist"),
+            Self::EndpointUnreachable(detail) => {
+                format!("the S3 endpoint cannot be reached: {detail}")
+            }
+            Self::ProbeFailed(detail) => {
+                format!("writing a probe object under the prefix failed: {detail}")
+            }
+        }
+    }
+}
+
+/// Maps an S3 error to a verdict by its error code, never by its text.
+fn classify<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+    err: &SdkError<E, R>,
+) -> Verdict {
+    match err {
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
+            Verdict::EndpointUnreachable(DisplayErrorContext(err).to_string())
+        }
+        _ => {
+            let code = err.code().unwrap_or_default().to_string();
+            let status = match err {
+                SdkError::ServiceError(e) => format!("{:?}", e.raw()).contains("403"),
+                _ => false,
+            };
+            match code.as_str() {
+                "NoSuchBucket" | "NotFound" => Verdict::NoSuchBucket(code),
+                "InvalidAccessKeyId" | "SignatureDoesNotMatch" => Verdict::InvalidCredentials(code),
+                "AccessDenied" | "Forbidden" => Verdict::AccessDenied(code),
+                "" if status => Verdict::AccessDenied("403".into()),
+                "" => Verdict::EndpointUnreachable(DisplayErrorContext(err).to_string()),
+                other => Verdict::ProbeFailed(other.to_string()),
+            }
+        }
+    }
+}
+
+async fn secret_value(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<String, Verdict> {
+    let secret = secrets
+        .get_opt(&r.name)
+        .await
+        .map_err(|e| Verdict::EndpointUnreachable(format!("reading Secret {}: {e}", r.name)))?
+        .ok_or_else(|| Verdict::SecretNotFound(r.name.clone()))?;
+    let data = secret.data.unwrap_or_default();
+    data.get(&r.key)
+        .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
+        .ok_or_else(|| Verdict::KeyMissing {
+            secret: r.name.clone(),
+            key: r.key.clone(),
+        })
+}
+
+/// Runs every check; the first failure decides.
+pub async fn check(client: &kube::Client, repo: &BackupRepository) -> Verdict {
+    let ns = repo.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let s3 = &repo.spec.s3;
+    let key = match secret_value(&secrets, &s3.credentials.access_key_id).await {
+        Ok(v) => v,
+        Err(v) => return v,
+    };
+    let secret = match secret_value(&secrets, &s3.credentials.secret_access_key).await {
+        Ok(v) => v,
+        Err(v) => return v,
+    };
+    let client = stateward_agent::cli::s3_client_with(
+        &key,
+        &secret,
+        s3.endpoint.as_deref(),
+        s3.region.as_deref().unwrap_or("us-east-1"),
+        s3.force_path_style,
+        s3.checksum_mode == ChecksumMode::WhenRequired,
+    );
+    let head = tokio::time::timeout(
+        Duration::from_secs(20),
+        client.head_bucket().bucket(&s3.bucket).send(),
+    )
+    .await;
+    match head {
+        Err(_) => return Verdict::EndpointUnreachable("no answer within 20 s".into()),
+        Ok(Err(e)) => return classify(&e),
+        Ok(Ok(_)) => {}
+    }
+    // A write/delete probe under this namespace's part of the prefix: head alone does not
+    // prove that backups can be written.
+    let prefix = s3
+        .prefix
+        .as_deref()
+        .map(|p| format!("{p}/"))
+        .unwrap_or_default();
+    let probe = format!(
+        "{prefix}{ns}/.stateward-probe-{}",
+        repo.uid().unwrap_or_default()
+    );
+    if let Err(e) = client
+        .put_object()
+        .bucket(&s3.bucket)
+        .key(&probe)
+        .body(aws_sdk_s3::primitives::ByteStream::from_static(
+            b"stateward repository probe",
+        ))
+        .send()
+        .await
+    {
+        return match classify(&e) {
+            Verdict::EndpointUnreachable(d) | Verdict::ProbeFailed(d) => Verdict::ProbeFailed(d),
+            other => other,
+        };
+    }
+    if let Err(e) = client
+        .delete_object()
+        .bucket(&s3.bucket)
+        .key(&probe)
+        .send()
+        .await
+    {
+        return Verdict::ProbeFailed(format!(
+            "deleting the probe object: {}",
+            e.code().unwrap_or("unknown")
+        ));
+    }
+    Verdict::Ready
+}
+
+/// Shared state of the repository loop.
+pub struct RepositoryContext {
+    pub base: Context,
+    pub ready_gauge: prometheus_client::metrics::family::Family<
+        RepoLabels,
+        prometheus_client::metrics::gauge::Gauge,
+    >,
+}
+
+/// Labels of the readiness gauge (repositories are few: per-object labels are fine).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct RepoLabels {
+    pub namespace: String,
+    pub repository: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepositoryError {
+    #[error("writing the repository status")]
+    Status(#[source] kube::Error),
+}
+
+impl RepositoryError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Status(_) => "status",
+        }
+    }
+}
+
+/// fetch → check → status (+ event, gauge) → requeue.
+pub async fn reconcile(
+    repo: Arc<BackupRepository>,
+    ctx: Arc<RepositoryContext>,
+) -> Result<Action, RepositoryError> {
+    let timer = ctx.base.metrics.reconcile.start(crate::CONTROLLER);
+    let ns = repo.namespace().unwrap_or_default();
+    let name = repo.name_any();
+    let verdict = check(&ctx.base.client, &repo).await;
+    let ready = verdict == Verdict::Ready;
+    let now = ctx.base.clock.now();
+    let mut list = repo
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let message = verdict.message(&repo.spec.s3.bucket);
+    conditions::set(
+        &mut list,
+        conditions::condition(
+            "Ready",
+            ready,
+            verdict.reason(),
+            message.clone(),
+            repo.meta().generation,
+        ),
+        now,
+    );
+    let status = serde_json::json!({
+        "observedGeneration": repo.meta().generation,
+        "conditions": list,
+        "lastCheckedTime": time::rfc3339(now),
+    });
+    let api: Api<BackupRepository> = Api::namespaced(ctx.base.client.clone(), &ns);
+    let written = apply::apply_status(&api, &name, apply::managers::BACKUP, status).await;
+    if let Err(e) = written {
+        timer.finish("error");
+        return Err(RepositoryError::Status(e));
+    }
+    ctx.ready_gauge
+        .get_or_create(&RepoLabels {
+            namespace: ns.clone(),
+            repository: name.clone(),
+        })
+        .set(i64::from(ready));
+    if !ready {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: verdict.reason().to_string(),
+            note: Some(message),
+            action: "CheckRepository".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx
+            .base
+            .recorder()
+            .publish(&event, &repo.object_ref(&()))
+            .await
+        {
+            tracing::warn!(repository = %name, error = %e, "publishing an event failed");
+        }
+    }
+    tracing::info!(namespace = %ns, repository = %name, reason = verdict.reason(), "checked repository");
+    // Every outcome requeues after a delay (controller-runtime's `requeue_after`).
+    timer.finish("requeue_after");
+    // Not ready: check again soon with a per-object back-off (users fix Secrets and
+    // buckets without touching the repository object); ready: the periodic re-check.
+    let key = format!("{ns}/{name}");
+    Ok(if ready {
+        ctx.base.backoff.on_success(&key);
+        Action::requeue(RECHECK)
+    } else {
+        let delay = ctx
+            .base
+            .backoff
+            .on_error(&key, stateward_runtime::backoff::ErrorKind::Transient)
+            .unwrap_or(RECHECK);
+        Action::requeue(delay.min(Duration::from_secs(60)))
+    })
+}
+
+/// Failed status writes back off per object.
+pub fn error_policy(
+    repo: Arc<BackupRepository>,
+    err: &RepositoryError,
+    ctx: Arc<RepositoryContext>,
+) -> Action {
+    let key = format!(
+        "{}/{}",
+        repo.namespace().unwrap_or_default(),
+        repo.name_any()
+    );
+    tracing::warn!(repository = %key, error = %err, label = err.metric_label(), "reconcile failed");
+    // The reconcile timer already counted this error.
+    let delay = ctx
+        .base
+        .backoff
+        .on_error(&key, stateward_runtime::backoff::ErrorKind::Transient)
+        .unwrap_or(RECHECK);
+    Action::requeue(delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_the_problem_and_never_a_secret_value() {
+        let v = Verdict::KeyMissing {
+            secret: "s3".into(),
+            key: "accessKeyId".into(),
+        };
+        assert_eq!(v.reason(), "KeyMissing");
+        assert_eq!(v.message("b"), "Secret s3 has no key accessKeyId");
+        assert_eq!(
+            Verdict::NoSuchBucket("NoSuchBucket".into()).message("backups"),
+            "bucket backups does not exist"
+        );
+        assert_eq!(Verdict::Ready.reason(), "Reachable");
+    }
+}
