@@ -26,6 +26,7 @@ pub async fn run(base: Context, namespace: Option<String>) {
     let ctx = Arc::new(repository::RepositoryContext {
         base: base.clone(),
         ready_gauge: gauge,
+        next_check: Default::default(),
     });
     let repos: Api<BackupRepository> = match &namespace {
         Some(ns) => Api::namespaced(base.client.clone(), ns),

@@ -184,6 +184,9 @@ pub async fn check(client: &kube::Client, repo: &BackupRepository) -> Verdict {
 /// Shared state of the repository loop.
 pub struct RepositoryContext {
     pub base: Context,
+    /// When each repository (namespace/name) is due for its next check. Our own status
+    /// writes wake the controller too; this keeps them from starting a check storm.
+    pub next_check: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     pub ready_gauge: prometheus_client::metrics::family::Family<
         RepoLabels,
         prometheus_client::metrics::gauge::Gauge,
@@ -219,6 +222,21 @@ pub async fn reconcile(
     let timer = ctx.base.metrics.reconcile.start(crate::CONTROLLER);
     let ns = repo.namespace().unwrap_or_default();
     let name = repo.name_any();
+    let key = format!("{ns}/{name}");
+    let spec_seen =
+        repo.status.as_ref().and_then(|s| s.observed_generation) == repo.meta().generation;
+    let due = ctx
+        .next_check
+        .lock()
+        .ok()
+        .and_then(|m| m.get(&key).copied());
+    if let (true, Some(due)) = (spec_seen, due) {
+        let now = std::time::Instant::now();
+        if now < due {
+            timer.finish("requeue_after");
+            return Ok(Action::requeue(due - now));
+        }
+    }
     let verdict = check(&ctx.base.client, &repo).await;
     let ready = verdict == Verdict::Ready;
     let now = ctx.base.clock.now();
@@ -278,18 +296,20 @@ pub async fn reconcile(
     timer.finish("requeue_after");
     // Not ready: check again soon with a per-object back-off (users fix Secrets and
     // buckets without touching the repository object); ready: the periodic re-check.
-    let key = format!("{ns}/{name}");
-    Ok(if ready {
+    let delay = if ready {
         ctx.base.backoff.on_success(&key);
-        Action::requeue(RECHECK)
+        RECHECK
     } else {
-        let delay = ctx
-            .base
+        ctx.base
             .backoff
             .on_error(&key, stateward_runtime::backoff::ErrorKind::Transient)
-            .unwrap_or(RECHECK);
-        Action::requeue(delay.min(Duration::from_secs(60)))
-    })
+            .unwrap_or(RECHECK)
+            .min(Duration::from_secs(60))
+    };
+    if let Ok(mut next) = ctx.next_check.lock() {
+        next.insert(key, std::time::Instant::now() + delay);
+    }
+    Ok(Action::requeue(delay))
 }
 
 /// Failed status writes back off per object.

@@ -76,13 +76,21 @@ async fn chart_installs_and_the_manager_runs_as_a_pod_with_its_own_service_accou
         },
     )
     .await?;
-    for bad in [
-        "forbidden",
-        "Forbidden",
-        "403",
-        "cannot read CRDs",
-        "not installed",
-    ] {
+    // Permission errors name the ServiceAccount ("... is forbidden: User
+    // \"system:serviceaccount:...\" cannot ..."); other tests' namespaces being deleted
+    // meanwhile cause unrelated refusals, which do not count.
+    let permission_errors: Vec<&str> = logs
+        .lines()
+        .filter(|l| {
+            l.contains("system:serviceaccount") && (l.contains("forbidden") || l.contains("cannot"))
+        })
+        .collect();
+    ensure!(
+        permission_errors.is_empty(),
+        "the manager hit permission errors:\n{}",
+        permission_errors.join("\n")
+    );
+    for bad in ["cannot read CRDs", "not installed"] {
         ensure!(
             !logs.contains(bad),
             "the manager's log mentions {bad:?}:\n{logs}"
