@@ -122,21 +122,15 @@ pub fn run() -> Result<()> {
 }
 
 async fn create_bucket(env: &Env, bucket: &str) -> Result<()> {
-    let creds = aws_sdk_s3::config::Credentials::new(
+    // The same client construction the operator uses.
+    let s3 = stateward_agent::cli::s3_client_with(
         &env.s3_access_key,
         &env.s3_secret_key,
-        None,
-        None,
-        "demo",
+        Some(&env.s3_endpoint),
+        &env.s3_region,
+        true,
+        false,
     );
-    let config = aws_sdk_s3::config::Builder::new()
-        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-        .region(aws_sdk_s3::config::Region::new(env.s3_region.clone()))
-        .endpoint_url(&env.s3_endpoint)
-        .force_path_style(true)
-        .credentials_provider(creds)
-        .build();
-    let s3 = aws_sdk_s3::Client::from_conf(config);
     if s3.head_bucket().bucket(bucket).send().await.is_err() {
         s3.create_bucket()
             .bucket(bucket)
