@@ -12,7 +12,7 @@ use kube::api::PostParams;
 use kube::{Api, ResourceExt};
 use sha2::{Digest, Sha256};
 use stateward_testkit::harness::{
-    Cluster, first_container_terminated, from_yaml, wait_for, wait_pod_phase,
+    Cluster, create_claim, first_container_terminated, from_yaml, wait_for, wait_pod_phase,
 };
 
 #[tokio::test]
@@ -35,7 +35,7 @@ async fn an_agent_job_backs_up_a_read_only_volume_that_restores_by_hand() -> Res
         )
         .await?;
     let pvcs: Api<PersistentVolumeClaim> = cluster.api(&ns.name);
-    pvcs.create(&PostParams::default(), &from_yaml("metadata: { name: data }\nspec: { accessModes: [ReadWriteOnce], resources: { requests: { storage: 128Mi } } }")?).await?;
+    create_claim(&pvcs, "data", "128Mi").await?;
     let pods: Api<Pod> = cluster.api(&ns.name);
     let writer: Pod = from_yaml(
         r#"

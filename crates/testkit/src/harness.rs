@@ -245,14 +245,14 @@ pub fn first_container_terminated(
 impl Cluster {
     /// An S3 client for the local S3 server (path-style, test credentials).
     pub fn s3_client(&self) -> aws_sdk_s3::Client {
+        self.s3_client_as(&self.env.s3_access_key, &self.env.s3_secret_key)
+    }
+
+    /// An S3 client for the local S3 server with the given credentials (for tests of
+    /// refused credentials).
+    pub fn s3_client_as(&self, key: &str, secret: &str) -> aws_sdk_s3::Client {
         let env = &self.env;
-        let creds = aws_sdk_s3::config::Credentials::new(
-            &env.s3_access_key,
-            &env.s3_secret_key,
-            None,
-            None,
-            "testenv",
-        );
+        let creds = aws_sdk_s3::config::Credentials::new(key, secret, None, None, "testenv");
         let config = aws_sdk_s3::config::Builder::new()
             .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
             .region(aws_sdk_s3::config::Region::new(env.s3_region.clone()))
@@ -262,6 +262,19 @@ impl Cluster {
             .build();
         aws_sdk_s3::Client::from_conf(config)
     }
+}
+
+/// Creates a ReadWriteOnce claim of `size` on the local storage class.
+pub async fn create_claim(
+    api: &Api<k8s_openapi::api::core::v1::PersistentVolumeClaim>,
+    name: &str,
+    size: &str,
+) -> Result<()> {
+    let claim = from_yaml(&format!(
+        "metadata: {{ name: {name} }}\nspec: {{ accessModes: [ReadWriteOnce], resources: {{ requests: {{ storage: {size} }} }} }}"
+    ))?;
+    api.create(&PostParams::default(), &claim).await?;
+    Ok(())
 }
 
 /// The result of an exec.

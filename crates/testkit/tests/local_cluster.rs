@@ -12,7 +12,8 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use sha2::{Digest, Sha256};
 use stateward_testkit::harness::{
-    Cluster, exec, first_container_terminated, from_yaml, wait_for, wait_pod_phase, wait_pod_ready,
+    Cluster, create_claim, exec, first_container_terminated, from_yaml, wait_for, wait_pod_phase,
+    wait_pod_ready,
 };
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -346,11 +347,7 @@ async fn jobs_report_termination_messages_exit_codes_and_read_only_mounts() -> R
         )
         .await?;
     let pvcs: Api<PersistentVolumeClaim> = cluster.api(&ns.name);
-    pvcs.create(
-        &PostParams::default(),
-        &from_yaml("metadata: { name: shared }\nspec: { accessModes: [ReadWriteOnce], resources: { requests: { storage: 64Mi } } }")?,
-    )
-    .await?;
+    create_claim(&pvcs, "shared", "64Mi").await?;
 
     // A writer fills the volume, then a Job reads it through a read-only mount.
     let writer: Pod = from_yaml(
@@ -514,11 +511,7 @@ async fn pvc_expansion_grows_the_filesystem_seen_inside_the_pod() -> Result<()> 
     let ns = cluster.namespace("expand").await?;
     let pods: Api<Pod> = cluster.api(&ns.name);
     let pvcs: Api<PersistentVolumeClaim> = cluster.api(&ns.name);
-    pvcs.create(
-        &PostParams::default(),
-        &from_yaml("metadata: { name: grow }\nspec: { accessModes: [ReadWriteOnce], resources: { requests: { storage: 128Mi } } }")?,
-    )
-    .await?;
+    create_claim(&pvcs, "grow", "128Mi").await?;
     let pod: Pod = from_yaml(
         r#"
 metadata: { name: user }
@@ -902,18 +895,7 @@ async fn s3_server_handles_multipart_ranged_reads_deletes_and_rejects_bad_creden
     use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
     let cluster = Cluster::connect().await?;
     let env = &cluster.env;
-    let s3 = |key: &str, secret: &str| {
-        let creds = aws_sdk_s3::config::Credentials::new(key, secret, None, None, "test");
-        let config = aws_sdk_s3::config::Builder::new()
-            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-            .region(aws_sdk_s3::config::Region::new(env.s3_region.clone()))
-            .endpoint_url(&env.s3_endpoint)
-            .force_path_style(true)
-            .credentials_provider(creds)
-            .build();
-        aws_sdk_s3::Client::from_conf(config)
-    };
-    let client = s3(&env.s3_access_key, &env.s3_secret_key);
+    let client = cluster.s3_client();
     let bucket = format!("test-{:08x}", rand::random::<u32>());
     client.create_bucket().bucket(&bucket).send().await?;
 
@@ -991,7 +973,7 @@ async fn s3_server_handles_multipart_ranged_reads_deletes_and_rejects_bad_creden
     );
 
     // Wrong credentials are refused.
-    let wrong = s3(&env.s3_access_key, "not-the-secret");
+    let wrong = cluster.s3_client_as(&env.s3_access_key, "not-the-secret");
     let refused = wrong.list_objects_v2().bucket(&bucket).send().await;
     ensure!(refused.is_err(), "a wrong secret key was accepted");
     let text = format!("{:?}", refused.err());
