@@ -33,7 +33,7 @@ pub async fn run(base: Context, namespace: Option<String>) {
         None => Api::all(base.client.clone()),
     };
     Controller::new(repos, watcher::Config::default().any_semantic())
-        .shutdown_on_signal()
+        .graceful_shutdown_on(base.shutdown.clone().cancelled_owned())
         .run(repository::reconcile, repository::error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;

@@ -13,6 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use stateward_runtime::admin::{self, Readiness};
 use stateward_runtime::metrics::Metrics;
 use stateward_runtime::telemetry::{self, LogFormat};
+use tokio_util::sync::CancellationToken;
 
 /// The controllers this binary can run; each lives in its own crate and arrives with its
 /// capability.
@@ -24,10 +25,12 @@ fn start_controllers(
     client: &Client,
     metrics: &Metrics,
     namespace: &Option<String>,
+    shutdown: &CancellationToken,
 ) -> tokio::task::JoinSet<&'static str> {
     let mut set = tokio::task::JoinSet::new();
     for name in controllers {
-        let base = stateward_runtime::Context::new(client.clone(), name, metrics.clone());
+        let base = stateward_runtime::Context::new(client.clone(), name, metrics.clone())
+            .with_shutdown(shutdown.clone());
         let namespace = namespace.clone();
         match *name {
             stateward_backup::CONTROLLER => {
@@ -40,6 +43,26 @@ fn start_controllers(
         }
     }
     set
+}
+
+/// How long in-flight reconciles get to finish after SIGTERM. Kubernetes' default grace
+/// period is 30 s; this leaves room for the lease release after it.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Asks the controllers to stop and waits for them to drain, then aborts what is left.
+async fn stop_controllers(
+    mut running: tokio::task::JoinSet<&'static str>,
+    shutdown: &CancellationToken,
+) {
+    shutdown.cancel();
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while running.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(timeout = ?DRAIN_TIMEOUT, "controllers did not drain in time; aborting them");
+        running.shutdown().await;
+    }
 }
 
 #[derive(Parser)]
@@ -242,15 +265,19 @@ async fn run(args: RunArgs) -> Result<()> {
 
     if !args.leader_elect {
         leader_gauge.set(1);
-        let mut running = start_controllers(&controllers, &client, &metrics, &args.namespace);
+        let stop = CancellationToken::new();
+        let mut running =
+            start_controllers(&controllers, &client, &metrics, &args.namespace, &stop);
         tokio::select! {
+            // Biased: when SIGTERM arrives, shutting down wins over anything else ready.
+            biased;
             why = &mut shutdown => tracing::info!(%why, "shutting down"),
             Some(ended) = running.join_next() => {
                 bail!("controller {} stopped", ended.unwrap_or("?"));
             }
         }
         readiness.set(false);
-        running.shutdown().await;
+        stop_controllers(running, &stop).await;
         admin_task.abort();
         return Ok(());
     }
@@ -275,6 +302,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let (mut leader, lease_task) = manager.watch().await;
     tokio::pin!(lease_task);
     let mut running: Option<tokio::task::JoinSet<&'static str>> = None;
+    let stop = CancellationToken::new();
     loop {
         let is_leader = *leader.borrow_and_update();
         leader_gauge.set(i64::from(is_leader));
@@ -285,9 +313,23 @@ async fn run(args: RunArgs) -> Result<()> {
                 &client,
                 &metrics,
                 &args.namespace,
+                &stop,
             ));
         }
         tokio::select! {
+            biased;
+            why = &mut shutdown => {
+                tracing::info!(%why, "shutting down");
+                readiness.set(false);
+                if let Some(set) = running.take() {
+                    stop_controllers(set, &stop).await;
+                }
+                drop(leader);
+                // Dropping the receiver makes the lease task release the lease.
+                let _ = tokio::time::timeout(Duration::from_secs(5), &mut lease_task).await;
+                admin_task.abort();
+                return Ok(());
+            }
             changed = leader.changed() => {
                 if changed.is_err() {
                     bail!("the leader-election task stopped");
@@ -303,18 +345,6 @@ async fn run(args: RunArgs) -> Result<()> {
             }
             Some(ended) = async { match running.as_mut() { Some(set) => set.join_next().await, None => std::future::pending().await } } => {
                 bail!("controller {} stopped", ended.unwrap_or("?"));
-            }
-            why = &mut shutdown => {
-                tracing::info!(%why, "shutting down");
-                readiness.set(false);
-                if let Some(mut set) = running.take() {
-                    set.shutdown().await;
-                }
-                drop(leader);
-                // Dropping the receiver makes the lease task release the lease.
-                let _ = tokio::time::timeout(Duration::from_secs(5), &mut lease_task).await;
-                admin_task.abort();
-                return Ok(());
             }
         }
     }

@@ -23,6 +23,10 @@ pub struct Context {
     pub backoff: Arc<backoff::Backoff>,
     /// Reports events as this controller (`stateward-<name>`).
     pub reporter: kube::runtime::events::Reporter,
+    /// Cancelled by the manager on SIGTERM. Controllers stop taking new work and let
+    /// in-flight reconciles finish; only the manager listens to signals, so a controller
+    /// never ends on its own and looks like a crash.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl Context {
@@ -36,12 +40,19 @@ impl Context {
                 controller: format!("stateward-{controller}"),
                 instance: std::env::var("POD_NAME").ok(),
             },
+            shutdown: tokio_util::sync::CancellationToken::new(),
         }
     }
 
     /// A context with a movable clock, for tests.
     pub fn with_clock(mut self, clock: Arc<dyn time::Clock>) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// A context whose shutdown is driven by `token`.
+    pub fn with_shutdown(mut self, token: tokio_util::sync::CancellationToken) -> Self {
+        self.shutdown = token;
         self
     }
 
