@@ -12,15 +12,12 @@ use crate::{UploadOptions, stream_to_s3, write_volume_archive};
 pub const TERMINATION_LOG: &str = "/dev/termination-log";
 const TERMINATION_LIMIT: usize = 4096;
 
-/// `stateward agent backup-volume`: archive a mounted volume into one S3 object.
+/// Where and how the agent stores one object.
 #[derive(clap::Args, Debug, Clone)]
-pub struct BackupVolumeArgs {
-    /// The volume's mount path (mounted read-only).
-    #[arg(long)]
-    pub source: PathBuf,
+pub struct S3Target {
     #[arg(long)]
     pub bucket: String,
-    /// Object key of the archive.
+    /// Object key of the data.
     #[arg(long)]
     pub key: String,
     /// Object key of the full result (JSON).
@@ -33,6 +30,10 @@ pub struct BackupVolumeArgs {
     pub region: String,
     #[arg(long)]
     pub force_path_style: bool,
+    /// Send checksums only when an operation requires them (for S3-compatible servers
+    /// that reject the SDK's default trailing checksums).
+    #[arg(long)]
+    pub checksum_when_required: bool,
     /// Part size in MiB (at least 5).
     #[arg(long, default_value_t = 16)]
     pub part_size_mib: usize,
@@ -46,6 +47,88 @@ pub struct BackupVolumeArgs {
     pub zstd_threads: u32,
 }
 
+impl S3Target {
+    fn client(&self) -> Result<aws_sdk_s3::Client, String> {
+        let key = std::env::var("AWS_ACCESS_KEY_ID")
+            .map_err(|_| "AWS_ACCESS_KEY_ID is not set".to_string())?;
+        let secret = std::env::var("AWS_SECRET_ACCESS_KEY")
+            .map_err(|_| "AWS_SECRET_ACCESS_KEY is not set".to_string())?;
+        Ok(s3_client_with(
+            &key,
+            &secret,
+            self.endpoint.as_deref(),
+            &self.region,
+            self.force_path_style,
+            self.checksum_when_required,
+        ))
+    }
+
+    fn upload_options(&self) -> UploadOptions {
+        UploadOptions {
+            bucket: self.bucket.clone(),
+            key: self.key.clone(),
+            part_size: self.part_size_mib.max(5) << 20,
+            parts_in_flight: self.parts_in_flight.max(1),
+        }
+    }
+
+    /// Writes the full result next to the data.
+    async fn put_result(
+        &self,
+        client: &aws_sdk_s3::Client,
+        result: &VolumeResult,
+    ) -> Result<(), String> {
+        let Some(result_key) = &self.result_key else {
+            return Ok(());
+        };
+        let body = serde_json::to_vec_pretty(result).map_err(|e| e.to_string())?;
+        client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(result_key)
+            .body(aws_sdk_s3::primitives::ByteStream::from(body))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                format!(
+                    "writing the result object: {}",
+                    aws_sdk_s3::error::DisplayErrorContext(&e)
+                )
+            })
+    }
+}
+
+/// `stateward agent backup-volume`: archive a mounted volume into one S3 object.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BackupVolumeArgs {
+    /// The volume's mount path (mounted read-only).
+    #[arg(long)]
+    pub source: PathBuf,
+    #[command(flatten)]
+    pub target: S3Target,
+}
+
+/// `stateward agent backup-exec`: run a dump command in an app pod through the
+/// Kubernetes API and store its standard output, zstd-compressed.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BackupExecArgs {
+    /// Namespace of the app pod (default: the agent's own).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: String,
+    /// The app pod to run the command in.
+    #[arg(long)]
+    pub pod: String,
+    /// Container (default: the pod's first).
+    #[arg(long)]
+    pub container: Option<String>,
+    #[command(flatten)]
+    pub target: S3Target,
+    /// The dump command, after `--`.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
 /// The agent's result: the full version goes to S3, a summary to the termination log.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -57,26 +140,6 @@ pub struct VolumeResult {
     pub sha256: String,
     pub parts: u32,
     pub duration_seconds: f64,
-}
-
-/// Builds an S3 client from explicit settings and environment credentials.
-pub fn s3_client(
-    endpoint: Option<&str>,
-    region: &str,
-    force_path_style: bool,
-) -> Result<aws_sdk_s3::Client, String> {
-    let key = std::env::var("AWS_ACCESS_KEY_ID")
-        .map_err(|_| "AWS_ACCESS_KEY_ID is not set".to_string())?;
-    let secret = std::env::var("AWS_SECRET_ACCESS_KEY")
-        .map_err(|_| "AWS_SECRET_ACCESS_KEY is not set".to_string())?;
-    Ok(s3_client_with(
-        &key,
-        &secret,
-        endpoint,
-        region,
-        force_path_style,
-        false,
-    ))
 }
 
 /// Builds an S3 client from explicit credentials (never logged). `checksum_when_required`
@@ -112,7 +175,18 @@ pub fn s3_client_with(
 
 /// Runs `backup-volume`; returns the process exit code.
 pub async fn backup_volume(args: BackupVolumeArgs) -> i32 {
-    match backup_volume_inner(&args).await {
+    report(backup_volume_inner(&args).await)
+}
+
+/// Runs `backup-exec`; returns the process exit code.
+pub async fn backup_exec(args: BackupExecArgs) -> i32 {
+    report(backup_exec_inner(&args).await)
+}
+
+/// Prints the result (or the error) and writes the termination message the controller
+/// reads.
+fn report(outcome: Result<VolumeResult, String>) -> i32 {
+    match outcome {
         Ok(result) => {
             let summary = serde_json::to_string(&result).unwrap_or_default();
             println!("{summary}");
@@ -120,7 +194,7 @@ pub async fn backup_volume(args: BackupVolumeArgs) -> i32 {
             0
         }
         Err(message) => {
-            eprintln!("backup-volume failed: {message}");
+            eprintln!("agent failed: {message}");
             write_termination(&format!(
                 "{{\"error\":{}}}",
                 serde_json::Value::String(message)
@@ -142,26 +216,17 @@ async fn backup_volume_inner(args: &BackupVolumeArgs) -> Result<VolumeResult, St
             args.source.display()
         ));
     }
-    let client = s3_client(
-        args.endpoint.as_deref(),
-        &args.region,
-        args.force_path_style,
-    )?;
-    let options = UploadOptions {
-        bucket: args.bucket.clone(),
-        key: args.key.clone(),
-        part_size: args.part_size_mib.max(5) << 20,
-        parts_in_flight: args.parts_in_flight.max(1),
-    };
+    let target = &args.target;
+    let client = target.client()?;
     let started = std::time::Instant::now();
-    let (source, level, threads) = (args.source.clone(), args.zstd_level, args.zstd_threads);
-    let (stored, stats) = stream_to_s3(&client, &options, move |writer| {
+    let (source, level, threads) = (args.source.clone(), target.zstd_level, target.zstd_threads);
+    let (stored, stats) = stream_to_s3(&client, &target.upload_options(), move |writer| {
         write_volume_archive(&source, writer, level, threads)
     })
     .await
     .map_err(|e| e.to_string())?;
     let result = VolumeResult {
-        key: args.key.clone(),
+        key: target.key.clone(),
         files: stats.files,
         bytes_read: stats.bytes_read,
         bytes_stored: stored.bytes_stored,
@@ -169,21 +234,139 @@ async fn backup_volume_inner(args: &BackupVolumeArgs) -> Result<VolumeResult, St
         parts: stored.parts,
         duration_seconds: started.elapsed().as_secs_f64(),
     };
-    if let Some(result_key) = &args.result_key {
-        let body = serde_json::to_vec_pretty(&result).map_err(|e| e.to_string())?;
-        client
-            .put_object()
-            .bucket(&args.bucket)
-            .key(result_key)
-            .body(aws_sdk_s3::primitives::ByteStream::from(body))
-            .send()
-            .await
-            .map_err(|e| {
-                format!(
-                    "writing the result object: {}",
-                    aws_sdk_s3::error::DisplayErrorContext(&e)
-                )
-            })?;
+    target.put_result(&client, &result).await?;
+    Ok(result)
+}
+
+/// How much of the dump command's stderr is kept for the error message.
+const STDERR_TAIL: usize = 1024;
+
+async fn backup_exec_inner(args: &BackupExecArgs) -> Result<VolumeResult, String> {
+    use futures::StreamExt as _;
+    use kube::api::{Api, AttachParams};
+    use tokio::io::AsyncReadExt;
+
+    let target = &args.target;
+    let s3 = target.client()?;
+    let kube = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("no Kubernetes configuration: {e}"))?;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(kube, &args.namespace);
+    let mut params = AttachParams::default()
+        .stdin(false)
+        .stdout(true)
+        .stderr(true);
+    if let Some(container) = &args.container {
+        params = params.container(container.clone());
     }
+    let started = std::time::Instant::now();
+    let mut process = pods
+        .exec(&args.pod, args.command.clone(), &params)
+        .await
+        .map_err(|e| format!("exec in pod {}: {e}", args.pod))?;
+    let mut stdout = process.stdout().ok_or("the exec session has no stdout")?;
+    let stderr = process.stderr();
+    let status = process.take_status();
+
+    // stdout → bounded channel → the blocking zstd producer. The channel keeps memory
+    // bounded: a slow upload slows the reads, and the API server applies back-pressure.
+    let (chunks, mut receive) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
+    let reader = tokio::spawn(async move {
+        let mut buffer = vec![0u8; 256 << 10];
+        loop {
+            let n = stdout.read(&mut buffer).await?;
+            if n == 0 {
+                return Ok::<(), std::io::Error>(());
+            }
+            if chunks
+                .send(bytes::Bytes::copy_from_slice(&buffer[..n]))
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+    });
+    let stderr_tail = tokio::spawn(async move {
+        let mut tail = Vec::new();
+        if let Some(stderr) = stderr {
+            let mut lines = tokio_util::io::ReaderStream::new(stderr);
+            while let Some(Ok(chunk)) = lines.next().await {
+                tail.extend_from_slice(&chunk);
+                if tail.len() > STDERR_TAIL {
+                    tail.drain(..tail.len() - STDERR_TAIL);
+                }
+            }
+        }
+        String::from_utf8_lossy(&tail).trim().to_string()
+    });
+    // The command's exit status, handed to the producer so that a failed dump fails the
+    // upload (which is then aborted) instead of storing a truncated stream.
+    let (exit_tx, exit_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let status_task = tokio::spawn(async move {
+        let outcome = match status {
+            None => Err("the exec session reported no exit status".to_string()),
+            Some(status) => match status.await {
+                Some(s) if s.status.as_deref() == Some("Success") => Ok(()),
+                Some(s) => Err(s
+                    .message
+                    .unwrap_or_else(|| "the dump command failed".to_string())),
+                None => Err("the exec session ended without an exit status".to_string()),
+            },
+        };
+        let _ = exit_tx.send(outcome);
+    });
+    let (level, threads) = (target.zstd_level, target.zstd_threads);
+    let produced = stream_to_s3(&s3, &target.upload_options(), move |writer| {
+        let mut encoder = zstd::stream::write::Encoder::new(writer, level)?;
+        if threads > 1 {
+            encoder.multithread(threads)?;
+        }
+        let mut read = 0u64;
+        while let Some(chunk) = receive.blocking_recv() {
+            read += chunk.len() as u64;
+            std::io::Write::write_all(&mut encoder, &chunk)?;
+        }
+        match exit_rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(Ok(())) => {}
+            Ok(Err(message)) => return Err(std::io::Error::other(message)),
+            Err(_) => {
+                return Err(std::io::Error::other(
+                    "the dump command's exit status never arrived",
+                ));
+            }
+        }
+        Ok((encoder.finish()?, read))
+    })
+    .await;
+    let _ = status_task.await;
+    let read_error = match reader.await {
+        Ok(Err(e)) => Some(e.to_string()),
+        _ => None,
+    };
+    let stderr = stderr_tail.await.unwrap_or_default();
+    let (stored, bytes_read) = match produced {
+        Ok(done) => done,
+        Err(e) => {
+            let mut message = format!("{} in pod {}", e, args.pod);
+            if let Some(read_error) = read_error {
+                message.push_str(&format!(" (reading its output: {read_error})"));
+            }
+            if !stderr.is_empty() {
+                message.push_str(&format!("; stderr: {stderr}"));
+            }
+            return Err(message);
+        }
+    };
+    let result = VolumeResult {
+        key: target.key.clone(),
+        files: 0,
+        bytes_read,
+        bytes_stored: stored.bytes_stored,
+        sha256: stored.sha256,
+        parts: stored.parts,
+        duration_seconds: started.elapsed().as_secs_f64(),
+    };
+    target.put_result(&s3, &result).await?;
     Ok(result)
 }

@@ -9,6 +9,7 @@
 
 pub mod archive;
 pub mod cli;
+pub mod manifest;
 pub mod upload;
 
 pub use archive::{ArchiveStats, write_volume_archive};

@@ -109,6 +109,17 @@ pub struct BackupStatus {
     /// Object key prefix of this backup in the repository.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,
+    /// The repository this run writes to (the spec's override or the app's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    /// The method this run uses (the spec's override or the app's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<BackupMethod>,
+    /// Pre- and post-hook results, in the order they ran.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["stage".into(), "name".into()]))]
+    pub hooks: Vec<HookResult>,
     /// Per-volume (or per-pod for Exec) results.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1000))]
@@ -137,7 +148,47 @@ pub struct VolumeResult {
     /// Files archived (Volume method).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<i64>,
+    /// The app pod this volume belongs to (or the pod dumped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// The node the agent Job ran on (the app pod's node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The agent Job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// Object key of the stored data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Seconds the agent took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_seconds: Option<f64>,
     /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// When a hook ran.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum HookStage {
+    #[default]
+    Pre,
+    Post,
+}
+
+/// The result of one hook in one pod.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HookResult {
+    /// `Pre` or `Post`.
+    pub stage: HookStage,
+    /// The hook's name (and the pod it ran in: `<hook>@<pod>`).
+    pub name: String,
+    /// Whether the command exited 0 within its timeout.
+    pub succeeded: bool,
+    /// What went wrong (exit code, timeout, last lines of stderr).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }

@@ -110,6 +110,7 @@ async fn repository_checks_report_actionable_reasons_and_events() -> Result<()> 
             Metrics::new(),
         ),
         Some(ns.name.clone()),
+        stateward_backup::RunConfig::default(),
     ));
 
     for (name, _, reasons) in &cases {

@@ -26,16 +26,18 @@ fn start_controllers(
     metrics: &Metrics,
     namespace: &Option<String>,
     shutdown: &CancellationToken,
+    run_config: &stateward_backup::RunConfig,
 ) -> tokio::task::JoinSet<&'static str> {
     let mut set = tokio::task::JoinSet::new();
     for name in controllers {
         let base = stateward_runtime::Context::new(client.clone(), name, metrics.clone())
             .with_shutdown(shutdown.clone());
         let namespace = namespace.clone();
+        let run_config = run_config.clone();
         match *name {
             stateward_backup::CONTROLLER => {
                 set.spawn(async move {
-                    stateward_backup::run(base, namespace).await;
+                    stateward_backup::run(base, namespace, run_config).await;
                     stateward_backup::CONTROLLER
                 });
             }
@@ -95,6 +97,8 @@ enum Command {
 enum AgentCommand {
     /// Archive a mounted volume (tar, zstd) into an S3 object.
     BackupVolume(stateward_agent::cli::BackupVolumeArgs),
+    /// Run a dump command in an app pod (through the API) and store its output in S3.
+    BackupExec(stateward_agent::cli::BackupExecArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -117,6 +121,15 @@ struct RunArgs {
     /// Leader lease duration in seconds.
     #[arg(long, default_value_t = 15)]
     lease_duration: u64,
+    /// Image of the backup agent (default: this binary's own release image).
+    #[arg(long, env = "STATEWARD_AGENT_IMAGE")]
+    agent_image: Option<String>,
+    /// Agent Jobs running at once, cluster-wide.
+    #[arg(long, default_value_t = 8, env = "STATEWARD_MAX_AGENT_JOBS")]
+    max_agent_jobs: usize,
+    /// Agent Jobs running at once on one node.
+    #[arg(long, default_value_t = 2, env = "STATEWARD_MAX_AGENT_JOBS_PER_NODE")]
+    max_agent_jobs_per_node: usize,
     /// Log format: text or json.
     #[arg(long, default_value = "text", env = "STATEWARD_LOG_FORMAT")]
     log_format: LogFormat,
@@ -143,6 +156,7 @@ fn main() -> Result<()> {
                     AgentCommand::BackupVolume(args) => {
                         stateward_agent::cli::backup_volume(args).await
                     }
+                    AgentCommand::BackupExec(args) => stateward_agent::cli::backup_exec(args).await,
                 }
             });
             std::process::exit(code);
@@ -222,6 +236,14 @@ async fn wait_for_crds(client: &Client) -> Result<()> {
 
 async fn run(args: RunArgs) -> Result<()> {
     let controllers = selected_controllers(&args.controllers)?;
+    let mut run_config = stateward_backup::RunConfig {
+        max_jobs: args.max_agent_jobs.max(1),
+        max_jobs_per_node: args.max_agent_jobs_per_node.max(1),
+        ..Default::default()
+    };
+    if let Some(image) = &args.agent_image {
+        run_config.agent_image = image.clone();
+    }
     let client = Client::try_default()
         .await
         .context("no Kubernetes configuration (in-cluster or KUBECONFIG)")?;
@@ -266,8 +288,14 @@ async fn run(args: RunArgs) -> Result<()> {
     if !args.leader_elect {
         leader_gauge.set(1);
         let stop = CancellationToken::new();
-        let mut running =
-            start_controllers(&controllers, &client, &metrics, &args.namespace, &stop);
+        let mut running = start_controllers(
+            &controllers,
+            &client,
+            &metrics,
+            &args.namespace,
+            &stop,
+            &run_config,
+        );
         tokio::select! {
             // Biased: when SIGTERM arrives, shutting down wins over anything else ready.
             biased;
@@ -314,6 +342,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 &metrics,
                 &args.namespace,
                 &stop,
+                &run_config,
             ));
         }
         tokio::select! {

@@ -1,0 +1,1296 @@
+//! Backup runs: a state machine persisted in `Backup.status`, so a restarted manager
+//! continues where it was. Each reconcile reads the Backup fresh and takes the next step:
+//!
+//! 1. **start** (no phase yet): resolve StatefulApp → settings → repository (checked) →
+//!    StatefulSet → pods → volumes; any problem ends the run Failed with a reason before
+//!    anything is written to S3. Then take the app's operation lock (or wait, `Pending`
+//!    with `LockAcquired=False/WaitingForLock`) and record the targets: `Running`.
+//! 2. **pre-hooks**, each recorded in `status.hooks` as it finishes.
+//! 3. **agent Jobs**, one per target, named deterministically (a restarted manager adopts
+//!    them), created under the global and per-node caps; their outcome per volume.
+//! 4. **post-hooks**, always (also after a failure).
+//! 5. **commit**: `manifest.json` written last, then `Completed`; or, on any failure
+//!    (`FailureTarget` set first, like a Job), stop the Jobs, abort uploads, delete the
+//!    objects, then `Failed`. The lock is released last.
+
+pub mod hooks;
+pub mod plan;
+pub mod store;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{DeleteParams, ListParams, PostParams, PropagationPolicy};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource, ResourceExt};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use stateward_agent::manifest::{self, Entry, FORMAT_VERSION, Manifest};
+use stateward_api::backup::{
+    Backup, BackupPhase, BackupStatus, HookResult, HookStage, VolumeResult,
+};
+use stateward_api::repository::BackupRepository;
+use stateward_api::statefulapp::{BackupMethod, Hook, OnError, StatefulApp};
+use stateward_runtime::lock::{Acquired, Holder, Intent, LockError, OperationLock};
+use stateward_runtime::{Context, apply, conditions, time};
+
+use plan::{Invalid, Settings};
+use store::Store;
+
+/// Annotation a parent operation (a scale-down that backs up first) sets on the Backup it
+/// creates, so the backup runs under the parent's operation lock instead of waiting.
+pub const PARENT_TOKEN_ANNOTATION: &str = "stateward.io/parent-operation-token";
+
+/// How often a running backup is looked at when nothing else wakes it.
+const POLL: Duration = Duration::from_secs(5);
+
+/// Operator settings for runs.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Image of the agent (the operator's own image).
+    pub agent_image: String,
+    /// Agent Jobs running at once, cluster-wide.
+    pub max_jobs: usize,
+    /// Agent Jobs running at once on one node.
+    pub max_jobs_per_node: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            agent_image: format!("ghcr.io/stateward/stateward:{}", env!("CARGO_PKG_VERSION")),
+            max_jobs: 8,
+            max_jobs_per_node: 2,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppLabels {
+    pub namespace: String,
+    pub app: String,
+}
+
+/// `stateward_backup_*` families.
+#[derive(Clone)]
+pub struct RunMetrics {
+    pub runs: Family<ResultLabels, Counter>,
+    pub duration: Histogram,
+    pub last_success: Family<AppLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub stored_bytes: Family<AppLabels, Gauge>,
+    pub consecutive_failures: Family<AppLabels, Gauge>,
+}
+
+impl RunMetrics {
+    pub fn register(metrics: &stateward_runtime::metrics::Metrics) -> Self {
+        let this = Self {
+            runs: Family::default(),
+            duration: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
+            last_success: Family::default(),
+            stored_bytes: Family::default(),
+            consecutive_failures: Family::default(),
+        };
+        for result in ["completed", "failed"] {
+            let _ = this.runs.get_or_create(&ResultLabels {
+                result: result.into(),
+            });
+        }
+        metrics.register(
+            "backup_runs",
+            "Backup runs that ended, by result",
+            this.runs.clone(),
+        );
+        metrics.register(
+            "backup_duration_seconds",
+            "Duration of backup runs",
+            this.duration.clone(),
+        );
+        metrics.register(
+            "backup_last_success_timestamp_seconds",
+            "When the app's last successful backup completed (Unix time)",
+            this.last_success.clone(),
+        );
+        metrics.register(
+            "backup_stored_bytes",
+            "Bytes stored by the app's last successful backup",
+            this.stored_bytes.clone(),
+        );
+        metrics.register(
+            "backup_consecutive_failures",
+            "Failed backup runs of the app since its last success",
+            this.consecutive_failures.clone(),
+        );
+        this
+    }
+}
+
+/// Shared state of the run loop.
+pub struct RunContext {
+    pub base: Context,
+    pub config: RunConfig,
+    pub metrics: RunMetrics,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("talking to the API server")]
+    Kube(#[source] kube::Error),
+    #[error("taking or releasing the operation lock")]
+    Lock(#[source] LockError),
+    #[error("{0}")]
+    Store(String),
+}
+
+impl RunError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Kube(_) => "kube",
+            Self::Lock(_) => "lock",
+            Self::Store(_) => "store",
+        }
+    }
+}
+
+impl From<kube::Error> for RunError {
+    fn from(e: kube::Error) -> Self {
+        Self::Kube(e)
+    }
+}
+
+impl From<LockError> for RunError {
+    fn from(e: LockError) -> Self {
+        Self::Lock(e)
+    }
+}
+
+/// What a run works on, resolved from the API.
+struct Resolved {
+    app: StatefulApp,
+    settings: Settings,
+    repository: BackupRepository,
+    sts: StatefulSet,
+    pods: Vec<Pod>,
+    claims: Vec<PersistentVolumeClaim>,
+}
+
+fn holder(backup: &Backup) -> Holder {
+    Holder {
+        api_version: Backup::api_version(&()).to_string(),
+        kind: Backup::kind(&()).to_string(),
+        resource: Backup::plural(&()).to_string(),
+        name: backup.name_any(),
+        uid: backup.uid().unwrap_or_default(),
+    }
+}
+
+/// The reconcile entry point.
+#[tracing::instrument(skip_all, fields(namespace = backup.namespace().unwrap_or_default(), backup = backup.name_any()))]
+pub async fn reconcile(backup: Arc<Backup>, ctx: Arc<RunContext>) -> Result<Action, RunError> {
+    let timer = ctx.base.metrics.reconcile.start(crate::CONTROLLER);
+    let result = step(&backup, &ctx).await;
+    timer.finish(if result.is_ok() { "success" } else { "error" });
+    result
+}
+
+/// Transient errors back off per Backup.
+pub fn error_policy(backup: Arc<Backup>, err: &RunError, ctx: Arc<RunContext>) -> Action {
+    let key = format!(
+        "backup/{}/{}",
+        backup.namespace().unwrap_or_default(),
+        backup.name_any()
+    );
+    tracing::warn!(backup = %key, error = %err, label = err.metric_label(), "backup reconcile failed");
+    let delay = ctx
+        .base
+        .backoff
+        .on_error(&key, stateward_runtime::backoff::ErrorKind::Transient)
+        .unwrap_or(Duration::from_secs(300));
+    Action::requeue(delay)
+}
+
+async fn step(cached: &Backup, ctx: &RunContext) -> Result<Action, RunError> {
+    let ns = cached.namespace().unwrap_or_default();
+    let api: Api<Backup> = Api::namespaced(ctx.base.client.clone(), &ns);
+    // Read fresh: the cache can lag behind our own last status write, and a step (a hook,
+    // a Job) must never run twice because of it.
+    let Some(backup) = api.get_opt(&cached.name_any()).await? else {
+        return Ok(Action::await_change());
+    };
+    if backup.uid() != cached.uid() {
+        return Ok(Action::await_change());
+    }
+    ctx.base
+        .backoff
+        .on_success(&format!("backup/{ns}/{}", backup.name_any()));
+    match backup.status.as_ref().and_then(|s| s.phase) {
+        Some(BackupPhase::Completed | BackupPhase::Failed) => Ok(Action::await_change()),
+        Some(BackupPhase::Running) => running(&backup, ctx).await,
+        _ => start(&backup, ctx).await,
+    }
+}
+
+async fn resolve(
+    backup: &Backup,
+    client: &kube::Client,
+) -> Result<Result<Resolved, Invalid>, RunError> {
+    let ns = backup.namespace().unwrap_or_default();
+    let invalid = |reason: &'static str, message: String| Ok(Err(Invalid { reason, message }));
+    let apps: Api<StatefulApp> = Api::namespaced(client.clone(), &ns);
+    let Some(app) = apps.get_opt(&backup.spec.app).await? else {
+        return invalid(
+            "AppNotFound",
+            format!(
+                "StatefulApp {} not found in namespace {ns}",
+                backup.spec.app
+            ),
+        );
+    };
+    let settings = match plan::settings(backup, &app) {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(e)),
+    };
+    let repos: Api<BackupRepository> = Api::namespaced(client.clone(), &ns);
+    let Some(repository) = repos.get_opt(&settings.repository).await? else {
+        return invalid(
+            "RepositoryNotFound",
+            format!(
+                "BackupRepository {} not found in namespace {ns}",
+                settings.repository
+            ),
+        );
+    };
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let Some(sts) = sets.get_opt(&app.spec.stateful_set_name).await? else {
+        return invalid(
+            "StatefulSetNotFound",
+            format!(
+                "StatefulSet {} (named by StatefulApp {}) not found in namespace {ns}",
+                app.spec.stateful_set_name,
+                app.name_any()
+            ),
+        );
+    };
+    let selector = sts
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.match_labels.clone())
+        .unwrap_or_default()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pods = pods
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+    let claims = claims.list(&ListParams::default()).await?.items;
+    Ok(Ok(Resolved {
+        app,
+        settings,
+        repository,
+        sts,
+        pods,
+        claims,
+    }))
+}
+
+async fn start(backup: &Backup, ctx: &RunContext) -> Result<Action, RunError> {
+    let now = ctx.base.clock.now();
+    if backup.spec.cancel == Some(true) {
+        return fail_before_start(
+            backup,
+            ctx,
+            "Cancelled",
+            "cancelled before it started".into(),
+        )
+        .await;
+    }
+    let resolved = match resolve(backup, &ctx.base.client).await? {
+        Ok(r) => r,
+        Err(e) => return fail_before_start(backup, ctx, e.reason, e.message).await,
+    };
+    let verdict = crate::repository::check(&ctx.base.client, &resolved.repository).await;
+    if verdict != crate::repository::Verdict::Ready {
+        let message = format!(
+            "BackupRepository {}: {}",
+            resolved.repository.name_any(),
+            verdict.message(&resolved.repository.spec.s3.bucket)
+        );
+        return fail_before_start(backup, ctx, verdict.reason(), message).await;
+    }
+    let selected =
+        match plan::selected_pods(&resolved.sts, &resolved.pods, resolved.settings.replicas) {
+            Ok(p) => p,
+            Err(e) => return fail_before_start(backup, ctx, e.reason, e.message).await,
+        };
+    let targets = match plan::targets(resolved.settings.method, &selected, &resolved.claims) {
+        Ok(t) => t,
+        Err(e) => return fail_before_start(backup, ctx, e.reason, e.message).await,
+    };
+    let ns = backup.namespace().unwrap_or_default();
+    let lock = OperationLock::new(ctx.base.client.clone(), &ns, &resolved.app.name_any());
+    let parent = backup
+        .annotations()
+        .get(PARENT_TOKEN_ANNOTATION)
+        .map(String::as_str);
+    let mut status = backup.status.clone().unwrap_or_default();
+    let lock_reason = match lock.acquire(holder(backup), Intent::Read, parent).await? {
+        Acquired::Busy(record) => {
+            status.phase = Some(BackupPhase::Pending);
+            conditions::set(
+                &mut status.conditions,
+                conditions::condition(
+                    "LockAcquired",
+                    false,
+                    "WaitingForLock",
+                    format!(
+                        "waiting for {} {} (intent {:?}) to release app {}'s operation lock, held since {}",
+                        record.holder.kind,
+                        record.holder.name,
+                        record.intent,
+                        resolved.app.name_any(),
+                        time::rfc3339(record.acquired_at)
+                    ),
+                    backup.meta().generation,
+                ),
+                now,
+            );
+            write_status(backup, ctx, &status).await?;
+            return Ok(Action::requeue(POLL));
+        }
+        Acquired::Held(_) => "Held",
+        Acquired::Nested(_) => "Nested",
+    };
+    let prefix = manifest::backup_prefix(
+        resolved.repository.spec.s3.prefix.as_deref(),
+        &ns,
+        &resolved.app.name_any(),
+        &backup.name_any(),
+        &backup.uid().unwrap_or_default(),
+    );
+    status.phase = Some(BackupPhase::Running);
+    status.observed_generation = backup.meta().generation;
+    status.start_time = Some(time::rfc3339(now));
+    status.repository = Some(resolved.repository.name_any());
+    status.method = Some(resolved.settings.method);
+    status.location = Some(prefix.clone());
+    status.volumes = targets
+        .iter()
+        .map(|t| VolumeResult {
+            name: t.name.clone(),
+            phase: BackupPhase::Pending,
+            pod: Some(t.pod.clone()),
+            node: Some(t.node.clone()),
+            job: Some(plan::job_name(&backup.name_any(), &t.name)),
+            key: Some(plan::data_key(resolved.settings.method, &prefix, t)),
+            ..Default::default()
+        })
+        .collect();
+    conditions::set(
+        &mut status.conditions,
+        conditions::condition(
+            "LockAcquired",
+            true,
+            lock_reason,
+            format!("holds app {}'s operation lock", resolved.app.name_any()),
+            backup.meta().generation,
+        ),
+        now,
+    );
+    write_status(backup, ctx, &status).await?;
+    publish(
+        ctx,
+        backup,
+        EventType::Normal,
+        "Started",
+        format!(
+            "backing up {} target(s) of {} to {prefix}",
+            targets.len(),
+            resolved.app.name_any()
+        ),
+    )
+    .await;
+    Ok(Action::requeue(Duration::from_millis(200)))
+}
+
+fn failure_target(status: &BackupStatus) -> Option<(String, String)> {
+    conditions::get(&status.conditions, "FailureTarget")
+        .filter(|c| c.status == "True")
+        .map(|c| (c.reason.clone(), c.message.clone()))
+}
+
+fn set_failure(
+    backup: &Backup,
+    status: &mut BackupStatus,
+    reason: &str,
+    message: String,
+    now: DateTime<Utc>,
+) {
+    if failure_target(status).is_some() {
+        return;
+    }
+    conditions::set(
+        &mut status.conditions,
+        conditions::condition(
+            "FailureTarget",
+            true,
+            reason,
+            message,
+            backup.meta().generation,
+        ),
+        now,
+    );
+}
+
+fn run_pods(status: &BackupStatus) -> Vec<String> {
+    status
+        .volumes
+        .iter()
+        .filter_map(|v| v.pod.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+async fn running(backup: &Backup, ctx: &RunContext) -> Result<Action, RunError> {
+    let now = ctx.base.clock.now();
+    let ns = backup.namespace().unwrap_or_default();
+    let mut status = backup.status.clone().unwrap_or_default();
+    let resolved = resolve(backup, &ctx.base.client).await?;
+    let settings = resolved.as_ref().ok().map(|r| r.settings.clone());
+
+    // Cancel and deadline.
+    if backup.spec.cancel == Some(true) {
+        set_failure(
+            backup,
+            &mut status,
+            "Cancelled",
+            "cancelled by setting spec.cancel: true".into(),
+            now,
+        );
+    }
+    let started = status
+        .start_time
+        .as_deref()
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc));
+    let deadline = settings.as_ref().and_then(|s| s.deadline_seconds);
+    if let (Some(started), Some(seconds)) = (started, deadline)
+        && now >= started + chrono::Duration::seconds(seconds)
+    {
+        set_failure(
+            backup,
+            &mut status,
+            "DeadlineExceeded",
+            format!("did not finish within activeDeadlineSeconds ({seconds}s)"),
+            now,
+        );
+    }
+    if let Err(e) = &resolved {
+        set_failure(backup, &mut status, e.reason, e.message.clone(), now);
+    }
+    let pods_api: Api<Pod> = Api::namespaced(ctx.base.client.clone(), &ns);
+    let pods = run_pods(&status);
+
+    // Pre-hooks, each recorded once.
+    if failure_target(&status).is_none()
+        && let Some(settings) = &settings
+    {
+        for hook in &settings.hooks.pre {
+            if run_hook(
+                backup,
+                ctx,
+                &pods_api,
+                &pods,
+                hook,
+                HookStage::Pre,
+                &mut status,
+            )
+            .await?
+            {
+                break;
+            }
+        }
+    }
+
+    // Agent Jobs.
+    if failure_target(&status).is_none()
+        && let Ok(resolved) = &resolved
+    {
+        let all_done = agents(backup, ctx, resolved, &mut status).await?;
+        if !all_done && failure_target(&status).is_none() {
+            write_status(backup, ctx, &status).await?;
+            return Ok(Action::requeue(
+                POLL.min(until_deadline(started, deadline, now)),
+            ));
+        }
+    }
+
+    // A failing run stops its agents before anything else, so no upload continues
+    // behind the sweep.
+    if failure_target(&status).is_some() {
+        write_status(backup, ctx, &status).await?;
+        if !stop_agents(backup, ctx).await? {
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
+    }
+
+    // Post-hooks always run (in the pods the run started with).
+    if let Some(settings) = &settings {
+        for hook in &settings.hooks.post {
+            run_hook(
+                backup,
+                ctx,
+                &pods_api,
+                &pods,
+                hook,
+                HookStage::Post,
+                &mut status,
+            )
+            .await?;
+        }
+    }
+
+    match failure_target(&status) {
+        None => {
+            let Ok(resolved) = &resolved else {
+                return Ok(Action::requeue(POLL));
+            };
+            commit(backup, ctx, resolved, &mut status).await
+        }
+        Some((reason, message)) => {
+            fail(
+                backup,
+                ctx,
+                resolved.ok().map(|r| r.repository),
+                &mut status,
+                &reason,
+                &message,
+            )
+            .await
+        }
+    }
+}
+
+fn until_deadline(
+    started: Option<DateTime<Utc>>,
+    deadline: Option<i64>,
+    now: DateTime<Utc>,
+) -> Duration {
+    match (started, deadline) {
+        (Some(s), Some(d)) => (s + chrono::Duration::seconds(d) - now)
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+            .max(Duration::from_millis(200)),
+        _ => POLL,
+    }
+}
+
+/// Runs `hook` in each pod not yet recorded for this stage. Returns true when the run
+/// must stop (a failure with onError Fail).
+async fn run_hook(
+    backup: &Backup,
+    ctx: &RunContext,
+    pods_api: &Api<Pod>,
+    pods: &[String],
+    hook: &Hook,
+    stage: HookStage,
+    status: &mut BackupStatus,
+) -> Result<bool, RunError> {
+    for pod in pods {
+        let name = format!("{}@{pod}", hook.name);
+        if let Some(done) = status
+            .hooks
+            .iter()
+            .find(|h| h.stage == stage && h.name == name)
+        {
+            if !done.succeeded && hook.on_error == OnError::Fail {
+                return Ok(true);
+            }
+            continue;
+        }
+        let outcome = hooks::run(pods_api, pod, hook).await;
+        let succeeded = outcome.is_ok();
+        let message = outcome.err();
+        tracing::info!(hook = %name, ?stage, succeeded, "hook ran");
+        status.hooks.push(HookResult {
+            stage,
+            name: name.clone(),
+            succeeded,
+            message: message.clone(),
+        });
+        let mut stop = false;
+        if let Some(message) = message {
+            publish(
+                ctx,
+                backup,
+                EventType::Warning,
+                "HookFailed",
+                message.clone(),
+            )
+            .await;
+            if hook.on_error == OnError::Fail {
+                set_failure(backup, status, "HookFailed", message, ctx.base.clock.now());
+                stop = true;
+            }
+        }
+        write_status(backup, ctx, status).await?;
+        if stop {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn job_condition<'a>(
+    job: &'a Job,
+    type_: &str,
+) -> Option<&'a k8s_openapi::api::batch::v1::JobCondition> {
+    job.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == type_ && c.status == "True"))
+}
+
+fn job_active(job: &Job) -> bool {
+    job_condition(job, "Complete").is_none() && job_condition(job, "Failed").is_none()
+}
+
+/// Why an agent Job failed: the agent's own words from its termination message, else
+/// the Job's condition.
+async fn job_failure(pods: &Api<Pod>, job: &Job) -> String {
+    let selector = format!("job-name={}", job.name_any());
+    if let Ok(list) = pods.list(&ListParams::default().labels(&selector)).await {
+        for pod in list.items {
+            let terminated = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .and_then(|c| c.first())
+                .and_then(|c| c.state.as_ref())
+                .and_then(|s| s.terminated.clone());
+            if let Some(t) = terminated {
+                if let Some(message) = t.message.as_deref()
+                    && let Ok(v) = serde_json::from_str::<serde_json::Value>(message)
+                    && let Some(error) = v.get("error").and_then(|e| e.as_str())
+                {
+                    return error.to_string();
+                }
+                return format!(
+                    "the agent exited with code {} ({})",
+                    t.exit_code,
+                    t.reason.unwrap_or_default()
+                );
+            }
+        }
+    }
+    job_condition(job, "Failed")
+        .map(|c| {
+            format!(
+                "{}: {}",
+                c.reason.clone().unwrap_or_default(),
+                c.message.clone().unwrap_or_default()
+            )
+        })
+        .unwrap_or_else(|| "the agent Job failed".into())
+}
+
+/// Observes and creates agent Jobs. Returns true when every target completed.
+async fn agents(
+    backup: &Backup,
+    ctx: &RunContext,
+    resolved: &Resolved,
+    status: &mut BackupStatus,
+) -> Result<bool, RunError> {
+    let ns = backup.namespace().unwrap_or_default();
+    let uid = backup.uid().unwrap_or_default();
+    let jobs_api: Api<Job> = Api::namespaced(ctx.base.client.clone(), &ns);
+    let pods_api: Api<Pod> = Api::namespaced(ctx.base.client.clone(), &ns);
+    let mine: BTreeMap<String, Job> = jobs_api
+        .list(&ListParams::default().labels(&format!("{}={uid}", plan::BACKUP_UID_LABEL)))
+        .await?
+        .items
+        .into_iter()
+        .map(|j| (j.name_any(), j))
+        .collect();
+    let mut store: Option<Store> = None;
+    let mut to_create = Vec::new();
+    for volume in status.volumes.iter_mut() {
+        if matches!(volume.phase, BackupPhase::Completed | BackupPhase::Failed) {
+            continue;
+        }
+        let job_name = volume.job.clone().unwrap_or_default();
+        match mine.get(&job_name) {
+            Some(job) if job_condition(job, "Complete").is_some() => {
+                if store.is_none() {
+                    store = Some(Store::open(&ctx.base.client, &resolved.repository).await?);
+                }
+                let key = volume.key.clone().unwrap_or_default();
+                let result = match &store {
+                    Some(store) => store.result(&manifest::result_key(&key)).await?,
+                    None => None,
+                };
+                match result {
+                    Some(r) => {
+                        volume.phase = BackupPhase::Completed;
+                        volume.bytes_read = i64::try_from(r.bytes_read).ok();
+                        volume.bytes_stored = i64::try_from(r.bytes_stored).ok();
+                        volume.sha256 = Some(r.sha256);
+                        volume.files = (resolved.settings.method == BackupMethod::Volume)
+                            .then(|| i64::try_from(r.files).ok())
+                            .flatten();
+                        volume.duration_seconds =
+                            Some((r.duration_seconds * 1000.0).round() / 1000.0);
+                        volume.message = None;
+                    }
+                    None => {
+                        volume.phase = BackupPhase::Failed;
+                        volume.message = Some(format!(
+                            "the agent finished but its result object {} is missing",
+                            manifest::result_key(&key)
+                        ));
+                    }
+                }
+            }
+            Some(job) if job_condition(job, "Failed").is_some() => {
+                volume.phase = BackupPhase::Failed;
+                volume.message = Some(job_failure(&pods_api, job).await);
+            }
+            Some(_) => {
+                volume.phase = BackupPhase::Running;
+                volume.message = None;
+            }
+            None if volume.phase == BackupPhase::Running => {
+                volume.phase = BackupPhase::Failed;
+                volume.message = Some(format!("the agent Job {job_name} was deleted while it ran"));
+            }
+            None => to_create.push(volume.name.clone()),
+        }
+    }
+    if !to_create.is_empty() {
+        create_jobs(backup, ctx, resolved, status, &to_create).await?;
+    }
+    let failed: Vec<String> = status
+        .volumes
+        .iter()
+        .filter(|v| v.phase == BackupPhase::Failed)
+        .map(|v| format!("{}: {}", v.name, v.message.clone().unwrap_or_default()))
+        .collect();
+    if !failed.is_empty() {
+        let message = failed.join("; ");
+        publish(
+            ctx,
+            backup,
+            EventType::Warning,
+            "VolumeFailed",
+            message.clone(),
+        )
+        .await;
+        set_failure(
+            backup,
+            status,
+            "VolumeFailed",
+            message,
+            ctx.base.clock.now(),
+        );
+    }
+    Ok(status
+        .volumes
+        .iter()
+        .all(|v| v.phase == BackupPhase::Completed))
+}
+
+/// Creates the Jobs of `names` that fit under the caps; the rest wait as Pending.
+async fn create_jobs(
+    backup: &Backup,
+    ctx: &RunContext,
+    resolved: &Resolved,
+    status: &mut BackupStatus,
+    names: &[String],
+) -> Result<(), RunError> {
+    let ns = backup.namespace().unwrap_or_default();
+    let jobs_api: Api<Job> = Api::namespaced(ctx.base.client.clone(), &ns);
+    let all_jobs: Api<Job> = Api::all(ctx.base.client.clone());
+    let active: Vec<Job> = all_jobs
+        .list(&ListParams::default().labels(&format!(
+            "{}={}",
+            plan::COMPONENT_LABEL,
+            plan::AGENT_COMPONENT
+        )))
+        .await?
+        .items
+        .into_iter()
+        .filter(job_active)
+        .collect();
+    let mut running_total = active.len();
+    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+    for job in &active {
+        if let Some(node) = job.labels().get(plan::NODE_LABEL) {
+            *per_node.entry(node.clone()).or_default() += 1;
+        }
+    }
+    if resolved.settings.method == BackupMethod::Exec {
+        ensure_agent_rbac(ctx, &ns, &resolved.app.name_any(), &run_pods(status)).await?;
+    } else {
+        ensure_agent_service_account(ctx, &ns).await?;
+    }
+    let prefix = status.location.clone().unwrap_or_default();
+    let inputs = plan::JobInputs {
+        backup,
+        repository: &resolved.repository,
+        settings: &resolved.settings,
+        prefix: &prefix,
+        agent_image: &ctx.config.agent_image,
+    };
+    for volume in status
+        .volumes
+        .iter_mut()
+        .filter(|v| names.contains(&v.name))
+    {
+        let node = volume.node.clone().unwrap_or_default();
+        let on_node = per_node.get(&node).copied().unwrap_or(0);
+        if running_total >= ctx.config.max_jobs || on_node >= ctx.config.max_jobs_per_node {
+            volume.message = Some(format!(
+                "waiting for an agent slot ({running_total} agent Jobs running of {} allowed, {on_node} on node {node} of {})",
+                ctx.config.max_jobs, ctx.config.max_jobs_per_node
+            ));
+            continue;
+        }
+        let pod_name = volume.pod.clone().unwrap_or_default();
+        let Some(app_pod) = resolved.pods.iter().find(|p| p.name_any() == pod_name) else {
+            volume.phase = BackupPhase::Failed;
+            volume.message = Some(format!("pod {pod_name} is gone"));
+            continue;
+        };
+        let target = plan::Target {
+            name: volume.name.clone(),
+            pod: pod_name.clone(),
+            node: node.clone(),
+            claim: (resolved.settings.method == BackupMethod::Volume).then(|| volume.name.clone()),
+        };
+        let job: Job = serde_json::from_value(plan::agent_job(&inputs, &target, app_pod))
+            .map_err(|e| RunError::Store(format!("building the agent Job: {e}")))?;
+        match jobs_api.create(&PostParams::default(), &job).await {
+            Ok(_) => {}
+            // Created by an earlier reconcile whose status write was lost: adopt it.
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(job = %job.name_any(), %node, "created agent Job");
+        volume.phase = BackupPhase::Running;
+        volume.message = None;
+        running_total += 1;
+        *per_node.entry(node).or_default() += 1;
+    }
+    Ok(())
+}
+
+async fn ensure_agent_service_account(ctx: &RunContext, ns: &str) -> Result<(), RunError> {
+    let api: Api<ServiceAccount> = Api::namespaced(ctx.base.client.clone(), ns);
+    let body = serde_json::json!({
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": plan::AGENT_SERVICE_ACCOUNT, "labels": {stateward_api::common::MANAGED_BY_LABEL: stateward_api::common::MANAGED_BY_VALUE}},
+    });
+    apply::apply(
+        &api,
+        plan::AGENT_SERVICE_ACCOUNT,
+        apply::managers::BACKUP,
+        &body,
+    )
+    .await?;
+    Ok(())
+}
+
+/// The agents' ServiceAccount and a Role allowing exec in exactly this app's pods.
+async fn ensure_agent_rbac(
+    ctx: &RunContext,
+    ns: &str,
+    app: &str,
+    pods: &[String],
+) -> Result<(), RunError> {
+    ensure_agent_service_account(ctx, ns).await?;
+    let name = plan::agent_role_name(app);
+    let roles: Api<Role> = Api::namespaced(ctx.base.client.clone(), ns);
+    apply::apply(
+        &roles,
+        &name,
+        apply::managers::BACKUP,
+        &plan::agent_role(app, pods),
+    )
+    .await?;
+    let bindings: Api<RoleBinding> = Api::namespaced(ctx.base.client.clone(), ns);
+    apply::apply(
+        &bindings,
+        &name,
+        apply::managers::BACKUP,
+        &plan::agent_role_binding(app),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Deletes this run's agent Jobs; true once none of their pods is left.
+async fn stop_agents(backup: &Backup, ctx: &RunContext) -> Result<bool, RunError> {
+    let ns = backup.namespace().unwrap_or_default();
+    let selector = format!(
+        "{}={}",
+        plan::BACKUP_UID_LABEL,
+        backup.uid().unwrap_or_default()
+    );
+    let jobs: Api<Job> = Api::namespaced(ctx.base.client.clone(), &ns);
+    let params = DeleteParams {
+        propagation_policy: Some(PropagationPolicy::Background),
+        ..DeleteParams::default()
+    };
+    for job in jobs
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items
+    {
+        if job_active(&job) && job.metadata.deletion_timestamp.is_none() {
+            match jobs.delete(&job.name_any(), &params).await {
+                Ok(_) => tracing::info!(job = %job.name_any(), "stopped agent Job"),
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    let pods: Api<Pod> = Api::namespaced(ctx.base.client.clone(), &ns);
+    let left = pods
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| {
+            let phase = p
+                .status
+                .as_ref()
+                .and_then(|s| s.phase.clone())
+                .unwrap_or_default();
+            !matches!(phase.as_str(), "Succeeded" | "Failed")
+        })
+        .count();
+    Ok(left == 0)
+}
+
+async fn release_lock(backup: &Backup, ctx: &RunContext) -> Result<(), RunError> {
+    let ns = backup.namespace().unwrap_or_default();
+    let lock = OperationLock::new(ctx.base.client.clone(), &ns, &backup.spec.app);
+    if let Some(record) = lock.current().await?
+        && Some(&record.holder.uid) == backup.uid().as_ref()
+    {
+        lock.release(&record.token).await?;
+    }
+    Ok(())
+}
+
+fn human_duration(seconds: i64) -> String {
+    let (h, m, s) = (seconds / 3600, (seconds % 3600) / 60, seconds % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
+    }
+}
+
+fn finish_times(status: &mut BackupStatus, now: DateTime<Utc>) -> f64 {
+    let started = status
+        .start_time
+        .as_deref()
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or(now);
+    let seconds = (now - started).num_milliseconds().max(0) as f64 / 1000.0;
+    status.completion_time = Some(time::rfc3339(now));
+    status.duration = Some(human_duration(seconds.round() as i64));
+    seconds
+}
+
+/// Writes the manifest (the commit point), then Completed, then releases the lock.
+async fn commit(
+    backup: &Backup,
+    ctx: &RunContext,
+    resolved: &Resolved,
+    status: &mut BackupStatus,
+) -> Result<Action, RunError> {
+    let now = ctx.base.clock.now();
+    let prefix = status.location.clone().unwrap_or_default();
+    let method = status.method.unwrap_or_default();
+    let entries = status
+        .volumes
+        .iter()
+        .map(|v| Entry {
+            name: v.name.clone(),
+            pod: v.pod.clone().unwrap_or_default(),
+            key: v.key.clone().unwrap_or_default(),
+            encoding: match method {
+                BackupMethod::Volume => "tar+zstd".into(),
+                BackupMethod::Exec => "zstd".into(),
+            },
+            bytes_read: v.bytes_read.unwrap_or(0).max(0) as u64,
+            bytes_stored: v.bytes_stored.unwrap_or(0).max(0) as u64,
+            sha256: v.sha256.clone().unwrap_or_default(),
+            files: v.files.map(|f| f.max(0) as u64),
+            command: match method {
+                BackupMethod::Exec => resolved
+                    .settings
+                    .exec
+                    .as_ref()
+                    .map(|e| e.command.clone())
+                    .unwrap_or_default(),
+                BackupMethod::Volume => Vec::new(),
+            },
+        })
+        .collect();
+    let claims = resolved
+        .claims
+        .iter()
+        .filter(|c| {
+            status.volumes.iter().any(|v| v.name == c.name_any()) && method == BackupMethod::Volume
+        })
+        .filter_map(|c| serde_json::to_value(c).ok())
+        .map(|c| manifest::trimmed(&c))
+        .collect();
+    let mut sts = serde_json::to_value(&resolved.sts).unwrap_or_default();
+    sts["apiVersion"] = "apps/v1".into();
+    sts["kind"] = "StatefulSet".into();
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        written_by: format!("stateward {}", env!("CARGO_PKG_VERSION")),
+        namespace: backup.namespace().unwrap_or_default(),
+        app: resolved.app.name_any(),
+        backup: backup.name_any(),
+        backup_uid: backup.uid().unwrap_or_default(),
+        method: format!("{method:?}"),
+        started_at: status.start_time.clone().unwrap_or_default(),
+        completed_at: time::rfc3339(now),
+        encryption: None,
+        entries,
+        stateful_set: manifest::trimmed(&sts),
+        persistent_volume_claims: claims,
+    };
+    let store = Store::open(&ctx.base.client, &resolved.repository).await?;
+    store.commit(&prefix, &manifest).await?;
+    let seconds = finish_times(status, now);
+    let stored: i64 = status.volumes.iter().filter_map(|v| v.bytes_stored).sum();
+    status.stored_bytes = Some(stored);
+    status.phase = Some(BackupPhase::Completed);
+    conditions::set(
+        &mut status.conditions,
+        conditions::condition(
+            "Completed",
+            true,
+            "ManifestWritten",
+            format!(
+                "{} target(s) stored under {prefix}; manifest written",
+                status.volumes.len()
+            ),
+            backup.meta().generation,
+        ),
+        now,
+    );
+    release_lock(backup, ctx).await?;
+    release_condition(backup, status, now);
+    write_status(backup, ctx, status).await?;
+    let labels = AppLabels {
+        namespace: backup.namespace().unwrap_or_default(),
+        app: backup.spec.app.clone(),
+    };
+    ctx.metrics
+        .runs
+        .get_or_create(&ResultLabels {
+            result: "completed".into(),
+        })
+        .inc();
+    ctx.metrics.duration.observe(seconds);
+    ctx.metrics
+        .last_success
+        .get_or_create(&labels)
+        .set(now.timestamp() as f64);
+    ctx.metrics.stored_bytes.get_or_create(&labels).set(stored);
+    ctx.metrics
+        .consecutive_failures
+        .get_or_create(&labels)
+        .set(0);
+    publish(
+        ctx,
+        backup,
+        EventType::Normal,
+        "Completed",
+        format!(
+            "stored {stored} bytes in {} under {prefix}",
+            human_duration(seconds.round() as i64)
+        ),
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+fn release_condition(backup: &Backup, status: &mut BackupStatus, now: DateTime<Utc>) {
+    if conditions::is_true(&status.conditions, "LockAcquired") {
+        conditions::set(
+            &mut status.conditions,
+            conditions::condition(
+                "LockAcquired",
+                false,
+                "Released",
+                "the run ended and released the operation lock",
+                backup.meta().generation,
+            ),
+            now,
+        );
+    }
+}
+
+/// Sweeps what the run stored (no manifest was written), releases the lock, Failed.
+async fn fail(
+    backup: &Backup,
+    ctx: &RunContext,
+    repository: Option<BackupRepository>,
+    status: &mut BackupStatus,
+    reason: &str,
+    message: &str,
+) -> Result<Action, RunError> {
+    let now = ctx.base.clock.now();
+    let mut note = String::new();
+    if let (Some(repository), Some(prefix)) = (repository, status.location.clone()) {
+        match Store::open(&ctx.base.client, &repository).await {
+            Ok(store) => {
+                let (aborted, deleted) = store.sweep(&prefix).await?;
+                tracing::info!(%prefix, aborted, deleted, "swept a failed run's objects");
+            }
+            Err(e) => note = format!(" (objects under {prefix} could not be swept: {e})"),
+        }
+    }
+    finish_and_record_failure(
+        backup,
+        ctx,
+        status,
+        reason,
+        &format!("{message}{note}"),
+        now,
+    )
+    .await?;
+    release_lock(backup, ctx).await?;
+    Ok(Action::await_change())
+}
+
+async fn finish_and_record_failure(
+    backup: &Backup,
+    ctx: &RunContext,
+    status: &mut BackupStatus,
+    reason: &str,
+    message: &str,
+    now: DateTime<Utc>,
+) -> Result<(), RunError> {
+    let seconds = finish_times(status, now);
+    status.phase = Some(BackupPhase::Failed);
+    status.observed_generation = backup.meta().generation;
+    conditions::set(
+        &mut status.conditions,
+        conditions::condition(
+            "Failed",
+            true,
+            reason,
+            message.to_string(),
+            backup.meta().generation,
+        ),
+        now,
+    );
+    release_condition(backup, status, now);
+    write_status(backup, ctx, status).await?;
+    let labels = AppLabels {
+        namespace: backup.namespace().unwrap_or_default(),
+        app: backup.spec.app.clone(),
+    };
+    ctx.metrics
+        .runs
+        .get_or_create(&ResultLabels {
+            result: "failed".into(),
+        })
+        .inc();
+    ctx.metrics.duration.observe(seconds);
+    ctx.metrics
+        .consecutive_failures
+        .get_or_create(&labels)
+        .inc();
+    publish(ctx, backup, EventType::Warning, reason, message.to_string()).await;
+    Ok(())
+}
+
+/// A run that never started: nothing was written to S3 and no lock is held.
+async fn fail_before_start(
+    backup: &Backup,
+    ctx: &RunContext,
+    reason: &str,
+    message: String,
+) -> Result<Action, RunError> {
+    let now = ctx.base.clock.now();
+    let mut status = backup.status.clone().unwrap_or_default();
+    status.start_time.get_or_insert_with(|| time::rfc3339(now));
+    finish_and_record_failure(backup, ctx, &mut status, reason, &message, now).await?;
+    Ok(Action::await_change())
+}
+
+async fn write_status(
+    backup: &Backup,
+    ctx: &RunContext,
+    status: &BackupStatus,
+) -> Result<(), RunError> {
+    let api: Api<Backup> = Api::namespaced(
+        ctx.base.client.clone(),
+        &backup.namespace().unwrap_or_default(),
+    );
+    let body = serde_json::to_value(status)
+        .map_err(|e| RunError::Store(format!("encoding status: {e}")))?;
+    apply::apply_status(&api, &backup.name_any(), apply::managers::BACKUP, body).await?;
+    Ok(())
+}
+
+async fn publish(ctx: &RunContext, backup: &Backup, type_: EventType, reason: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: reason.to_string(),
+        // Events are capped at 1 KiB of note.
+        note: Some(note.chars().take(1000).collect()),
+        action: "Backup".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx
+        .base
+        .recorder()
+        .publish(&event, &backup.object_ref(&()))
+        .await
+    {
+        tracing::warn!(error = %e, "publishing an event failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_kubectl() {
+        assert_eq!(human_duration(5), "5s");
+        assert_eq!(human_duration(65), "1m5s");
+        assert_eq!(human_duration(3725), "1h2m5s");
+    }
+}

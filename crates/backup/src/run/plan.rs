@@ -1,0 +1,608 @@
+//! What a backup run does, decided without a client: which pods and volumes it copies,
+//! and the agent Jobs and RBAC objects it needs. Unit-tested from fixtures.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use stateward_agent::manifest;
+use stateward_api::backup::Backup;
+use stateward_api::common::{APP_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+use stateward_api::repository::{BackupRepository, ChecksumMode};
+use stateward_api::statefulapp::{BackupMethod, ExecSpec, Hooks, ReplicaSelection, StatefulApp};
+use stateward_runtime::names;
+
+/// Label on agent Jobs naming their Backup.
+pub const BACKUP_LABEL: &str = "stateward.io/backup";
+/// Label on agent Jobs (and their pods) carrying their Backup's uid.
+pub const BACKUP_UID_LABEL: &str = "stateward.io/backup-uid";
+/// `app.kubernetes.io/component` of agent Jobs.
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+pub const AGENT_COMPONENT: &str = "backup-agent";
+/// Label with the node an agent Job is pinned to (for the per-node cap).
+pub const NODE_LABEL: &str = "stateward.io/node";
+/// The per-namespace ServiceAccount agent Jobs run as.
+pub const AGENT_SERVICE_ACCOUNT: &str = "stateward-agent";
+
+/// A reason the run cannot start; it ends Failed with this reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+fn invalid(reason: &'static str, message: impl Into<String>) -> Invalid {
+    Invalid {
+        reason,
+        message: message.into(),
+    }
+}
+
+/// The app's policy with the Backup's overrides applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub repository: String,
+    pub method: BackupMethod,
+    pub replicas: ReplicaSelection,
+    pub exec: Option<ExecSpec>,
+    pub hooks: Hooks,
+    pub deadline_seconds: Option<i64>,
+}
+
+/// Merges the Backup's overrides into the app's backup policy.
+pub fn settings(backup: &Backup, app: &StatefulApp) -> Result<Settings, Invalid> {
+    let policy = app.spec.backup.clone();
+    let repository = backup
+        .spec
+        .repository
+        .clone()
+        .or_else(|| policy.as_ref().map(|p| p.repository.clone()))
+        .ok_or_else(|| {
+            invalid(
+                "NoRepository",
+                format!(
+                    "StatefulApp {} has no spec.backup.repository and the Backup names none",
+                    app.name_any()
+                ),
+            )
+        })?;
+    let method = backup
+        .spec
+        .method
+        .or(policy.as_ref().map(|p| p.method))
+        .unwrap_or_default();
+    let exec = policy.as_ref().and_then(|p| p.exec.clone());
+    if method == BackupMethod::Exec && exec.as_ref().is_none_or(|e| e.command.is_empty()) {
+        return Err(invalid(
+            "NoExecCommand",
+            format!(
+                "method Exec needs spec.backup.exec.command on StatefulApp {}",
+                app.name_any()
+            ),
+        ));
+    }
+    Ok(Settings {
+        repository,
+        method,
+        replicas: backup
+            .spec
+            .replicas
+            .or(policy.as_ref().map(|p| p.replicas))
+            .unwrap_or_default(),
+        exec,
+        hooks: policy
+            .as_ref()
+            .and_then(|p| p.hooks.clone())
+            .unwrap_or_default(),
+        deadline_seconds: backup
+            .spec
+            .active_deadline_seconds
+            .or(policy.as_ref().and_then(|p| p.active_deadline_seconds)),
+    })
+}
+
+/// One unit of work: a volume (Volume method) or a pod's dump (Exec method).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// PVC name (Volume) or pod name (Exec); the key of `status.volumes`.
+    pub name: String,
+    pub pod: String,
+    pub node: String,
+    /// The claim (Volume method).
+    pub claim: Option<String>,
+}
+
+fn ordinal(pod: &str, sts: &str) -> Option<u32> {
+    pod.strip_prefix(sts)?.strip_prefix('-')?.parse().ok()
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The StatefulSet's pods this run copies, by ordinal.
+pub fn selected_pods<'a>(
+    sts: &StatefulSet,
+    pods: &'a [Pod],
+    selection: ReplicaSelection,
+) -> Result<Vec<&'a Pod>, Invalid> {
+    let name = sts.name_any();
+    let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    if replicas == 0 {
+        return Err(invalid(
+            "ScaledToZero",
+            format!(
+                "StatefulSet {name} has 0 replicas: no pod runs, so nothing can be read; scale it up first"
+            ),
+        ));
+    }
+    let uid = sts.uid();
+    let mut owned: Vec<(u32, &Pod)> = pods
+        .iter()
+        .filter(|p| {
+            p.owner_references()
+                .iter()
+                .any(|o| o.kind == "StatefulSet" && Some(&o.uid) == uid.as_ref())
+        })
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| ordinal(&p.name_any(), &name).map(|o| (o, p)))
+        .filter(|(o, _)| i64::from(*o) < i64::from(replicas))
+        .collect();
+    owned.sort_by_key(|(o, _)| *o);
+    match selection {
+        ReplicaSelection::All => {
+            let missing: Vec<String> = (0..replicas.max(0) as u32)
+                .filter(|o| !owned.iter().any(|(x, p)| x == o && is_ready(p)))
+                .map(|o| format!("{name}-{o}"))
+                .collect();
+            if !missing.is_empty() {
+                return Err(invalid(
+                    "PodsNotReady",
+                    format!(
+                        "replicas: All needs every pod of StatefulSet {name} ready; not ready: {}",
+                        missing.join(", ")
+                    ),
+                ));
+            }
+            Ok(owned.into_iter().map(|(_, p)| p).collect())
+        }
+        ReplicaSelection::One => owned
+            .into_iter()
+            .find(|(_, p)| is_ready(p))
+            .map(|(_, p)| vec![p])
+            .ok_or_else(|| {
+                invalid(
+                    "PodsNotReady",
+                    format!("no pod of StatefulSet {name} is ready"),
+                )
+            }),
+    }
+}
+
+/// The run's targets. Volume method: every PVC the selected pods mount (ReadWriteOncePod
+/// claims refused: a second pod can never mount them). Exec method: one per pod.
+pub fn targets(
+    method: BackupMethod,
+    pods: &[&Pod],
+    claims: &[PersistentVolumeClaim],
+) -> Result<Vec<Target>, Invalid> {
+    let mut out = Vec::new();
+    for pod in pods {
+        let pod_name = pod.name_any();
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .ok_or_else(|| invalid("PodsNotReady", format!("pod {pod_name} has no node yet")))?;
+        if method == BackupMethod::Exec {
+            out.push(Target {
+                name: pod_name.clone(),
+                pod: pod_name,
+                node,
+                claim: None,
+            });
+            continue;
+        }
+        let volumes = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.clone())
+            .unwrap_or_default();
+        for volume in volumes {
+            let Some(source) = volume.persistent_volume_claim else {
+                continue;
+            };
+            let claim = source.claim_name;
+            let found = claims
+                .iter()
+                .find(|c| c.name_any() == claim)
+                .ok_or_else(|| {
+                    invalid(
+                        "ClaimNotFound",
+                        format!("pod {pod_name} mounts PVC {claim}, which does not exist"),
+                    )
+                })?;
+            let modes = found
+                .spec
+                .as_ref()
+                .and_then(|s| s.access_modes.clone())
+                .unwrap_or_default();
+            if modes.iter().any(|m| m == "ReadWriteOncePod") {
+                return Err(invalid(
+                    "ReadWriteOncePod",
+                    format!(
+                        "PVC {claim} is ReadWriteOncePod: only pod {pod_name} may mount it, so an agent cannot read it; use method Exec, or ReadWriteOnce"
+                    ),
+                ));
+            }
+            out.push(Target {
+                name: claim.clone(),
+                pod: pod_name.clone(),
+                node: node.clone(),
+                claim: Some(claim),
+            });
+        }
+    }
+    if out.is_empty() {
+        return Err(invalid(
+            "NoVolumes",
+            "the selected pods mount no PersistentVolumeClaim: nothing to back up with method Volume",
+        ));
+    }
+    Ok(out)
+}
+
+/// Everything an agent Job needs besides the target.
+#[derive(Debug, Clone)]
+pub struct JobInputs<'a> {
+    pub backup: &'a Backup,
+    pub repository: &'a BackupRepository,
+    pub settings: &'a Settings,
+    pub prefix: &'a str,
+    pub agent_image: &'a str,
+}
+
+/// Deterministic Job name: `<backup>-<target>` cut to 63 with a hash, so a restarted
+/// manager finds (adopts) the same Job instead of creating another.
+pub fn job_name(backup: &str, target: &str) -> String {
+    names::bounded(&format!("{backup}-{target}"), 63, true)
+}
+
+/// The object key a target's data goes to.
+pub fn data_key(method: BackupMethod, prefix: &str, target: &Target) -> String {
+    match method {
+        BackupMethod::Volume => manifest::volume_key(prefix, &target.name),
+        BackupMethod::Exec => manifest::dump_key(prefix, &target.pod),
+    }
+}
+
+/// The agent Job of one target. Volume method: the claim read-only, pinned to the app
+/// pod's node with its tolerations, node selector, user, group and fsGroup (so the agent
+/// reads what the app can). Exec method: the agent execs in the app pod through the API.
+pub fn agent_job(inputs: &JobInputs<'_>, target: &Target, app_pod: &Pod) -> serde_json::Value {
+    let backup = inputs.backup;
+    let s3 = &inputs.repository.spec.s3;
+    let key = data_key(inputs.settings.method, inputs.prefix, target);
+    let mut args: Vec<String> = vec!["agent".into()];
+    match inputs.settings.method {
+        BackupMethod::Volume => {
+            args.extend(["backup-volume".into(), "--source".into(), "/source".into()])
+        }
+        BackupMethod::Exec => {
+            args.extend(["backup-exec".into(), "--pod".into(), target.pod.clone()]);
+            if let Some(container) = inputs
+                .settings
+                .exec
+                .as_ref()
+                .and_then(|e| e.container.clone())
+            {
+                args.extend(["--container".into(), container]);
+            }
+        }
+    }
+    args.extend([
+        "--bucket".into(),
+        s3.bucket.clone(),
+        "--key".into(),
+        key.clone(),
+        "--result-key".into(),
+        manifest::result_key(&key),
+        "--region".into(),
+        s3.region.clone().unwrap_or_else(|| "us-east-1".into()),
+    ]);
+    if let Some(endpoint) = &s3.endpoint {
+        args.extend(["--endpoint".into(), endpoint.clone()]);
+    }
+    if s3.force_path_style {
+        args.push("--force-path-style".into());
+    }
+    if s3.checksum_mode == ChecksumMode::WhenRequired {
+        args.push("--checksum-when-required".into());
+    }
+    if inputs.settings.method == BackupMethod::Exec {
+        args.push("--".into());
+        args.extend(
+            inputs
+                .settings
+                .exec
+                .as_ref()
+                .map(|e| e.command.clone())
+                .unwrap_or_default(),
+        );
+    }
+    let creds = &s3.credentials;
+    let mut env = vec![
+        json!({"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": creds.access_key_id.name, "key": creds.access_key_id.key}}}),
+        json!({"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": creds.secret_access_key.name, "key": creds.secret_access_key.key}}}),
+        json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
+    ];
+    env.push(json!({"name": "RUST_LOG", "value": "info"}));
+    let labels = agent_labels(backup, &target.node);
+    let pod_spec = app_pod.spec.clone().unwrap_or_default();
+    let mut spec = json!({
+        "restartPolicy": "Never",
+        "serviceAccountName": AGENT_SERVICE_ACCOUNT,
+        "automountServiceAccountToken": inputs.settings.method == BackupMethod::Exec,
+        "containers": [{
+            "name": "agent",
+            "image": inputs.agent_image,
+            "args": args,
+            "env": env,
+            "terminationMessagePolicy": "File",
+            "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}},
+        }],
+    });
+    if inputs.settings.method == BackupMethod::Volume {
+        spec["nodeName"] = json!(target.node);
+        if let Some(tolerations) = &pod_spec.tolerations {
+            spec["tolerations"] = json!(tolerations);
+        }
+        if let Some(selector) = &pod_spec.node_selector {
+            spec["nodeSelector"] = json!(selector);
+        }
+        if let Some(sc) = &pod_spec.security_context {
+            let mut psc = serde_json::Map::new();
+            for (field, value) in [
+                ("runAsUser", sc.run_as_user.map(|v| json!(v))),
+                ("runAsGroup", sc.run_as_group.map(|v| json!(v))),
+                ("fsGroup", sc.fs_group.map(|v| json!(v))),
+                ("runAsNonRoot", sc.run_as_non_root.map(|v| json!(v))),
+                (
+                    "supplementalGroups",
+                    sc.supplemental_groups.as_ref().map(|v| json!(v)),
+                ),
+            ] {
+                if let Some(value) = value {
+                    psc.insert(field.into(), value);
+                }
+            }
+            spec["securityContext"] = psc.into();
+        }
+        spec["containers"][0]["volumeMounts"] =
+            json!([{"name": "source", "mountPath": "/source", "readOnly": true}]);
+        spec["volumes"] = json!([{"name": "source", "persistentVolumeClaim": {"claimName": target.claim, "readOnly": true}}]);
+    }
+    let mut job_spec = json!({
+        // The controller decides about retries (a failed volume fails the run with its
+        // reason); a Job-level retry would re-upload silently.
+        "backoffLimit": 0,
+        "template": {"metadata": {"labels": labels}, "spec": spec},
+    });
+    // A backstop: the controller enforces the run's deadline itself.
+    if let Some(deadline) = inputs.settings.deadline_seconds {
+        job_spec["activeDeadlineSeconds"] = json!(deadline);
+    }
+    json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(&backup.name_any(), &target.name),
+            "labels": labels,
+            "ownerReferences": [owner(backup)],
+        },
+        "spec": job_spec,
+    })
+}
+
+fn owner(backup: &Backup) -> serde_json::Value {
+    json!({
+        "apiVersion": Backup::api_version(&()),
+        "kind": Backup::kind(&()),
+        "name": backup.name_any(),
+        "uid": backup.uid().unwrap_or_default(),
+        "controller": true,
+        "blockOwnerDeletion": true,
+    })
+}
+
+fn agent_labels(backup: &Backup, node: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
+        (COMPONENT_LABEL.to_string(), AGENT_COMPONENT.to_string()),
+        (
+            BACKUP_LABEL.to_string(),
+            names::bounded(&backup.name_any(), 63, false),
+        ),
+        (
+            BACKUP_UID_LABEL.to_string(),
+            backup.uid().unwrap_or_default(),
+        ),
+        (
+            APP_LABEL.to_string(),
+            names::bounded(&backup.spec.app, 63, false),
+        ),
+        (NODE_LABEL.to_string(), names::bounded(node, 63, false)),
+    ])
+}
+
+/// The Role that lets agents exec in this app's pods, and nothing else.
+pub fn agent_role(app: &str, pods: &[String]) -> Role {
+    serde_json::from_value(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": agent_role_name(app), "labels": {MANAGED_BY_LABEL: MANAGED_BY_VALUE}},
+        "rules": [
+            {"apiGroups": [""], "resources": ["pods"], "resourceNames": pods, "verbs": ["get"]},
+            {"apiGroups": [""], "resources": ["pods/exec"], "resourceNames": pods, "verbs": ["create", "get"]},
+        ],
+    }))
+    .unwrap_or_default()
+}
+
+pub fn agent_role_binding(app: &str) -> RoleBinding {
+    serde_json::from_value(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": agent_role_name(app), "labels": {MANAGED_BY_LABEL: MANAGED_BY_VALUE}},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": agent_role_name(app)},
+        "subjects": [{"kind": "ServiceAccount", "name": AGENT_SERVICE_ACCOUNT}],
+    }))
+    .unwrap_or_default()
+}
+
+pub fn agent_role_name(app: &str) -> String {
+    names::bounded(&format!("stateward-agent-{app}"), 63, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::batch::v1::Job;
+
+    fn yaml<T: serde::de::DeserializeOwned>(text: &str) -> T {
+        serde_yaml::from_str(text).unwrap_or_else(|e| panic!("fixture: {e}"))
+    }
+
+    fn sts(replicas: i32) -> StatefulSet {
+        yaml(&format!(
+            "metadata: {{name: db, uid: s1}}\nspec: {{replicas: {replicas}, serviceName: db, selector: {{matchLabels: {{app: db}}}}, template: {{}}}}"
+        ))
+    }
+
+    fn pod(name: &str, node: &str, ready: bool, claim: &str) -> Pod {
+        yaml(&format!(
+            r#"
+metadata: {{name: {name}, ownerReferences: [{{apiVersion: apps/v1, kind: StatefulSet, name: db, uid: s1}}]}}
+spec:
+  nodeName: {node}
+  securityContext: {{runAsUser: 999, fsGroup: 999}}
+  tolerations: [{{key: dedicated, operator: Exists}}]
+  containers: [{{name: db, image: postgres}}]
+  volumes: [{{name: data, persistentVolumeClaim: {{claimName: {claim}}}}}]
+status: {{conditions: [{{type: Ready, status: "{}"}}]}}
+"#,
+            if ready { "True" } else { "False" }
+        ))
+    }
+
+    fn claim(name: &str, mode: &str) -> PersistentVolumeClaim {
+        yaml(&format!(
+            "metadata: {{name: {name}}}\nspec: {{accessModes: [{mode}]}}"
+        ))
+    }
+
+    #[test]
+    fn all_replicas_need_every_pod_ready_and_one_takes_the_lowest_ready() {
+        let pods = vec![
+            pod("db-1", "n2", true, "data-db-1"),
+            pod("db-0", "n1", false, "data-db-0"),
+        ];
+        let err = selected_pods(&sts(2), &pods, ReplicaSelection::All).err();
+        assert_eq!(err.map(|e| e.reason), Some("PodsNotReady"));
+        let one = selected_pods(&sts(2), &pods, ReplicaSelection::One).unwrap_or_default();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].name_any(), "db-1");
+        let zero = selected_pods(&sts(0), &pods, ReplicaSelection::All).err();
+        assert_eq!(zero.map(|e| e.reason), Some("ScaledToZero"));
+    }
+
+    #[test]
+    fn volume_targets_follow_the_pods_and_refuse_read_write_once_pod() {
+        let pods = [
+            pod("db-0", "n1", true, "data-db-0"),
+            pod("db-1", "n2", true, "data-db-1"),
+        ];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let claims = vec![
+            claim("data-db-0", "ReadWriteOnce"),
+            claim("data-db-1", "ReadWriteOnce"),
+        ];
+        let targets = targets(BackupMethod::Volume, &refs, &claims).unwrap_or_default();
+        assert_eq!(targets.len(), 2);
+        assert_eq!(
+            (targets[1].name.as_str(), targets[1].node.as_str()),
+            ("data-db-1", "n2")
+        );
+        let claims = vec![
+            claim("data-db-0", "ReadWriteOncePod"),
+            claim("data-db-1", "ReadWriteOnce"),
+        ];
+        let err = super::targets(BackupMethod::Volume, &refs, &claims).err();
+        assert_eq!(err.as_ref().map(|e| e.reason), Some("ReadWriteOncePod"));
+        assert!(err.is_some_and(|e| e.message.contains("data-db-0")));
+    }
+
+    #[test]
+    fn the_volume_job_is_pinned_read_only_and_runs_as_the_app() {
+        let backup: Backup =
+            yaml("metadata: {name: nightly, namespace: shop, uid: b1}\nspec: {app: db}");
+        let repo: BackupRepository = yaml(
+            "metadata: {name: r}\nspec: {s3: {bucket: backups, endpoint: 'http://s3:9000', forcePathStyle: true, checksumMode: WhenRequired, credentials: {accessKeyId: {name: s3, key: id}, secretAccessKey: {name: s3, key: secret}}}}",
+        );
+        let settings = Settings {
+            repository: "r".into(),
+            method: BackupMethod::Volume,
+            replicas: ReplicaSelection::All,
+            exec: None,
+            hooks: Hooks::default(),
+            deadline_seconds: Some(600),
+        };
+        let app_pod = pod("db-0", "n1", true, "data-db-0");
+        let target = Target {
+            name: "data-db-0".into(),
+            pod: "db-0".into(),
+            node: "n1".into(),
+            claim: Some("data-db-0".into()),
+        };
+        let inputs = JobInputs {
+            backup: &backup,
+            repository: &repo,
+            settings: &settings,
+            prefix: "shop/db/nightly-b1",
+            agent_image: "img",
+        };
+        let job = agent_job(&inputs, &target, &app_pod);
+        let spec = &job["spec"]["template"]["spec"];
+        assert_eq!(spec["nodeName"], "n1");
+        assert_eq!(spec["securityContext"]["runAsUser"], 999);
+        assert_eq!(spec["securityContext"]["fsGroup"], 999);
+        assert_eq!(spec["tolerations"][0]["key"], "dedicated");
+        assert_eq!(
+            spec["volumes"][0]["persistentVolumeClaim"]["readOnly"],
+            true
+        );
+        assert_eq!(spec["automountServiceAccountToken"], false);
+        assert_eq!(job["spec"]["activeDeadlineSeconds"], 600);
+        assert_eq!(job["metadata"]["ownerReferences"][0]["controller"], true);
+        let args: Vec<String> =
+            serde_json::from_value(spec["containers"][0]["args"].clone()).unwrap_or_default();
+        assert!(args.contains(&"--checksum-when-required".to_string()));
+        assert!(args.contains(&"shop/db/nightly-b1/volumes/data-db-0.tar.zst".to_string()));
+        // Credentials only by reference.
+        let text = job.to_string();
+        assert!(text.contains("secretKeyRef"));
+        let parsed: Result<Job, _> = serde_json::from_value(job);
+        assert!(parsed.is_ok());
+        assert_eq!(
+            job_name("nightly", "data-db-0"),
+            job_name("nightly", "data-db-0")
+        );
+        assert!(job_name(&"x".repeat(60), "data").len() <= 63);
+    }
+}

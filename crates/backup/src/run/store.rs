@@ -1,0 +1,202 @@
+//! The run's side of the repository: an S3 client from the repository's Secret, reading
+//! the agents' results, committing the manifest, and sweeping what a failed run left.
+
+use aws_sdk_s3::error::DisplayErrorContext;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::ObjectIdentifier;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, ResourceExt};
+use stateward_agent::cli::VolumeResult as AgentResult;
+use stateward_agent::manifest::{MANIFEST, Manifest};
+use stateward_api::common::SecretKeyRef;
+use stateward_api::repository::{BackupRepository, ChecksumMode};
+
+use super::RunError;
+
+/// A repository opened with its credentials.
+pub struct Store {
+    pub client: aws_sdk_s3::Client,
+    pub bucket: String,
+}
+
+async fn secret_value(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<String, RunError> {
+    let secret = secrets
+        .get_opt(&r.name)
+        .await
+        .map_err(RunError::Kube)?
+        .ok_or_else(|| RunError::Store(format!("Secret {} (credentials) not found", r.name)))?;
+    secret
+        .data
+        .unwrap_or_default()
+        .get(&r.key)
+        .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
+        .ok_or_else(|| RunError::Store(format!("Secret {} has no key {}", r.name, r.key)))
+}
+
+impl Store {
+    pub async fn open(client: &kube::Client, repo: &BackupRepository) -> Result<Self, RunError> {
+        let secrets: Api<Secret> =
+            Api::namespaced(client.clone(), &repo.namespace().unwrap_or_default());
+        let s3 = &repo.spec.s3;
+        let key = secret_value(&secrets, &s3.credentials.access_key_id).await?;
+        let secret = secret_value(&secrets, &s3.credentials.secret_access_key).await?;
+        Ok(Self {
+            client: stateward_agent::cli::s3_client_with(
+                &key,
+                &secret,
+                s3.endpoint.as_deref(),
+                s3.region.as_deref().unwrap_or("us-east-1"),
+                s3.force_path_style,
+                s3.checksum_mode == ChecksumMode::WhenRequired,
+            ),
+            bucket: s3.bucket.clone(),
+        })
+    }
+
+    /// The agent's full result for a data object, if it wrote one.
+    pub async fn result(&self, result_key: &str) -> Result<Option<AgentResult>, RunError> {
+        match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(result_key)
+            .send()
+            .await
+        {
+            Ok(object) => {
+                let body = object
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|e| RunError::Store(format!("reading {result_key}: {e}")))?
+                    .into_bytes();
+                serde_json::from_slice(&body)
+                    .map(Some)
+                    .map_err(|e| RunError::Store(format!("{result_key} is not a result: {e}")))
+            }
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+            Err(e) => Err(RunError::Store(format!(
+                "reading {result_key}: {}",
+                DisplayErrorContext(&e)
+            ))),
+        }
+    }
+
+    /// Whether `<prefix>/manifest.json` exists (the backup is committed).
+    pub async fn has_manifest(&self, prefix: &str) -> Result<bool, RunError> {
+        let key = format!("{prefix}/{MANIFEST}");
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(false),
+            Err(e) => Err(RunError::Store(format!(
+                "checking {key}: {}",
+                DisplayErrorContext(&e)
+            ))),
+        }
+    }
+
+    /// Writes the manifest: the commit point of a backup.
+    pub async fn commit(&self, prefix: &str, manifest: &Manifest) -> Result<(), RunError> {
+        let body = serde_json::to_vec_pretty(manifest)
+            .map_err(|e| RunError::Store(format!("encoding the manifest: {e}")))?;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(format!("{prefix}/{MANIFEST}"))
+            .content_type("application/json")
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                RunError::Store(format!("writing the manifest: {}", DisplayErrorContext(&e)))
+            })
+    }
+
+    /// Aborts the multipart uploads and deletes the objects under `prefix/` (a run that
+    /// will not commit). Returns how many uploads and objects it removed.
+    pub async fn sweep(&self, prefix: &str) -> Result<(usize, usize), RunError> {
+        let prefix = format!("{prefix}/");
+        let mut aborted = 0;
+        let uploads = self
+            .client
+            .list_multipart_uploads()
+            .bucket(&self.bucket)
+            .prefix(&prefix)
+            .send()
+            .await
+            .map_err(|e| {
+                RunError::Store(format!(
+                    "listing multipart uploads: {}",
+                    DisplayErrorContext(&e)
+                ))
+            })?;
+        for upload in uploads.uploads() {
+            let (Some(key), Some(id)) = (upload.key(), upload.upload_id()) else {
+                continue;
+            };
+            self.client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(id)
+                .send()
+                .await
+                .map_err(|e| {
+                    RunError::Store(format!(
+                        "aborting the upload of {key}: {}",
+                        DisplayErrorContext(&e)
+                    ))
+                })?;
+            aborted += 1;
+        }
+        let mut deleted = 0;
+        loop {
+            let listed = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&prefix)
+                .send()
+                .await
+                .map_err(|e| {
+                    RunError::Store(format!("listing objects: {}", DisplayErrorContext(&e)))
+                })?;
+            let keys: Vec<ObjectIdentifier> = listed
+                .contents()
+                .iter()
+                .filter_map(|o| o.key())
+                .filter_map(|k| ObjectIdentifier::builder().key(k).build().ok())
+                .collect();
+            if keys.is_empty() {
+                break;
+            }
+            deleted += keys.len();
+            // One by one: some S3-compatible servers reject DeleteObjects without a
+            // Content-MD5, and a failed run leaves only a few objects.
+            for key in keys {
+                self.client
+                    .delete_object()
+                    .bucket(&self.bucket)
+                    .key(key.key())
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        RunError::Store(format!(
+                            "deleting {}: {}",
+                            key.key(),
+                            DisplayErrorContext(&e)
+                        ))
+                    })?;
+            }
+        }
+        Ok((aborted, deleted))
+    }
+}

@@ -1,0 +1,645 @@
+//! Backup runs against the real API server, kube-controller-manager (Jobs, StatefulSets)
+//! and S3 server, with agent Jobs running the project's binary on the local nodes. Each
+//! test drives a run as a user would: apply a StatefulApp and a Backup, wait for the
+//! phase, then check S3 (objects, manifest, bytes) and the app. Run with `cargo xtask test`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail, ensure};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use sha2::{Digest, Sha256};
+use stateward_api::{Backup, BackupPhase};
+use stateward_runtime::Context;
+use stateward_runtime::metrics::Metrics;
+use stateward_testkit::harness::{
+    Cluster, TestNamespace, exec, from_yaml, install_crds, wait_for, wait_pod_ready,
+};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// One test's world: a namespace, a bucket, a repository `repo` and the backup
+/// controller watching the namespace.
+struct World {
+    cluster: Cluster,
+    ns: TestNamespace,
+    bucket: String,
+    s3: aws_sdk_s3::Client,
+    metrics: Metrics,
+    controller: tokio::task::JoinHandle<()>,
+}
+
+impl World {
+    async fn new(test: &str) -> Result<Self> {
+        let cluster = Cluster::connect().await?;
+        {
+            let _serial = cluster.serial().await?;
+            install_crds(&cluster.client, &stateward_api::crds()).await?;
+        }
+        let ns = cluster.namespace(test).await?;
+        let s3 = cluster.s3_client();
+        let bucket = format!("runs-{}", &ns.name[ns.name.len() - 6..]);
+        s3.create_bucket().bucket(&bucket).send().await?;
+        let env = &cluster.env;
+        let secrets: Api<Secret> = cluster.api(&ns.name);
+        secrets
+            .create(
+                &PostParams::default(),
+                &from_yaml(&format!(
+                    "metadata: {{ name: s3 }}\nstringData: {{ accessKeyId: {}, secretAccessKey: {} }}",
+                    env.s3_access_key, env.s3_secret_key
+                ))?,
+            )
+            .await?;
+        let metrics = Metrics::new();
+        let controller = tokio::spawn(stateward_backup::run(
+            Context::new(
+                cluster.client.clone(),
+                stateward_backup::CONTROLLER,
+                metrics.clone(),
+            ),
+            Some(ns.name.clone()),
+            stateward_backup::RunConfig::default(),
+        ));
+        let world = Self {
+            cluster,
+            ns,
+            bucket,
+            s3,
+            metrics,
+            controller,
+        };
+        world.apply(&world.repository("repo", "s3")).await?;
+        Ok(world)
+    }
+
+    fn repository(&self, name: &str, secret: &str) -> String {
+        format!(
+            "apiVersion: stateward.io/v1alpha1\nkind: BackupRepository\nmetadata: {{ name: {name} }}\nspec:\n  s3:\n    \
+             bucket: {}\n    prefix: backups\n    endpoint: \"{}\"\n    forcePathStyle: true\n    \
+             credentials:\n      accessKeyId: {{ name: {secret}, key: accessKeyId }}\n      \
+             secretAccessKey: {{ name: {secret}, key: secretAccessKey }}\n",
+            self.bucket, self.cluster.env.s3_endpoint_from_pods
+        )
+    }
+
+    async fn apply(&self, yaml: &str) -> Result<()> {
+        stateward_testkit::harness::apply_yaml(&self.cluster.client, &self.ns.name, yaml, "test")
+            .await?;
+        Ok(())
+    }
+
+    fn backups(&self) -> Api<Backup> {
+        self.cluster.api(&self.ns.name)
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        self.cluster.api(&self.ns.name)
+    }
+
+    /// Applies a Backup of `app` (extra spec lines indented by 2) and waits for it to end.
+    async fn backup(&self, name: &str, app: &str, extra: &str) -> Result<Backup> {
+        self.apply(&format!(
+            "apiVersion: stateward.io/v1alpha1\nkind: Backup\nmetadata: {{ name: {name} }}\nspec:\n  app: {app}\n{extra}"
+        ))
+        .await?;
+        self.wait_done(name, 3 * MINUTE).await
+    }
+
+    async fn wait_done(&self, name: &str, timeout: Duration) -> Result<Backup> {
+        let api = self.backups();
+        wait_for(&format!("Backup {name} to end"), timeout, || async {
+            let b = api.get(name).await?;
+            let phase = b.status.as_ref().and_then(|s| s.phase);
+            Ok(matches!(phase, Some(BackupPhase::Completed | BackupPhase::Failed)).then_some(b))
+        })
+        .await
+    }
+
+    async fn keys(&self, prefix: &str) -> Result<Vec<String>> {
+        let listed = self
+            .s3
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .send()
+            .await?;
+        Ok(listed
+            .contents()
+            .iter()
+            .filter_map(|o| o.key().map(str::to_string))
+            .collect())
+    }
+
+    async fn open_uploads(&self) -> Result<usize> {
+        let listed = self
+            .s3
+            .list_multipart_uploads()
+            .bucket(&self.bucket)
+            .send()
+            .await?;
+        Ok(listed.uploads().len())
+    }
+
+    async fn object(&self, key: &str) -> Result<Vec<u8>> {
+        Ok(self
+            .s3
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .with_context(|| format!("get {key}"))?
+            .body
+            .collect()
+            .await?
+            .into_bytes()
+            .to_vec())
+    }
+
+    async fn warnings(&self, reason: &str) -> Result<Vec<String>> {
+        let events: Api<Event> = self.cluster.api(&self.ns.name);
+        Ok(events
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|e| {
+                e.type_.as_deref() == Some("Warning") && e.reason.as_deref() == Some(reason)
+            })
+            .filter_map(|e| e.note)
+            .collect())
+    }
+
+    async fn finish(self) -> Result<()> {
+        self.controller.abort();
+        self.ns.cleanup().await
+    }
+}
+
+fn condition(backup: &Backup, type_: &str) -> Option<(String, String, String)> {
+    backup
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+fn failed_reason(backup: &Backup) -> String {
+    condition(backup, "Failed")
+        .map(|(_, r, m)| format!("{r}: {m}"))
+        .unwrap_or_else(|| format!("{:?}", backup.status))
+}
+
+/// A StatefulSet of probe pods, one per node, each writing known files into its volume.
+fn writer_statefulset(name: &str, replicas: i32) -> String {
+    format!(
+        r#"
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {{ name: {name} }}
+spec:
+  replicas: {replicas}
+  serviceName: {name}
+  selector: {{ matchLabels: {{ app: {name} }} }}
+  template:
+    metadata: {{ labels: {{ app: {name} }} }}
+    spec:
+      terminationGracePeriodSeconds: 2
+      affinity:
+        podAntiAffinity:
+          requiredDuringSchedulingIgnoredDuringExecution:
+          - labelSelector: {{ matchLabels: {{ app: {name} }} }}
+            topologyKey: kubernetes.io/hostname
+      containers:
+      - name: main
+        image: stateward-probe:dev
+        command: [sh, -c, "mkdir -p /data/db/nested && seq 1 100000 > /data/db/rows-$HOSTNAME.txt && head -c 3000000 /dev/urandom > /data/db/nested/blob.bin && echo $HOSTNAME > /data/who && ln -sf who /data/link && exec sleep 100000"]
+        readinessProbe: {{ exec: {{ command: [test, -f, /data/who] }}, periodSeconds: 1 }}
+        volumeMounts: [{{ name: data, mountPath: /data }}]
+  volumeClaimTemplates:
+  - metadata: {{ name: data }}
+    spec:
+      accessModes: [ReadWriteOnce]
+      resources: {{ requests: {{ storage: 64Mi }} }}
+"#
+    )
+}
+
+fn app(name: &str, sts: &str, backup: &str) -> String {
+    format!(
+        "apiVersion: stateward.io/v1alpha1\nkind: StatefulApp\nmetadata: {{ name: {name} }}\nspec:\n  statefulSetName: {sts}\n  backup:\n    repository: repo\n{backup}"
+    )
+}
+
+/// sha256 of every regular file under /data in a pod, by relative path.
+async fn source_digests(pods: &Api<Pod>, pod: &str) -> Result<BTreeMap<String, String>> {
+    let out = exec(
+        pods,
+        pod,
+        None,
+        &[
+            "sh",
+            "-c",
+            "cd /data && find . -type f ! -name 'post-hook-*' -exec sha256sum {} +",
+        ],
+        None,
+    )
+    .await?;
+    ensure!(
+        out.exit_code == 0,
+        "sha256sum in {pod}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(parse_digests(&out.stdout_str()))
+}
+
+fn parse_digests(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once("  "))
+        .map(|(sum, path)| (path.trim_start_matches("./").to_string(), sum.to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn volume_backup_of_two_replicas_on_two_nodes_restores_by_hand_byte_identical() -> Result<()>
+{
+    let world = World::new("run-volume").await?;
+    world.apply(&writer_statefulset("files", 2)).await?;
+    world.apply(&app("files", "files", "")).await?;
+    let pods = world.pods();
+    for p in ["files-0", "files-1"] {
+        wait_pod_ready(&pods, p, 2 * MINUTE).await?;
+    }
+    let backup = world.backup("first", "files", "").await?;
+    let status = backup.status.clone().unwrap_or_default();
+    ensure!(
+        status.phase == Some(BackupPhase::Completed),
+        "{}",
+        failed_reason(&backup)
+    );
+    ensure!(
+        status.volumes.len() == 2,
+        "two volumes expected: {:?}",
+        status.volumes
+    );
+
+    // Each Job ran on its pod's node.
+    let jobs: Api<Job> = world.cluster.api(&world.ns.name);
+    let mut nodes = Vec::new();
+    for volume in &status.volumes {
+        let pod = pods.get(volume.pod.as_deref().unwrap_or_default()).await?;
+        let app_node = pod.spec.and_then(|s| s.node_name).unwrap_or_default();
+        let job = jobs.get(volume.job.as_deref().unwrap_or_default()).await?;
+        let agent = pods
+            .list(&ListParams::default().labels(&format!("job-name={}", job.name_any())))
+            .await?
+            .items
+            .into_iter()
+            .next()
+            .context("agent pod gone")?;
+        let agent_node = agent.spec.and_then(|s| s.node_name).unwrap_or_default();
+        ensure!(
+            agent_node == app_node,
+            "{}: agent on {agent_node}, app on {app_node}",
+            volume.name
+        );
+        nodes.push(app_node);
+        ensure!(volume.phase == BackupPhase::Completed, "{volume:?}");
+        ensure!(volume.files == Some(3), "3 files per volume: {volume:?}");
+    }
+    ensure!(
+        nodes[0] != nodes[1],
+        "the pods should sit on different nodes: {nodes:?}"
+    );
+
+    // The manifest is in S3, names every object, and each object's sha256 matches.
+    let prefix = status.location.clone().context("no location")?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&world.object(&format!("{prefix}/manifest.json")).await?)?;
+    ensure!(manifest["formatVersion"] == 1, "{manifest}");
+    ensure!(
+        manifest["statefulSet"]["spec"]["replicas"] == 2,
+        "manifest lacks the StatefulSet spec"
+    );
+    ensure!(
+        manifest["persistentVolumeClaims"].as_array().map(Vec::len) == Some(2),
+        "manifest lacks the PVC specs"
+    );
+    let work = std::env::temp_dir().join(format!("runs-{}", world.ns.name));
+    for entry in manifest["entries"].as_array().context("no entries")? {
+        let key = entry["key"].as_str().context("no key")?;
+        let stored = world.object(key).await?;
+        ensure!(
+            entry["sha256"] == hex::encode(Sha256::digest(&stored)),
+            "sha256 of {key} differs"
+        );
+        // By hand, with standard tools: zstd -d | tar x.
+        let pod = entry["pod"].as_str().context("no pod")?;
+        let out = work.join(pod);
+        std::fs::create_dir_all(&out)?;
+        std::fs::write(work.join(format!("{pod}.tar.zst")), &stored)?;
+        let ok = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "zstd -q -d -c {0}/{pod}.tar.zst | tar -x -C {0}/{pod}",
+                work.display()
+            ))
+            .status()?
+            .success();
+        ensure!(ok, "zstd -d | tar x failed for {key}");
+        let restored = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "cd {} && find . -type f -exec sha256sum {{}} +",
+                out.display()
+            ))
+            .output()?;
+        let restored = parse_digests(&String::from_utf8_lossy(&restored.stdout));
+        let source = source_digests(&pods, pod).await?;
+        ensure!(
+            restored == source,
+            "{pod}: restored files differ\nrestored {restored:?}\nsource {source:?}"
+        );
+        ensure!(source.len() == 3, "{source:?}");
+        let link = std::fs::read_link(out.join("link"))?;
+        ensure!(
+            link == std::path::Path::new("who"),
+            "the symlink came back as {link:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&work);
+
+    // The lock is released; metrics and the event tell the story.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = world.cluster.api(&world.ns.name);
+    ensure!(
+        leases.get_opt("stateward-app-files").await?.is_none(),
+        "the operation lock is still held"
+    );
+    let text = world.metrics.encode();
+    ensure!(
+        text.contains(r#"stateward_backup_runs_total{result="completed"} 1"#),
+        "{text}"
+    );
+    ensure!(
+        text.contains(r#"stateward_backup_stored_bytes{namespace=""#),
+        "{text}"
+    );
+    ensure!(
+        text.contains("stateward_backup_last_success_timestamp_seconds{"),
+        "{text}"
+    );
+    world.finish().await
+}
+
+#[tokio::test]
+async fn failing_pre_hook_fails_the_run_and_the_post_hook_still_runs() -> Result<()> {
+    let world = World::new("run-hooks").await?;
+    world.apply(&writer_statefulset("hooked", 1)).await?;
+    world
+        .apply(&app(
+            "hooked",
+            "hooked",
+            "    hooks:\n      pre:\n      - { name: freeze, command: [sh, -c, \"echo cannot freeze >&2; exit 3\"] }\n      \
+             post:\n      - { name: thaw, command: [sh, -c, \"date > /data/post-hook-ran\"] }\n",
+        ))
+        .await?;
+    let pods = world.pods();
+    wait_pod_ready(&pods, "hooked-0", 2 * MINUTE).await?;
+    let backup = world.backup("hooked-1", "hooked", "").await?;
+    let (_, reason, message) = condition(&backup, "Failed").context("no Failed condition")?;
+    ensure!(reason == "HookFailed", "{reason}: {message}");
+    ensure!(
+        message.contains("freeze") && message.contains("cannot freeze"),
+        "{message}"
+    );
+    let status = backup.status.clone().unwrap_or_default();
+    ensure!(
+        status
+            .hooks
+            .iter()
+            .any(|h| h.name == "thaw@hooked-0" && h.succeeded),
+        "post-hook not recorded: {:?}",
+        status.hooks
+    );
+    let marker = exec(
+        &pods,
+        "hooked-0",
+        None,
+        &["cat", "/data/post-hook-ran"],
+        None,
+    )
+    .await?;
+    ensure!(marker.exit_code == 0, "the post-hook did not run");
+    // No Job was started and nothing was committed.
+    let jobs: Api<Job> = world.cluster.api(&world.ns.name);
+    ensure!(
+        jobs.list(&ListParams::default()).await?.items.is_empty(),
+        "a Job ran after a failed pre-hook"
+    );
+    ensure!(
+        world.keys("backups/").await?.is_empty(),
+        "objects in S3 after a failed run"
+    );
+    ensure!(
+        !world.warnings("HookFailed").await?.is_empty(),
+        "no HookFailed event"
+    );
+    world.finish().await
+}
+
+/// A StatefulApp whose Exec dump never ends: a run stays Running until stopped.
+fn endless_dump_app(name: &str) -> String {
+    app(
+        name,
+        name,
+        "    method: Exec\n    exec:\n      command: [sh, -c, \"echo partial-dump; exec sleep 600\"]\n",
+    )
+}
+
+#[tokio::test]
+async fn cancel_and_deadline_stop_the_run_and_leave_a_clean_bucket() -> Result<()> {
+    let world = World::new("run-cancel").await?;
+    world.apply(&writer_statefulset("slow", 1)).await?;
+    world.apply(&endless_dump_app("slow")).await?;
+    let pods = world.pods();
+    wait_pod_ready(&pods, "slow-0", 2 * MINUTE).await?;
+
+    // Cancel: wait until the agent runs (its multipart upload is open), then cancel.
+    world
+        .apply("apiVersion: stateward.io/v1alpha1\nkind: Backup\nmetadata: { name: cancelled }\nspec:\n  app: slow\n")
+        .await?;
+    let api = world.backups();
+    wait_for("the agent to run", 2 * MINUTE, || async {
+        let b = api.get("cancelled").await?;
+        let running = b
+            .status
+            .as_ref()
+            .is_some_and(|s| s.volumes.iter().any(|v| v.phase == BackupPhase::Running));
+        if b.status.as_ref().and_then(|s| s.phase) == Some(BackupPhase::Failed) {
+            bail!("failed early: {}", failed_reason(&b));
+        }
+        Ok(running.then_some(()))
+    })
+    .await?;
+    wait_for("the agent's upload to open", MINUTE, || async {
+        Ok((world.open_uploads().await? > 0).then_some(()))
+    })
+    .await?;
+    api.patch(
+        "cancelled",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"cancel": true}})),
+    )
+    .await?;
+    let cancelled = world.wait_done("cancelled", 2 * MINUTE).await?;
+    let (_, reason, message) = condition(&cancelled, "Failed").context("no Failed condition")?;
+    ensure!(reason == "Cancelled", "{reason}: {message}");
+    ensure!(
+        world.open_uploads().await? == 0,
+        "a multipart upload is still open"
+    );
+    ensure!(
+        world.keys("backups/").await?.is_empty(),
+        "objects left after cancel"
+    );
+
+    // Deadline: the smallest the schema allows is 60 s.
+    let timed = world
+        .backup("timed", "slow", "  activeDeadlineSeconds: 60\n")
+        .await?;
+    let (_, reason, message) = condition(&timed, "Failed").context("no Failed condition")?;
+    ensure!(reason == "DeadlineExceeded", "{reason}: {message}");
+    ensure!(
+        world.open_uploads().await? == 0,
+        "a multipart upload is still open"
+    );
+    ensure!(
+        world.keys("backups/").await?.is_empty(),
+        "objects left after the deadline"
+    );
+    world.finish().await
+}
+
+#[tokio::test]
+async fn bad_input_fails_with_a_reason_that_names_the_problem() -> Result<()> {
+    let world = World::new("run-invalid").await?;
+    world.apply(&writer_statefulset("ok", 1)).await?;
+    world
+        .apply(&format!(
+            "{}\n---\n{}\n---\n{}\n---\n{}\n---\n{}",
+            app("ok", "ok", ""),
+            app("no-sts", "absent-sts", ""),
+            world.repository("no-secret-repo", "absent-secret"),
+            "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: { name: zero }\nspec:\n  replicas: 0\n  serviceName: zero\n  selector: { matchLabels: { app: zero } }\n  template:\n    metadata: { labels: { app: zero } }\n    spec: { containers: [{ name: main, image: stateward-probe }] }\n",
+            app("zero", "zero", ""),
+        ))
+        .await?;
+    // A ReadWriteOncePod volume.
+    world
+        .apply(&writer_statefulset("rwop", 1).replace("[ReadWriteOnce]", "[ReadWriteOncePod]"))
+        .await?;
+    world.apply(&app("rwop", "rwop", "")).await?;
+    wait_pod_ready(&world.pods(), "rwop-0", 2 * MINUTE).await?;
+    wait_pod_ready(&world.pods(), "ok-0", 2 * MINUTE).await?;
+
+    let cases = [
+        ("no-app", "absent-app", "", "AppNotFound", "absent-app"),
+        ("no-sts", "no-sts", "", "StatefulSetNotFound", "absent-sts"),
+        (
+            "no-repo",
+            "ok",
+            "  repository: absent-repo\n",
+            "RepositoryNotFound",
+            "absent-repo",
+        ),
+        (
+            "no-secret",
+            "ok",
+            "  repository: no-secret-repo\n",
+            "SecretNotFound",
+            "absent-secret",
+        ),
+        ("zero", "zero", "", "ScaledToZero", "0 replicas"),
+        ("rwop", "rwop", "", "ReadWriteOncePod", "data-rwop-0"),
+    ];
+    for (name, app_name, extra, reason, names) in cases {
+        let backup = world.backup(name, app_name, extra).await?;
+        let (_, got, message) =
+            condition(&backup, "Failed").with_context(|| format!("{name}: no Failed condition"))?;
+        ensure!(
+            got == reason,
+            "{name}: reason {got} ({message}), expected {reason}"
+        );
+        ensure!(
+            message.contains(names),
+            "{name}: the message does not name {names}: {message}"
+        );
+        ensure!(
+            !world.warnings(reason).await?.is_empty(),
+            "{name}: no Warning event {reason}"
+        );
+    }
+    ensure!(
+        world.keys("backups/").await?.is_empty(),
+        "objects in S3 after rejected runs"
+    );
+    world.finish().await
+}
+
+#[tokio::test]
+async fn a_second_backup_of_the_same_app_waits_for_the_lock_then_runs() -> Result<()> {
+    let world = World::new("run-lock").await?;
+    world.apply(&writer_statefulset("locked", 1)).await?;
+    world.apply(&endless_dump_app("locked")).await?;
+    wait_pod_ready(&world.pods(), "locked-0", 2 * MINUTE).await?;
+    let api = world.backups();
+    world
+        .apply("apiVersion: stateward.io/v1alpha1\nkind: Backup\nmetadata: { name: holder }\nspec:\n  app: locked\n")
+        .await?;
+    wait_for("the first backup to run", 2 * MINUTE, || async {
+        let b = api.get("holder").await?;
+        Ok((b.status.and_then(|s| s.phase) == Some(BackupPhase::Running)).then_some(()))
+    })
+    .await?;
+    world
+        .apply("apiVersion: stateward.io/v1alpha1\nkind: Backup\nmetadata: { name: waiter }\nspec:\n  app: locked\n  method: Volume\n")
+        .await?;
+    let message = wait_for("the second backup to wait for the lock", MINUTE, || async {
+        let b = api.get("waiter").await?;
+        Ok(condition(&b, "LockAcquired")
+            .and_then(|(s, r, m)| (s == "False" && r == "WaitingForLock").then_some(m)))
+    })
+    .await?;
+    ensure!(
+        message.contains("holder"),
+        "the waiting message should name the holder: {message}"
+    );
+    // Still waiting a few seconds later: no Job of its own.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let waiter = api.get("waiter").await?;
+    ensure!(
+        waiter.status.as_ref().and_then(|s| s.phase) == Some(BackupPhase::Pending),
+        "the second backup did not wait: {:?}",
+        waiter.status
+    );
+    api.patch(
+        "holder",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"cancel": true}})),
+    )
+    .await?;
+    let done = world.wait_done("waiter", 3 * MINUTE).await?;
+    ensure!(
+        done.status.as_ref().and_then(|s| s.phase) == Some(BackupPhase::Completed),
+        "{}",
+        failed_reason(&done)
+    );
+    world.finish().await
+}
