@@ -38,6 +38,7 @@ pub async fn run(base: Context, namespace: Option<String>, config: RunConfig) {
         base: base.clone(),
         metrics: run::RunMetrics::register(&base.metrics),
         config,
+        scope: namespace.clone(),
     });
     let (repos, backups, jobs): (Api<BackupRepository>, Api<Backup>, Api<Job>) = match &namespace {
         Some(ns) => (

@@ -142,6 +142,9 @@ impl RunMetrics {
 /// Shared state of the run loop.
 pub struct RunContext {
     pub base: Context,
+    /// The namespace the manager is limited to (None: cluster-wide). The global agent
+    /// cap counts Jobs within it: a namespaced install cannot list the cluster's Jobs.
+    pub scope: Option<String>,
     pub config: RunConfig,
     pub metrics: RunMetrics,
 }
@@ -827,7 +830,10 @@ async fn create_jobs(
 ) -> Result<(), RunError> {
     let ns = backup.namespace().unwrap_or_default();
     let jobs_api: Api<Job> = Api::namespaced(ctx.base.client.clone(), &ns);
-    let all_jobs: Api<Job> = Api::all(ctx.base.client.clone());
+    let all_jobs: Api<Job> = match &ctx.scope {
+        Some(scope) => Api::namespaced(ctx.base.client.clone(), scope),
+        None => Api::all(ctx.base.client.clone()),
+    };
     let active: Vec<Job> = all_jobs
         .list(&ListParams::default().labels(&format!(
             "{}={}",
