@@ -36,6 +36,10 @@ async fn chart_installs_and_the_manager_runs_as_a_pod_with_its_own_service_accou
             "leaderElection.leaseDurationSeconds=6",
             "--set",
             "logFormat=text",
+            // Tests share one cluster: a cluster-wide manager would also act on other
+            // tests' Backups. The demo installs the chart cluster-wide.
+            "--set",
+            "namespaced=true",
         ])
         .env("KUBECONFIG", &cluster.env.kubeconfig)
         .output()

@@ -1,90 +1,13 @@
 //! The `stateward` binary against the local cluster: readiness, metrics, graceful
 //! shutdown, leader election. Run with `cargo xtask test`.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use stateward_testkit::harness::{Cluster, install_crds, wait_for};
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-struct Manager {
-    child: Child,
-    port: u16,
-}
-
-impl Manager {
-    fn start(cluster: &Cluster, extra: &[&str]) -> Result<Self> {
-        let port = free_port()?;
-        let child = Command::new(env!("CARGO_BIN_EXE_stateward"))
-            .arg("run")
-            .arg("--admin-addr")
-            .arg(format!("127.0.0.1:{port}"))
-            .args(extra)
-            .env("KUBECONFIG", &cluster.env.kubeconfig)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        Ok(Self { child, port })
-    }
-
-    async fn get(&self, path: &str) -> Result<(u16, String)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await?;
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-            .await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        let code = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .context("no status")?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((code, body))
-    }
-
-    async fn wait_ready(&self) -> Result<()> {
-        wait_for(
-            "the manager to report ready",
-            Duration::from_secs(60),
-            || async { Ok(matches!(self.get("/readyz").await, Ok((200, _))).then_some(())) },
-        )
-        .await
-    }
-
-    async fn is_leader(&self) -> Result<bool> {
-        let (_, metrics) = self.get("/metrics").await?;
-        Ok(metrics.lines().any(|l| l.trim() == "stateward_leader 1"))
-    }
-
-    fn signal(&self, signal: &str) -> Result<()> {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()?;
-        ensure!(status.success(), "kill -{signal} failed");
-        Ok(())
-    }
-}
-
-impl Drop for Manager {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+mod common;
+use common::Manager;
 
 async fn crds(cluster: &Cluster) -> Result<()> {
     let _serial = cluster.serial().await?;
@@ -95,7 +18,10 @@ async fn crds(cluster: &Cluster) -> Result<()> {
 async fn run_becomes_ready_serves_reconcile_metrics_and_exits_cleanly_on_sigterm() -> Result<()> {
     let cluster = Cluster::connect().await?;
     crds(&cluster).await?;
-    let mut manager = Manager::start(&cluster, &[])?;
+    // Scoped to its own namespace: tests share the cluster, and a cluster-wide manager
+    // would act on other tests' Backups.
+    let ns = cluster.namespace("manager").await?;
+    let mut manager = Manager::start(&cluster, &["--namespace", ns.name.as_str()])?;
     manager.wait_ready().await?;
     let (code, metrics) = manager.get("/metrics").await?;
     ensure!(code == 200, "/metrics answered {code}");
@@ -140,7 +66,7 @@ async fn run_becomes_ready_serves_reconcile_metrics_and_exits_cleanly_on_sigterm
         status.success(),
         "the manager exited with {status} on SIGTERM"
     );
-    Ok(())
+    ns.cleanup().await
 }
 
 #[tokio::test]
@@ -154,6 +80,8 @@ async fn with_leader_election_one_acts_and_the_standby_takes_over_when_it_dies()
         ns.name.as_str(),
         "--lease-duration",
         "6",
+        "--namespace",
+        ns.name.as_str(),
     ];
     let a = Manager::start(&cluster, &args)?;
     let b = Manager::start(&cluster, &args)?;
