@@ -4,6 +4,7 @@
 //! pinned Go modules under `tools/`), so the README needs only two commands:
 //! `cargo xtask demo` and `cargo xtask test`.
 
+mod bench;
 mod demo;
 mod deps;
 mod pki;
@@ -43,6 +44,11 @@ enum Command {
     },
     /// Run the operator's main job on the local cluster and print what a user would see.
     Demo,
+    /// Benchmarks that print figures (never asserted).
+    Bench {
+        #[command(subcommand)]
+        which: BenchKind,
+    },
     /// Build (or reuse from the cache) the pinned Go binaries and print where they are.
     Tools,
     /// Write the CRD YAML into the Helm chart (`--check`: fail when the committed file is stale).
@@ -50,6 +56,13 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchKind {
+    /// The backup agent against restic (and the local tar | zstd bound) on the same data
+    /// and S3 server; the agent's peak RSS at 1 and 4 GiB.
+    Backup(bench::BackupBench),
 }
 
 #[derive(Subcommand)]
@@ -84,6 +97,9 @@ fn main() -> Result<()> {
         Command::Test { keep, filter } => tests::run(keep, filter.as_deref()),
         Command::Crds { check } => crds(check),
         Command::Demo => demo::run(),
+        Command::Bench { which } => match which {
+            BenchKind::Backup(args) => bench::backup(args),
+        },
         Command::Tools => {
             let tools = tools::ensure_all()?;
             println!("{}", serde_json::to_string_pretty(&tools)?);

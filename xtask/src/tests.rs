@@ -35,6 +35,12 @@ pub fn run(keep: bool, filter: Option<&str>) -> Result<()> {
     }
 
     step("local cluster");
+    // Always a fresh cluster: one left by `demo` or `--keep` runs a cluster-wide manager
+    // and holds other objects that would act on (or confuse) the tests.
+    if testenv::state_dir().join("env.json").exists() {
+        eprintln!("xtask: stopping the running local cluster so the tests start from a fresh one");
+        testenv::down()?;
+    }
     let result = testenv::up().and_then(|env| {
         step("integration tests");
         let mut cmd = Command::new(&cargo);
