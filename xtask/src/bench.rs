@@ -123,10 +123,10 @@ fn generate(dir: &Path, size: u64) -> Result<()> {
     while written < small_budget {
         let len = rng.random_range(1024..64 * 1024) as usize;
         let sub = dir.join(format!("small/{:03}", n / 500));
-        if n % 500 == 0 {
+        if n.is_multiple_of(500) {
             std::fs::create_dir_all(&sub)?;
         }
-        fill(&mut buf, len, n % 2 == 0, &mut rng);
+        fill(&mut buf, len, n.is_multiple_of(2), &mut rng);
         std::fs::write(sub.join(format!("f{n:06}.dat")), &buf)?;
         written += len as u64;
         n += 1;
@@ -140,7 +140,7 @@ fn generate(dir: &Path, size: u64) -> Result<()> {
         let mut left = len;
         while left > 0 {
             let chunk = left.min(8 * MIB) as usize;
-            fill(&mut buf, chunk, large % 2 == 0, &mut rng);
+            fill(&mut buf, chunk, large.is_multiple_of(2), &mut rng);
             file.write_all(&buf)?;
             left -= chunk as u64;
         }
