@@ -131,7 +131,7 @@ fn generate(dir: &Path, size: u64) -> Result<()> {
         written += len as u64;
         n += 1;
     }
-    let mut large = 0;
+    let mut large = 0u32;
     while written < size {
         let len = (size - written).min(256 * MIB);
         let mut file = std::io::BufWriter::new(std::fs::File::create(

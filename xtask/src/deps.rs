@@ -18,6 +18,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("/usr/bin/setpriv", "util-linux"),
     ("/usr/bin/restic", "restic"),
     ("/usr/bin/zstd", "zstd"),
+    // `age -d` / `age-keygen`: the tests decrypt backups by hand, as users would.
+    ("/usr/bin/age", "age"),
 ];
 
 /// Installs the missing packages with apt-get (we run as root on dev machines and in CI).

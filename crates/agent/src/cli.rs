@@ -45,9 +45,24 @@ pub struct S3Target {
     /// zstd worker threads.
     #[arg(long, default_value_t = 2)]
     pub zstd_threads: u32,
+    /// Encrypt to the age recipient in the `AGE_RECIPIENT` environment variable.
+    #[arg(long)]
+    pub encrypt: bool,
 }
 
 impl S3Target {
+    /// The age recipient when `--encrypt` is set.
+    fn recipient(&self) -> Result<Option<age::x25519::Recipient>, String> {
+        if !self.encrypt {
+            return Ok(None);
+        }
+        let text = std::env::var(crate::crypto::RECIPIENT_ENV)
+            .map_err(|_| format!("--encrypt needs {}", crate::crypto::RECIPIENT_ENV))?;
+        crate::crypto::parse_recipient(&text)
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", crate::crypto::RECIPIENT_ENV))
+    }
+
     fn client(&self) -> Result<aws_sdk_s3::Client, String> {
         let key = std::env::var("AWS_ACCESS_KEY_ID")
             .map_err(|_| "AWS_ACCESS_KEY_ID is not set".to_string())?;
@@ -218,10 +233,13 @@ async fn backup_volume_inner(args: &BackupVolumeArgs) -> Result<VolumeResult, St
     }
     let target = &args.target;
     let client = target.client()?;
+    let recipient = target.recipient()?;
     let started = std::time::Instant::now();
     let (source, level, threads) = (args.source.clone(), target.zstd_level, target.zstd_threads);
     let (stored, stats) = stream_to_s3(&client, &target.upload_options(), move |writer| {
-        write_volume_archive(&source, writer, level, threads)
+        crate::crypto::sealed(writer, recipient.as_ref(), |out| {
+            write_volume_archive(&source, out, level, threads).map(|(_, stats)| stats)
+        })
     })
     .await
     .map_err(|e| e.to_string())?;
@@ -248,6 +266,7 @@ async fn backup_exec_inner(args: &BackupExecArgs) -> Result<VolumeResult, String
 
     let target = &args.target;
     let s3 = target.client()?;
+    let recipient = target.recipient()?;
     let kube = kube::Client::try_default()
         .await
         .map_err(|e| format!("no Kubernetes configuration: {e}"))?;
@@ -318,25 +337,28 @@ async fn backup_exec_inner(args: &BackupExecArgs) -> Result<VolumeResult, String
     });
     let (level, threads) = (target.zstd_level, target.zstd_threads);
     let produced = stream_to_s3(&s3, &target.upload_options(), move |writer| {
-        let mut encoder = zstd::stream::write::Encoder::new(writer, level)?;
-        if threads > 1 {
-            encoder.multithread(threads)?;
-        }
-        let mut read = 0u64;
-        while let Some(chunk) = receive.blocking_recv() {
-            read += chunk.len() as u64;
-            std::io::Write::write_all(&mut encoder, &chunk)?;
-        }
-        match exit_rx.recv_timeout(std::time::Duration::from_secs(60)) {
-            Ok(Ok(())) => {}
-            Ok(Err(message)) => return Err(std::io::Error::other(message)),
-            Err(_) => {
-                return Err(std::io::Error::other(
-                    "the dump command's exit status never arrived",
-                ));
+        crate::crypto::sealed(writer, recipient.as_ref(), |out| {
+            let mut encoder = zstd::stream::write::Encoder::new(out, level)?;
+            if threads > 1 {
+                encoder.multithread(threads)?;
             }
-        }
-        Ok((encoder.finish()?, read))
+            let mut read = 0u64;
+            while let Some(chunk) = receive.blocking_recv() {
+                read += chunk.len() as u64;
+                std::io::Write::write_all(&mut encoder, &chunk)?;
+            }
+            match exit_rx.recv_timeout(std::time::Duration::from_secs(60)) {
+                Ok(Ok(())) => {}
+                Ok(Err(message)) => return Err(std::io::Error::other(message)),
+                Err(_) => {
+                    return Err(std::io::Error::other(
+                        "the dump command's exit status never arrived",
+                    ));
+                }
+            }
+            encoder.finish()?;
+            Ok(read)
+        })
     })
     .await;
     let _ = status_task.await;

@@ -9,6 +9,7 @@
 
 pub mod archive;
 pub mod cli;
+pub mod crypto;
 pub mod manifest;
 pub mod upload;
 

@@ -34,14 +34,20 @@ pub fn namespace_prefix(repo_prefix: Option<&str>, namespace: &str) -> String {
     }
 }
 
-/// Object key of one volume's archive (`tar` then `zstd`).
-pub fn volume_key(prefix: &str, pvc: &str) -> String {
-    format!("{prefix}/volumes/{pvc}.tar.zst")
+/// Object key of one volume's archive (`tar` then `zstd`, then `age` when encrypted).
+pub fn volume_key(prefix: &str, pvc: &str, encrypted: bool) -> String {
+    format!(
+        "{prefix}/volumes/{pvc}.tar.zst{}",
+        if encrypted { ".age" } else { "" }
+    )
 }
 
-/// Object key of one pod's dump (the command's stdout, `zstd`-compressed).
-pub fn dump_key(prefix: &str, pod: &str) -> String {
-    format!("{prefix}/dumps/{pod}.zst")
+/// Object key of one pod's dump (the command's stdout, `zstd`-compressed, then `age`).
+pub fn dump_key(prefix: &str, pod: &str, encrypted: bool) -> String {
+    format!(
+        "{prefix}/dumps/{pod}.zst{}",
+        if encrypted { ".age" } else { "" }
+    )
 }
 
 /// Object key of the agent's full result for a data object.
@@ -142,10 +148,13 @@ mod tests {
         assert_eq!(p, "team/shop/pg/pg-1-abc");
         assert!(p.starts_with(&namespace_prefix(Some("team"), "shop")));
         assert_eq!(
-            volume_key(&p, "data-pg-0"),
+            volume_key(&p, "data-pg-0", false),
             "team/shop/pg/pg-1-abc/volumes/data-pg-0.tar.zst"
         );
-        assert_eq!(dump_key(&p, "pg-0"), "team/shop/pg/pg-1-abc/dumps/pg-0.zst");
+        assert_eq!(
+            dump_key(&p, "pg-0", true),
+            "team/shop/pg/pg-1-abc/dumps/pg-0.zst.age"
+        );
         assert_eq!(backup_prefix(None, "a", "b", "c", "d"), "a/b/c-d");
     }
 

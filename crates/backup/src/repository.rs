@@ -29,6 +29,7 @@ pub enum Verdict {
     NoSuchBucket(String),
     EndpointUnreachable(String),
     ProbeFailed(String),
+    EncryptionKeyInvalid { secret: String, key: String },
 }
 
 impl Verdict {
@@ -42,6 +43,7 @@ impl Verdict {
             Self::NoSuchBucket(_) => "NoSuchBucket",
             Self::EndpointUnreachable(_) => "EndpointUnreachable",
             Self::ProbeFailed(_) => "ProbeFailed",
+            Self::EncryptionKeyInvalid { .. } => "EncryptionKeyInvalid",
         }
     }
 
@@ -64,6 +66,9 @@ impl Verdict {
             Self::ProbeFailed(detail) => {
                 format!("writing a probe object under the prefix failed: {detail}")
             }
+            Self::EncryptionKeyInvalid { secret, key } => format!(
+                "Secret {secret} key {key} is not an age recipient (expected age1..., from `age-keygen -y`)"
+            ),
         }
     }
 }
@@ -122,6 +127,24 @@ pub async fn check(client: &kube::Client, repo: &BackupRepository) -> Verdict {
         Ok(v) => v,
         Err(v) => return v,
     };
+    // Encryption: the recipient must parse before any backup relies on it.
+    if let Some(encryption) = &repo.spec.encryption {
+        let recipient = match secret_value(&secrets, &encryption.recipient).await {
+            Ok(v) => v,
+            Err(v) => return v,
+        };
+        if stateward_agent::crypto::parse_recipient(&recipient).is_err() {
+            return Verdict::EncryptionKeyInvalid {
+                secret: encryption.recipient.name.clone(),
+                key: encryption.recipient.key.clone(),
+            };
+        }
+        if let Some(identity) = &encryption.identity
+            && let Err(v) = secret_value(&secrets, identity).await
+        {
+            return v;
+        }
+    }
     let client = stateward_agent::cli::s3_client_with(
         &key,
         &secret,

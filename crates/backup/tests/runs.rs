@@ -874,3 +874,104 @@ fn zstd_decode(data: &[u8]) -> Result<Vec<u8>> {
     ensure!(out.status.success(), "zstd -d failed");
     Ok(out.stdout)
 }
+
+#[tokio::test]
+async fn an_encrypted_backup_decrypts_with_age_by_hand_and_a_bad_recipient_is_refused() -> Result<()>
+{
+    let world = World::new("run-age").await?;
+    // Keys made with the standard tool, as a user would.
+    let work = std::env::temp_dir().join(format!("runs-{}", world.ns.name));
+    std::fs::create_dir_all(&work)?;
+    let key_file = work.join("key.txt");
+    sh(&format!("age-keygen -o {} 2>/dev/null", key_file.display()))?;
+    let recipient = sh(&format!("age-keygen -y {}", key_file.display()))?;
+    let identity = std::fs::read_to_string(&key_file)?;
+    let secrets: Api<Secret> = world.cluster.api(&world.ns.name);
+    let mut secret: Secret = from_yaml("metadata: { name: age }")?;
+    secret.string_data = Some(
+        [
+            ("recipient".to_string(), recipient.clone()),
+            ("identity".to_string(), identity.clone()),
+            ("bad".to_string(), "age1notakey".to_string()),
+        ]
+        .into(),
+    );
+    secrets.create(&PostParams::default(), &secret).await?;
+    let sealed = world.repository("sealed", "s3")
+        + "  encryption:\n    recipient: { name: age, key: recipient }\n    identity: { name: age, key: identity }\n";
+    let broken = world.repository("broken", "s3")
+        + "  encryption:\n    recipient: { name: age, key: bad }\n";
+    world.apply(&format!("{sealed}---\n{broken}")).await?;
+    world.apply(&writer_statefulset("secret-files", 1)).await?;
+    world
+        .apply(&app("secret-files", "secret-files", ""))
+        .await?;
+    let pods = world.pods();
+    wait_pod_ready(&pods, "secret-files-0", 2 * MINUTE).await?;
+
+    let backup = world
+        .backup("sealed-1", "secret-files", "  repository: sealed\n")
+        .await?;
+    let status = backup.status.clone().unwrap_or_default();
+    ensure!(
+        status.phase == Some(BackupPhase::Completed),
+        "{}",
+        failed_reason(&backup)
+    );
+    let key = status
+        .volumes
+        .first()
+        .and_then(|v| v.key.clone())
+        .context("no key")?;
+    ensure!(key.ends_with(".tar.zst.age"), "{key}");
+    let stored = world.object(&key).await?;
+    ensure!(
+        stored.starts_with(b"age-encryption.org/v1"),
+        "the object is not in the age format"
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &world
+            .object(&format!(
+                "{}/manifest.json",
+                status.location.clone().unwrap_or_default()
+            ))
+            .await?,
+    )?;
+    ensure!(manifest["encryption"] == "age", "{manifest}");
+    ensure!(
+        manifest["entries"][0]["encoding"] == "tar+zstd+age",
+        "{manifest}"
+    );
+    std::fs::write(work.join("data.age"), &stored)?;
+    std::fs::create_dir_all(work.join("out"))?;
+    sh(&format!(
+        "age -d -i {0}/key.txt {0}/data.age | zstd -q -d | tar -x -C {0}/out",
+        work.display()
+    ))?;
+    let restored = sh(&format!(
+        "cd {}/out && find . -type f -exec sha256sum {{}} +",
+        work.display()
+    ))?;
+    let source = source_digests(&pods, "secret-files-0").await?;
+    ensure!(
+        parse_digests(&restored) == source,
+        "decrypted files differ from the source"
+    );
+
+    // A recipient that does not parse: Failed before anything is stored, naming the key.
+    let bad = world
+        .backup("broken-1", "secret-files", "  repository: broken\n")
+        .await?;
+    let (_, reason, message) = condition(&bad, "Failed").context("no Failed condition")?;
+    ensure!(reason == "EncryptionKeyInvalid", "{reason}: {message}");
+    ensure!(
+        message.contains("age") && message.contains("bad"),
+        "{message}"
+    );
+    ensure!(
+        !message.contains(&identity) && !message.contains(&recipient),
+        "a key leaked into the message"
+    );
+    let _ = std::fs::remove_dir_all(&work);
+    world.finish().await
+}

@@ -402,7 +402,12 @@ async fn start(backup: &Backup, ctx: &RunContext) -> Result<Action, RunError> {
             pod: Some(t.pod.clone()),
             node: Some(t.node.clone()),
             job: Some(plan::job_name(&backup.name_any(), &t.name)),
-            key: Some(plan::data_key(resolved.settings.method, &prefix, t)),
+            key: Some(plan::data_key(
+                resolved.settings.method,
+                &prefix,
+                t,
+                resolved.repository.spec.encryption.is_some(),
+            )),
             ..Default::default()
         })
         .collect();
@@ -1039,6 +1044,10 @@ async fn commit(
     let now = ctx.base.clock.now();
     let prefix = status.location.clone().unwrap_or_default();
     let method = status.method.unwrap_or_default();
+    // Whether a run's data is encrypted was decided when it started (the key says so),
+    // whatever the repository says now.
+    let sealed = |v: &VolumeResult| v.key.as_deref().is_some_and(|k| k.ends_with(".age"));
+    let encrypted = status.volumes.iter().any(sealed);
     let entries = status
         .volumes
         .iter()
@@ -1046,10 +1055,14 @@ async fn commit(
             name: v.name.clone(),
             pod: v.pod.clone().unwrap_or_default(),
             key: v.key.clone().unwrap_or_default(),
-            encoding: match method {
-                BackupMethod::Volume => "tar+zstd".into(),
-                BackupMethod::Exec => "zstd".into(),
-            },
+            encoding: format!(
+                "{}{}",
+                match method {
+                    BackupMethod::Volume => "tar+zstd",
+                    BackupMethod::Exec => "zstd",
+                },
+                if sealed(v) { "+age" } else { "" }
+            ),
             bytes_read: v.bytes_read.unwrap_or(0).max(0) as u64,
             bytes_stored: v.bytes_stored.unwrap_or(0).max(0) as u64,
             sha256: v.sha256.clone().unwrap_or_default(),
@@ -1087,7 +1100,7 @@ async fn commit(
         method: format!("{method:?}"),
         started_at: status.start_time.clone().unwrap_or_default(),
         completed_at: time::rfc3339(now),
-        encryption: None,
+        encryption: encrypted.then(|| "age".to_string()),
         entries,
         stateful_set: manifest::trimmed(&sts),
         persistent_volume_claims: claims,

@@ -275,10 +275,10 @@ pub fn job_name(backup: &str, target: &str) -> String {
 }
 
 /// The object key a target's data goes to.
-pub fn data_key(method: BackupMethod, prefix: &str, target: &Target) -> String {
+pub fn data_key(method: BackupMethod, prefix: &str, target: &Target, encrypted: bool) -> String {
     match method {
-        BackupMethod::Volume => manifest::volume_key(prefix, &target.name),
-        BackupMethod::Exec => manifest::dump_key(prefix, &target.pod),
+        BackupMethod::Volume => manifest::volume_key(prefix, &target.name, encrypted),
+        BackupMethod::Exec => manifest::dump_key(prefix, &target.pod, encrypted),
     }
 }
 
@@ -288,7 +288,13 @@ pub fn data_key(method: BackupMethod, prefix: &str, target: &Target) -> String {
 pub fn agent_job(inputs: &JobInputs<'_>, target: &Target, app_pod: &Pod) -> serde_json::Value {
     let backup = inputs.backup;
     let s3 = &inputs.repository.spec.s3;
-    let key = data_key(inputs.settings.method, inputs.prefix, target);
+    let encryption = inputs.repository.spec.encryption.as_ref();
+    let key = data_key(
+        inputs.settings.method,
+        inputs.prefix,
+        target,
+        encryption.is_some(),
+    );
     let mut args: Vec<String> = vec!["agent".into()];
     match inputs.settings.method {
         BackupMethod::Volume => {
@@ -325,6 +331,9 @@ pub fn agent_job(inputs: &JobInputs<'_>, target: &Target, app_pod: &Pod) -> serd
     if s3.checksum_mode == ChecksumMode::WhenRequired {
         args.push("--checksum-when-required".into());
     }
+    if encryption.is_some() {
+        args.push("--encrypt".into());
+    }
     if inputs.settings.method == BackupMethod::Exec {
         args.push("--".into());
         args.extend(
@@ -342,6 +351,9 @@ pub fn agent_job(inputs: &JobInputs<'_>, target: &Target, app_pod: &Pod) -> serd
         json!({"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": creds.secret_access_key.name, "key": creds.secret_access_key.key}}}),
         json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
     ];
+    if let Some(encryption) = encryption {
+        env.push(json!({"name": stateward_agent::crypto::RECIPIENT_ENV, "valueFrom": {"secretKeyRef": {"name": encryption.recipient.name, "key": encryption.recipient.key}}}));
+    }
     env.push(json!({"name": "RUST_LOG", "value": "info"}));
     let labels = agent_labels(backup, &target.node);
     let pod_spec = app_pod.spec.clone().unwrap_or_default();
