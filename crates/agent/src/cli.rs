@@ -39,6 +39,10 @@ pub struct S3Target {
     pub part_size_mib: usize,
     #[arg(long, default_value_t = 4)]
     pub parts_in_flight: usize,
+    /// Parts per object: a longer stream continues in segment objects `<key>.seg-00001`,
+    /// ... (S3 allows 10,000 parts per multipart upload).
+    #[arg(long, default_value_t = crate::upload::MAX_PARTS)]
+    pub segment_parts: u32,
     /// zstd level (1 fastest .. 19 smallest).
     #[arg(long, default_value_t = 3)]
     pub zstd_level: i32,
@@ -84,6 +88,7 @@ impl S3Target {
             key: self.key.clone(),
             part_size: self.part_size_mib.max(5) << 20,
             parts_in_flight: self.parts_in_flight.max(1),
+            segment_parts: self.segment_parts,
         }
     }
 
@@ -154,7 +159,14 @@ pub struct VolumeResult {
     pub bytes_stored: u64,
     pub sha256: String,
     pub parts: u32,
+    /// Objects the data was stored in: `key`, then `key.seg-00001`, ...
+    #[serde(default = "one")]
+    pub segments: u32,
     pub duration_seconds: f64,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Builds an S3 client from explicit credentials (never logged). `checksum_when_required`
@@ -172,7 +184,15 @@ pub fn s3_client_with(
         .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
         .region(aws_sdk_s3::config::Region::new(region.to_string()))
         .force_path_style(force_path_style)
-        .credentials_provider(creds);
+        .credentials_provider(creds)
+        // Transient S3 errors (throttling, 5xx, dropped connections) are retried with
+        // exponential back-off and jitter; a part that still fails fails the upload,
+        // which is then aborted.
+        .retry_config(
+            aws_sdk_s3::config::retry::RetryConfig::standard()
+                .with_max_attempts(6)
+                .with_initial_backoff(std::time::Duration::from_millis(200)),
+        );
     if let Some(endpoint) = endpoint {
         config = config.endpoint_url(endpoint);
     }
@@ -250,6 +270,7 @@ async fn backup_volume_inner(args: &BackupVolumeArgs) -> Result<VolumeResult, St
         bytes_stored: stored.bytes_stored,
         sha256: stored.sha256,
         parts: stored.parts,
+        segments: stored.segments,
         duration_seconds: started.elapsed().as_secs_f64(),
     };
     target.put_result(&client, &result).await?;
@@ -387,6 +408,7 @@ async fn backup_exec_inner(args: &BackupExecArgs) -> Result<VolumeResult, String
         bytes_stored: stored.bytes_stored,
         sha256: stored.sha256,
         parts: stored.parts,
+        segments: stored.segments,
         duration_seconds: started.elapsed().as_secs_f64(),
     };
     target.put_result(&s3, &result).await?;

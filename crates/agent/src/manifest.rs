@@ -69,14 +69,22 @@ pub struct Entry {
     pub encoding: String,
     pub bytes_read: u64,
     pub bytes_stored: u64,
-    /// sha256 of the stored object, hex.
+    /// sha256 of the stored data (all segments, concatenated), hex.
     pub sha256: String,
+    /// Objects the data is stored in: `key`, then `key.seg-00001`, `key.seg-00002`, ...
+    /// (a volume larger than one multipart upload); concatenate them in order.
+    #[serde(default = "one")]
+    pub segments: u32,
     /// Files in the archive (volume method).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<u64>,
     /// The dump command (exec method).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// `manifest.json`.

@@ -24,7 +24,12 @@ pub struct UploadOptions {
     pub part_size: usize,
     /// Parts uploading at once; also the parts waiting in the hand-over channel.
     pub parts_in_flight: usize,
+    /// Parts per object before the stream continues in the next segment object.
+    pub segment_parts: u32,
 }
+
+/// S3's largest part count per multipart upload.
+pub const MAX_PARTS: u32 = 10_000;
 
 impl UploadOptions {
     /// Upper bound of the stream data held in memory at once.
@@ -41,6 +46,8 @@ pub struct StreamResult {
     /// sha256 of the stored bytes (hex).
     pub sha256: String,
     pub parts: u32,
+    /// Objects the stream was stored in (see [`segment_key`]).
+    pub segments: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,8 +128,125 @@ fn sdk_message<E: std::error::Error>(e: &E) -> String {
     DisplayErrorContext(e).to_string()
 }
 
+/// Object key of segment `index` of a stream stored under `key`: the first segment is
+/// `key` itself, so a stream that fits one multipart upload is one plain object.
+pub fn segment_key(key: &str, index: u32) -> String {
+    if index == 0 {
+        key.to_string()
+    } else {
+        format!("{key}.seg-{index:05}")
+    }
+}
+
+/// One multipart upload: a segment of the stream.
+struct Segment {
+    key: String,
+    upload_id: String,
+    uploads: JoinSet<Result<CompletedPart, UploadError>>,
+    completed: Vec<CompletedPart>,
+    next_part: i32,
+}
+
+impl Segment {
+    async fn start(client: &Client, bucket: &str, key: String) -> Result<Self, UploadError> {
+        let created = client
+            .create_multipart_upload()
+            .bucket(bucket)
+            .key(&key)
+            .send()
+            .await
+            .map_err(|e| UploadError::Start {
+                key: key.clone(),
+                message: sdk_message(&e),
+            })?;
+        Ok(Self {
+            upload_id: created.upload_id().unwrap_or_default().to_string(),
+            key,
+            uploads: JoinSet::new(),
+            completed: Vec::new(),
+            next_part: 1,
+        })
+    }
+
+    fn parts(&self) -> u32 {
+        (self.next_part - 1).max(0) as u32
+    }
+
+    async fn reap_one(&mut self) -> Result<(), UploadError> {
+        if let Some(done) = self.uploads.join_next().await {
+            self.completed
+                .push(done.map_err(|_| UploadError::ProducerLost)??);
+        }
+        Ok(())
+    }
+
+    fn spawn_part(&mut self, client: &Client, bucket: &str, body: Bytes) {
+        let (client, bucket, key, upload_id, number) = (
+            client.clone(),
+            bucket.to_string(),
+            self.key.clone(),
+            self.upload_id.clone(),
+            self.next_part,
+        );
+        self.uploads.spawn(async move {
+            let response = client
+                .upload_part()
+                .bucket(&bucket)
+                .key(&key)
+                .upload_id(&upload_id)
+                .part_number(number)
+                .body(ByteStream::from(body))
+                .send()
+                .await
+                .map_err(|e| UploadError::Part {
+                    key: key.clone(),
+                    part: number,
+                    message: sdk_message(&e),
+                })?;
+            Ok(CompletedPart::builder()
+                .part_number(number)
+                .set_e_tag(response.e_tag().map(String::from))
+                .build())
+        });
+        self.next_part += 1;
+    }
+
+    async fn complete(mut self, client: &Client, bucket: &str) -> Result<u32, UploadError> {
+        while !self.uploads.is_empty() {
+            self.reap_one().await?;
+        }
+        if self.completed.is_empty() {
+            // An empty stream still needs one (empty) part.
+            self.spawn_part(client, bucket, Bytes::new());
+            self.reap_one().await?;
+        }
+        self.completed.sort_by_key(|p| p.part_number());
+        let parts = self.completed.len() as u32;
+        client
+            .complete_multipart_upload()
+            .bucket(bucket)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(std::mem::take(&mut self.completed)))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| UploadError::Complete {
+                key: self.key.clone(),
+                message: sdk_message(&e),
+            })?;
+        Ok(parts)
+    }
+}
+
 /// Runs `produce` on a blocking thread, giving it a writer, and uploads everything it
-/// writes as one object. On any failure the multipart upload is aborted.
+/// writes: one multipart upload per segment of at most `segment_parts` parts (S3 allows
+/// 10,000), named by [`segment_key`]; concatenated, the segments are the stream. On any
+/// failure the open upload is aborted and the finished segments are deleted, so nothing
+/// of a failed stream stays behind.
 pub async fn stream_to_s3<F, T>(
     client: &Client,
     opts: &UploadOptions,
@@ -134,17 +258,9 @@ where
 {
     let part_size = opts.part_size.max(MIN_PART_SIZE);
     let in_flight = opts.parts_in_flight.max(1);
-    let created = client
-        .create_multipart_upload()
-        .bucket(&opts.bucket)
-        .key(&opts.key)
-        .send()
-        .await
-        .map_err(|e| UploadError::Start {
-            key: opts.key.clone(),
-            message: sdk_message(&e),
-        })?;
-    let upload_id = created.upload_id().unwrap_or_default().to_string();
+    let segment_parts = opts.segment_parts.clamp(1, MAX_PARTS);
+    let mut segment = Segment::start(client, &opts.bucket, segment_key(&opts.key, 0)).await?;
+    let mut finished: Vec<String> = Vec::new();
 
     let (sender, mut receiver) = mpsc::channel::<Bytes>(in_flight);
     let producer = tokio::task::spawn_blocking(move || {
@@ -160,117 +276,77 @@ where
         Ok::<_, std::io::Error>((written, sha, value))
     });
 
+    let mut parts_total = 0u32;
     let result = async {
-        let mut uploads: JoinSet<Result<CompletedPart, UploadError>> = JoinSet::new();
-        let mut completed = Vec::new();
-        let mut next_part = 1i32;
         while let Some(part) = receiver.recv().await {
-            while uploads.len() >= in_flight {
-                if let Some(done) = uploads.join_next().await {
-                    completed.push(done.map_err(|_| UploadError::ProducerLost)??);
-                }
+            if segment.parts() >= segment_parts {
+                let next = Segment::start(
+                    client,
+                    &opts.bucket,
+                    segment_key(&opts.key, finished.len() as u32 + 1),
+                )
+                .await?;
+                let done = std::mem::replace(&mut segment, next);
+                let key = done.key.clone();
+                parts_total += done.complete(client, &opts.bucket).await?;
+                finished.push(key);
             }
-            let (client, bucket, key, upload_id, number) = (
-                client.clone(),
-                opts.bucket.clone(),
-                opts.key.clone(),
-                upload_id.clone(),
-                next_part,
-            );
-            uploads.spawn(async move {
-                let response = client
-                    .upload_part()
-                    .bucket(&bucket)
-                    .key(&key)
-                    .upload_id(&upload_id)
-                    .part_number(number)
-                    .body(ByteStream::from(part))
-                    .send()
-                    .await
-                    .map_err(|e| UploadError::Part {
-                        key: key.clone(),
-                        part: number,
-                        message: sdk_message(&e),
-                    })?;
-                Ok(CompletedPart::builder()
-                    .part_number(number)
-                    .set_e_tag(response.e_tag().map(String::from))
-                    .build())
-            });
-            next_part += 1;
-        }
-        while let Some(done) = uploads.join_next().await {
-            completed.push(done.map_err(|_| UploadError::ProducerLost)??);
+            while segment.uploads.len() >= in_flight {
+                segment.reap_one().await?;
+            }
+            segment.spawn_part(client, &opts.bucket, part);
         }
         let (written, sha256, value) = producer
             .await
             .map_err(|_| UploadError::ProducerLost)?
             .map_err(UploadError::Produce)?;
-        if completed.is_empty() {
-            // An empty stream still needs one (empty) part.
-            let response = client
-                .upload_part()
-                .bucket(&opts.bucket)
-                .key(&opts.key)
-                .upload_id(&upload_id)
-                .part_number(1)
-                .body(ByteStream::from_static(b""))
-                .send()
-                .await
-                .map_err(|e| UploadError::Part {
-                    key: opts.key.clone(),
-                    part: 1,
-                    message: sdk_message(&e),
-                })?;
-            completed.push(
-                CompletedPart::builder()
-                    .part_number(1)
-                    .set_e_tag(response.e_tag().map(String::from))
-                    .build(),
-            );
-        }
-        completed.sort_by_key(|p| p.part_number());
-        let parts = completed.len() as u32;
-        client
-            .complete_multipart_upload()
-            .bucket(&opts.bucket)
-            .key(&opts.key)
-            .upload_id(&upload_id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(completed))
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(|e| UploadError::Complete {
-                key: opts.key.clone(),
-                message: sdk_message(&e),
-            })?;
-        Ok((
-            StreamResult {
-                bytes_stored: written,
-                sha256,
-                parts,
-            },
-            value,
-        ))
+        Ok::<_, UploadError>((written, sha256, value))
     }
     .await;
-
-    if result.is_err() {
-        // Dropping the receiver stops the producer at its next part.
-        drop(receiver);
+    let (error, key, upload_id) = match result {
+        Ok((written, sha256, value)) => {
+            let key = segment.key.clone();
+            let upload_id = segment.upload_id.clone();
+            match segment.complete(client, &opts.bucket).await {
+                Ok(parts) => {
+                    finished.push(key);
+                    return Ok((
+                        StreamResult {
+                            bytes_stored: written,
+                            sha256,
+                            parts: parts_total + parts,
+                            segments: finished.len() as u32,
+                        },
+                        value,
+                    ));
+                }
+                Err(e) => (e, key, upload_id),
+            }
+        }
+        Err(e) => (e, segment.key.clone(), segment.upload_id.clone()),
+    };
+    // Dropping the receiver stops the producer at its next part.
+    drop(receiver);
+    if let Err(e) = client
+        .abort_multipart_upload()
+        .bucket(&opts.bucket)
+        .key(&key)
+        .upload_id(&upload_id)
+        .send()
+        .await
+    {
+        tracing::warn!(%key, error = %sdk_message(&e), "aborting the multipart upload failed; the sweep will retry");
+    }
+    for key in finished {
         if let Err(e) = client
-            .abort_multipart_upload()
+            .delete_object()
             .bucket(&opts.bucket)
-            .key(&opts.key)
-            .upload_id(&upload_id)
+            .key(&key)
             .send()
             .await
         {
-            tracing::warn!(key = %opts.key, error = %sdk_message(&e), "aborting the multipart upload failed; the sweep will retry");
+            tracing::warn!(%key, error = %sdk_message(&e), "deleting a finished segment failed; the sweep will retry");
         }
     }
-    result
+    Err(error)
 }

@@ -81,6 +81,7 @@ async fn a_volume_streams_to_s3_and_standard_tools_restore_it_byte_for_byte() ->
         key: "ns/app/backup-uid/data-app-0.tar.zst".into(),
         part_size: 5 << 20,
         parts_in_flight: 3,
+        segment_parts: stateward_agent::upload::MAX_PARTS,
     };
     let src = source.clone();
     let (result, stats) = stream_to_s3(&client, &options, move |writer| {
@@ -152,6 +153,7 @@ async fn a_failing_stream_leaves_no_object_and_no_open_upload() -> Result<()> {
         key: "ns/app/failed/data.tar.zst".into(),
         part_size: 5 << 20,
         parts_in_flight: 2,
+        segment_parts: stateward_agent::upload::MAX_PARTS,
     };
     let outcome = stream_to_s3(&client, &options, |mut writer| {
         // Two full parts go up, then the source fails (a read error mid-volume).
@@ -180,5 +182,95 @@ async fn a_failing_stream_leaves_no_object_and_no_open_upload() -> Result<()> {
         "open multipart uploads remain: {:?}",
         uploads.uploads()
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stream_larger_than_one_object_is_split_into_segments_that_concatenate() -> Result<()> {
+    let cluster = Cluster::connect().await?;
+    let client = cluster.s3_client();
+    let bucket = bucket(&client).await?;
+    let work = std::env::temp_dir().join(format!("stateward-segments-{}", std::process::id()));
+    let source = work.join("source");
+    let expected = make_tree(&source)?;
+    // Two 5 MiB parts per object: the ~13 MiB archive needs three segments.
+    let options = UploadOptions {
+        bucket: bucket.clone(),
+        key: "ns/app/b-uid/volumes/big.tar.zst".into(),
+        part_size: 5 << 20,
+        parts_in_flight: 2,
+        segment_parts: 1,
+    };
+    let src = source.clone();
+    let (result, _) = stream_to_s3(&client, &options, move |writer| {
+        write_volume_archive(&src, writer, 1, 1)
+    })
+    .await?;
+    ensure!(
+        result.segments == 3,
+        "expected 3 segments, got {}",
+        result.segments
+    );
+    let mut joined = Vec::new();
+    for i in 0..result.segments {
+        let key = stateward_agent::upload::segment_key(&options.key, i);
+        let object = client.get_object().bucket(&bucket).key(&key).send().await?;
+        joined.extend_from_slice(&object.body.collect().await?.into_bytes());
+    }
+    ensure!(
+        hex::encode(Sha256::digest(&joined)) == result.sha256,
+        "the concatenated segments are not the stream"
+    );
+    // By hand: cat the segments in order, then zstd -d | tar x.
+    let restored = work.join("restored");
+    std::fs::create_dir_all(&restored)?;
+    std::fs::write(work.join("joined.tar.zst"), &joined)?;
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "zstd -d -c '{}' | tar -x -C '{}'",
+            work.join("joined.tar.zst").display(),
+            restored.display()
+        ))
+        .status()?;
+    ensure!(status.success(), "zstd -d | tar x failed");
+    let mut got = BTreeMap::new();
+    hash_tree(&restored, Path::new(""), &mut got)?;
+    ensure!(got == expected, "restored tree differs");
+
+    // A stream failing after a finished segment leaves nothing: no segment, no upload.
+    let failing = UploadOptions {
+        key: "ns/app/b-uid/volumes/broken.tar.zst".into(),
+        ..options.clone()
+    };
+    let outcome = stream_to_s3(&client, &failing, |mut writer| {
+        let chunk = vec![7u8; 1 << 20];
+        for _ in 0..12 {
+            writer.write_all(&chunk)?;
+        }
+        Err::<(stateward_agent::upload::PartWriter, ()), _>(std::io::Error::other("disk gone"))
+    })
+    .await;
+    ensure!(outcome.is_err(), "the failing stream succeeded");
+    let listed = client
+        .list_objects_v2()
+        .bucket(&bucket)
+        .prefix("ns/app/b-uid/volumes/broken")
+        .send()
+        .await?;
+    ensure!(
+        listed.contents().is_empty(),
+        "segments of a failed stream remain"
+    );
+    let uploads = client
+        .list_multipart_uploads()
+        .bucket(&bucket)
+        .send()
+        .await?;
+    ensure!(
+        uploads.uploads().is_empty(),
+        "an upload of a failed stream is still open"
+    );
+    let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }

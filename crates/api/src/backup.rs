@@ -148,6 +148,10 @@ pub struct VolumeResult {
     /// Files archived (Volume method).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<i64>,
+    /// Objects the data was stored in (more than one for a volume larger than one
+    /// multipart upload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segments: Option<i64>,
     /// The app pod this volume belongs to (or the pod dumped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
