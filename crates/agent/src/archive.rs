@@ -12,6 +12,26 @@ pub struct ArchiveStats {
     pub bytes_read: u64,
 }
 
+/// Bytes of input per zstd worker job. zstd's default for multi-threaded compression
+/// is several window sizes per job and a pool of them per worker, which measured about
+/// 70 MiB of resident memory with two workers; 1 MiB jobs keep the agent's memory small
+/// and flat at a negligible cost in ratio.
+const ZSTD_JOB_SIZE: u32 = 1 << 20;
+
+/// A zstd encoder at `level`; with `threads` > 1 it compresses on that many workers.
+pub fn zstd_encoder<W: Write>(
+    out: W,
+    level: i32,
+    threads: u32,
+) -> std::io::Result<zstd::stream::write::Encoder<'static, W>> {
+    let mut encoder = zstd::stream::write::Encoder::new(out, level)?;
+    if threads > 1 {
+        encoder.multithread(threads)?;
+        encoder.set_parameter(zstd::stream::raw::CParameter::JobSize(ZSTD_JOB_SIZE))?;
+    }
+    Ok(encoder)
+}
+
 /// Writes `dir` as a zstd-compressed tar stream into `out`. Paths in the archive are
 /// relative to `dir`; symlinks are stored as links, never followed; ownership and modes
 /// are kept so a restore (or `tar x` by hand) gives the same tree.
@@ -21,10 +41,7 @@ pub fn write_volume_archive<W: Write>(
     level: i32,
     threads: u32,
 ) -> std::io::Result<(W, ArchiveStats)> {
-    let mut encoder = zstd::stream::write::Encoder::new(out, level)?;
-    if threads > 1 {
-        encoder.multithread(threads)?;
-    }
+    let encoder = zstd_encoder(out, level, threads)?;
     let mut builder = tar::Builder::new(encoder);
     builder.follow_symlinks(false);
     builder.mode(tar::HeaderMode::Complete);

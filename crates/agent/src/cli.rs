@@ -34,10 +34,11 @@ pub struct S3Target {
     /// that reject the SDK's default trailing checksums).
     #[arg(long)]
     pub checksum_when_required: bool,
-    /// Part size in MiB (at least 5).
-    #[arg(long, default_value_t = 16)]
+    /// Part size in MiB (at least 5). Memory is about (parts in flight + 2) parts.
+    #[arg(long, default_value_t = 8)]
     pub part_size_mib: usize,
-    #[arg(long, default_value_t = 4)]
+    /// Parts uploading at once.
+    #[arg(long, default_value_t = 3)]
     pub parts_in_flight: usize,
     /// Parts per object: a longer stream continues in segment objects `<key>.seg-00001`,
     /// ... (S3 allows 10,000 parts per multipart upload).
@@ -359,10 +360,7 @@ async fn backup_exec_inner(args: &BackupExecArgs) -> Result<VolumeResult, String
     let (level, threads) = (target.zstd_level, target.zstd_threads);
     let produced = stream_to_s3(&s3, &target.upload_options(), move |writer| {
         crate::crypto::sealed(writer, recipient.as_ref(), |out| {
-            let mut encoder = zstd::stream::write::Encoder::new(out, level)?;
-            if threads > 1 {
-                encoder.multithread(threads)?;
-            }
+            let mut encoder = crate::archive::zstd_encoder(out, level, threads)?;
             let mut read = 0u64;
             while let Some(chunk) = receive.blocking_recv() {
                 read += chunk.len() as u64;

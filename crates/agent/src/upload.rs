@@ -34,8 +34,8 @@ pub const MAX_PARTS: u32 = 10_000;
 impl UploadOptions {
     /// Upper bound of the stream data held in memory at once.
     pub fn memory_bound(&self) -> usize {
-        // in flight + queued + the one being filled
-        self.part_size * (2 * self.parts_in_flight.max(1) + 1)
+        // in flight + one queued + the one being filled
+        self.part_size * (self.parts_in_flight.max(1) + 2)
     }
 }
 
@@ -262,7 +262,9 @@ where
     let mut segment = Segment::start(client, &opts.bucket, segment_key(&opts.key, 0)).await?;
     let mut finished: Vec<String> = Vec::new();
 
-    let (sender, mut receiver) = mpsc::channel::<Bytes>(in_flight);
+    // One part waits while the others upload: enough to keep the uploads busy, and
+    // every extra slot would be another part in memory.
+    let (sender, mut receiver) = mpsc::channel::<Bytes>(1);
     let producer = tokio::task::spawn_blocking(move || {
         let writer = PartWriter {
             buffer: Vec::with_capacity(part_size),

@@ -5,6 +5,7 @@
 
 pub mod repository;
 pub mod run;
+pub mod sweep;
 
 use std::sync::Arc;
 
@@ -33,12 +34,23 @@ pub async fn run(base: Context, namespace: Option<String>, config: RunConfig) {
         base: base.clone(),
         ready_gauge: gauge,
         next_check: Default::default(),
+        orphan_grace: config.orphan_grace,
+        swept: {
+            let counter = prometheus_client::metrics::counter::Counter::default();
+            base.metrics.register(
+                "backup_orphans_swept",
+                "Backup prefixes without a manifest, left by crashed runs, that were swept",
+                counter.clone(),
+            );
+            counter
+        },
     });
     let run_ctx = Arc::new(run::RunContext {
         base: base.clone(),
         metrics: run::RunMetrics::register(&base.metrics),
         config,
         scope: namespace.clone(),
+        held: Default::default(),
     });
     let (repos, backups, jobs): (Api<BackupRepository>, Api<Backup>, Api<Job>) = match &namespace {
         Some(ns) => (

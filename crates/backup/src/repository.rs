@@ -204,12 +204,73 @@ pub async fn check(client: &kube::Client, repo: &BackupRepository) -> Verdict {
     Verdict::Ready
 }
 
+/// Sweeps this namespace's manifest-less prefixes whose run is gone; returns how many.
+async fn sweep_orphans(ctx: &RepositoryContext, repo: &BackupRepository) -> Result<usize, String> {
+    use stateward_api::{Backup, BackupPhase};
+    let ns = repo.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.base.client.clone(), &ns);
+    let s3 = &repo.spec.s3;
+    let key = secret_value(&secrets, &s3.credentials.access_key_id)
+        .await
+        .map_err(|v| v.message(&s3.bucket))?;
+    let secret = secret_value(&secrets, &s3.credentials.secret_access_key)
+        .await
+        .map_err(|v| v.message(&s3.bucket))?;
+    let client = stateward_agent::cli::s3_client_with(
+        &key,
+        &secret,
+        s3.endpoint.as_deref(),
+        s3.region.as_deref().unwrap_or("us-east-1"),
+        s3.force_path_style,
+        s3.checksum_mode == ChecksumMode::WhenRequired,
+    );
+    let prefix = stateward_agent::manifest::namespace_prefix(s3.prefix.as_deref(), &ns);
+    let listed = crate::sweep::list(&client, &s3.bucket, &prefix).await?;
+    if listed.is_empty() {
+        return Ok(0);
+    }
+    // Live runs: every Backup in the namespace that has not ended (a Pending one may be
+    // about to write).
+    let backups: Api<Backup> = Api::namespaced(ctx.base.client.clone(), &ns);
+    let live = backups
+        .list(&Default::default())
+        .await
+        .map_err(|e| format!("listing Backups: {e}"))?
+        .items
+        .into_iter()
+        .filter(|b| {
+            !matches!(
+                b.status.as_ref().and_then(|s| s.phase),
+                Some(BackupPhase::Completed | BackupPhase::Failed)
+            )
+        })
+        .filter_map(|b| b.uid())
+        .collect();
+    let plan = crate::sweep::plan(
+        &prefix,
+        &listed,
+        &live,
+        ctx.base.clock.now(),
+        ctx.orphan_grace,
+    );
+    if plan.prefixes.is_empty() {
+        return Ok(0);
+    }
+    let (objects, uploads) = crate::sweep::execute(&client, &s3.bucket, &plan).await?;
+    tracing::info!(namespace = %ns, repository = %repo.name_any(), prefixes = ?plan.prefixes, objects, uploads, "swept orphaned backup prefixes");
+    Ok(plan.prefixes.len())
+}
+
 /// Shared state of the repository loop.
 pub struct RepositoryContext {
     pub base: Context,
     /// When each repository (namespace/name) is due for its next check. Our own status
     /// writes wake the controller too; this keeps them from starting a check storm.
     pub next_check: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// See [`crate::RunConfig::orphan_grace`].
+    pub orphan_grace: Duration,
+    /// `stateward_backup_orphans_swept_total`.
+    pub swept: prometheus_client::metrics::counter::Counter,
     pub ready_gauge: prometheus_client::metrics::family::Family<
         RepoLabels,
         prometheus_client::metrics::gauge::Gauge,
@@ -315,6 +376,31 @@ pub async fn reconcile(
         }
     }
     tracing::info!(namespace = %ns, repository = %name, reason = verdict.reason(), "checked repository");
+    if ready {
+        match sweep_orphans(&ctx, &repo).await {
+            Ok(0) => {}
+            Ok(swept) => {
+                ctx.swept.inc_by(swept as u64);
+                let event = Event {
+                    type_: EventType::Normal,
+                    reason: "SweptOrphans".into(),
+                    note: Some(format!(
+                        "removed {swept} backup prefix(es) without a manifest left by runs that crashed or were deleted"
+                    )),
+                    action: "Sweep".into(),
+                    secondary: None,
+                };
+                let _ = ctx
+                    .base
+                    .recorder()
+                    .publish(&event, &repo.object_ref(&()))
+                    .await;
+            }
+            Err(e) => {
+                tracing::warn!(repository = %name, error = %e, "sweeping orphaned prefixes failed; next check retries")
+            }
+        }
+    }
     // Every outcome requeues after a delay (controller-runtime's `requeue_after`).
     timer.finish("requeue_after");
     // Not ready: check again soon with a per-object back-off (users fix Secrets and

@@ -197,3 +197,153 @@ async fn repository_checks_report_actionable_reasons_and_events() -> Result<()> 
     controller.abort();
     ns.cleanup().await
 }
+
+fn fake_uid() -> String {
+    let h = format!("{:032x}", rand_u128());
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn rand_u128() -> u128 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    t.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835)
+}
+
+#[tokio::test]
+async fn prefixes_left_by_crashed_runs_are_swept_and_committed_backups_kept() -> Result<()> {
+    let cluster = Cluster::connect().await?;
+    {
+        let _serial = cluster.serial().await?;
+        install_crds(&cluster.client, &stateward_api::crds()).await?;
+    }
+    let ns = cluster.namespace("sweep").await?;
+    let env = &cluster.env;
+    let s3 = cluster.s3_client();
+    let bucket = format!("sweep-{}", &ns.name[ns.name.len() - 6..]);
+    s3.create_bucket().bucket(&bucket).send().await?;
+    let secrets: Api<Secret> = cluster.api(&ns.name);
+    secrets
+        .create(
+            &PostParams::default(),
+            &from_yaml(&format!(
+                "metadata: {{ name: good }}\nstringData: {{ accessKeyId: {}, secretAccessKey: {} }}",
+                env.s3_access_key, env.s3_secret_key
+            ))?,
+        )
+        .await?;
+    // What runs left: a crashed run (data, no manifest), an open upload of another, a
+    // committed backup, and another namespace's crashed run (not ours to touch).
+    let base = format!("team-a/{}/app", ns.name);
+    let dead = format!("{base}/dead-{}", fake_uid());
+    let kept = format!("{base}/kept-{}", fake_uid());
+    let other = format!("team-a/someone-else/app/dead-{}", fake_uid());
+    for key in [
+        format!("{dead}/volumes/data.tar.zst"),
+        format!("{dead}/volumes/data.tar.zst.result.json"),
+        format!("{kept}/volumes/data.tar.zst"),
+        format!("{kept}/manifest.json"),
+        format!("{other}/volumes/data.tar.zst"),
+    ] {
+        s3.put_object()
+            .bucket(&bucket)
+            .key(&key)
+            .body(aws_sdk_s3::primitives::ByteStream::from_static(b"x"))
+            .send()
+            .await?;
+    }
+    let open = format!("{base}/open-{}/dumps/p.zst", fake_uid());
+    s3.create_multipart_upload()
+        .bucket(&bucket)
+        .key(&open)
+        .send()
+        .await?;
+    let repos: Api<BackupRepository> = cluster.api(&ns.name);
+    repos
+        .create(
+            &PostParams::default(),
+            &from_yaml(&repo(
+                "sweeper",
+                &bucket,
+                &env.s3_endpoint,
+                "good",
+                "accessKeyId",
+            ))?,
+        )
+        .await?;
+    let metrics = Metrics::new();
+    let controller = tokio::spawn(stateward_backup::run(
+        Context::new(
+            cluster.client.clone(),
+            stateward_backup::CONTROLLER,
+            metrics.clone(),
+        ),
+        Some(ns.name.clone()),
+        stateward_backup::RunConfig {
+            orphan_grace: Duration::ZERO,
+            ..Default::default()
+        },
+    ));
+    let keys = |prefix: String| {
+        let s3 = s3.clone();
+        let bucket = bucket.clone();
+        async move {
+            let listed = s3
+                .list_objects_v2()
+                .bucket(&bucket)
+                .prefix(prefix)
+                .send()
+                .await?;
+            Ok::<Vec<String>, anyhow::Error>(
+                listed
+                    .contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(String::from))
+                    .collect(),
+            )
+        }
+    };
+    wait_for(
+        "the crashed run's prefix to be swept",
+        Duration::from_secs(90),
+        || async {
+            let left = keys(dead.clone()).await?;
+            let uploads = s3.list_multipart_uploads().bucket(&bucket).send().await?;
+            Ok((left.is_empty() && uploads.uploads().is_empty()).then_some(()))
+        },
+    )
+    .await?;
+    ensure!(
+        keys(kept.clone()).await?.len() == 2,
+        "the committed backup was touched"
+    );
+    ensure!(
+        keys(other.clone()).await?.len() == 1,
+        "another namespace's data was touched"
+    );
+    let text = metrics.encode();
+    ensure!(
+        text.contains("stateward_backup_orphans_swept_total 2"),
+        "{text}"
+    );
+    let events: Api<Event> = cluster.api(&ns.name);
+    ensure!(
+        events
+            .list(&Default::default())
+            .await?
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("SweptOrphans")),
+        "no SweptOrphans event"
+    );
+    controller.abort();
+    ns.cleanup().await
+}

@@ -1,6 +1,11 @@
 //! Pre- and post-backup hooks: a command run in the app container through the API's
 //! exec, with a timeout. The result is recorded in status so a restarted manager never
 //! runs a hook twice.
+//!
+//! A pre-hook with `holdUntilPostHook` keeps its session: its stdin stays open while the
+//! data is copied, and is closed (end of input) when the copy is done, before the
+//! post-hooks. The command holds whatever it took (a read lock) until it reads end of
+//! input, e.g. `psql` reading from stdin, or `sh -c '...; cat >/dev/null; ...'`.
 
 use std::time::Duration;
 
@@ -83,5 +88,113 @@ async fn exec(pods: &Api<Pod>, pod: &str, hook: &Hook) -> Result<(), String> {
             "hook {} in pod {pod} ended without an exit status",
             hook.name
         )),
+    }
+}
+
+/// The exit status of an exec session, to be awaited later.
+type StatusFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Status>,
+            > + Send,
+    >,
+>;
+
+/// A pre-hook session held open while the data is copied.
+pub struct Held {
+    /// `<hook>@<pod>`.
+    pub name: String,
+    timeout: Duration,
+    stdin: Option<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>,
+    status: Option<
+        std::pin::Pin<
+            Box<
+                dyn std::future::Future<
+                        Output = Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Status>,
+                    > + Send,
+            >,
+        >,
+    >,
+    _process: kube::api::AttachedProcess,
+}
+
+/// How long a held hook may take to prove it started well (exit early non-zero).
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// Starts `hook` in `pod` and keeps its session. `Ok(Some)` when it is holding, `Ok(None)`
+/// when it already finished successfully, `Err` when it failed.
+pub async fn hold(pods: &Api<Pod>, pod: &str, hook: &Hook) -> Result<Option<Held>, String> {
+    let mut params = AttachParams::default()
+        .stdin(true)
+        .stdout(false)
+        .stderr(false);
+    if let Some(container) = &hook.container {
+        params = params.container(container.clone());
+    }
+    let mut process = pods
+        .exec(pod, hook.command.clone(), &params)
+        .await
+        .map_err(|e| format!("hook {} could not start in pod {pod}: {e}", hook.name))?;
+    let stdin = process
+        .stdin()
+        .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>);
+    let mut status: Option<StatusFuture> =
+        process.take_status().map(|s| Box::pin(s) as StatusFuture);
+    if let Some(fut) = status.as_mut() {
+        match tokio::time::timeout(SETTLE, fut).await {
+            Ok(Some(s)) if s.status.as_deref() == Some("Success") => return Ok(None),
+            Ok(Some(s)) => {
+                return Err(format!(
+                    "hook {} failed in pod {pod}: {}",
+                    hook.name,
+                    s.message.unwrap_or_else(|| "non-zero exit".into())
+                ));
+            }
+            Ok(None) => {
+                return Err(format!(
+                    "hook {} in pod {pod} ended without an exit status",
+                    hook.name
+                ));
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(Some(Held {
+        name: format!("{}@{pod}", hook.name),
+        timeout: Duration::from_secs(u64::try_from(hook.timeout_seconds.max(1)).unwrap_or(60)),
+        stdin,
+        status,
+        _process: process,
+    }))
+}
+
+impl Held {
+    /// Closes the session's stdin and waits for the command to end. An error means the
+    /// hold did not end cleanly (so what it protected may not have been held throughout).
+    pub async fn release(mut self) -> Result<(), String> {
+        use tokio::io::AsyncWriteExt;
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = stdin.shutdown().await;
+        }
+        let Some(status) = self.status.take() else {
+            return Err(format!("hook {}: no exit status", self.name));
+        };
+        match tokio::time::timeout(self.timeout, status).await {
+            Ok(Some(s)) if s.status.as_deref() == Some("Success") => Ok(()),
+            Ok(Some(s)) => Err(format!(
+                "held hook {} failed: {}",
+                self.name,
+                s.message.unwrap_or_else(|| "non-zero exit".into())
+            )),
+            Ok(None) => Err(format!(
+                "held hook {} ended without an exit status",
+                self.name
+            )),
+            Err(_) => Err(format!(
+                "held hook {} did not end within {}s after its input was closed",
+                self.name,
+                self.timeout.as_secs()
+            )),
+        }
     }
 }

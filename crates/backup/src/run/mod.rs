@@ -63,6 +63,9 @@ pub struct RunConfig {
     pub max_jobs: usize,
     /// Agent Jobs running at once on one node.
     pub max_jobs_per_node: usize,
+    /// How old a manifest-less prefix of a run that is no longer live must be before the
+    /// repository loop sweeps it.
+    pub orphan_grace: Duration,
 }
 
 impl Default for RunConfig {
@@ -71,6 +74,7 @@ impl Default for RunConfig {
             agent_image: format!("ghcr.io/stateward/stateward:{}", env!("CARGO_PKG_VERSION")),
             max_jobs: 8,
             max_jobs_per_node: 2,
+            orphan_grace: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -142,6 +146,10 @@ impl RunMetrics {
 /// Shared state of the run loop.
 pub struct RunContext {
     pub base: Context,
+    /// Pre-hook sessions held open while a run copies, by Backup uid. Only in memory: a
+    /// manager that restarts mid-run has lost them, and the run fails (`HookSessionLost`)
+    /// rather than copy without what the hook held.
+    pub held: std::sync::Mutex<std::collections::HashMap<String, Vec<hooks::Held>>>,
     /// The namespace the manager is limited to (None: cluster-wide). The global agent
     /// cap counts Jobs within it: a namespaced install cannot list the cluster's Jobs.
     pub scope: Option<String>,
@@ -517,6 +525,27 @@ async fn running(backup: &Backup, ctx: &RunContext) -> Result<Action, RunError> 
     let pods_api: Api<Pod> = Api::namespaced(ctx.base.client.clone(), &ns);
     let pods = run_pods(&status);
 
+    // A held pre-hook whose session this process does not have: the manager restarted
+    // and the hold ended with it.
+    let uid = backup.uid().unwrap_or_default();
+    let have_held = ctx
+        .held
+        .lock()
+        .map(|m| m.contains_key(&uid))
+        .unwrap_or(false);
+    if !have_held
+        && let Some(lost) = status
+            .hooks
+            .iter()
+            .find(|h| h.stage == HookStage::Pre && h.message.as_deref() == Some(HOLDING))
+    {
+        let message = format!(
+            "pre-hook {} held its session while the data was copied, and the manager restarted: the hold ended, so the copy cannot be trusted; run the backup again",
+            lost.name
+        );
+        set_failure(backup, &mut status, "HookSessionLost", message, now);
+    }
+
     // Pre-hooks, each recorded once.
     if failure_target(&status).is_none()
         && let Some(settings) = &settings
@@ -550,6 +579,10 @@ async fn running(backup: &Backup, ctx: &RunContext) -> Result<Action, RunError> 
             ));
         }
     }
+
+    // Held pre-hook sessions end now that the copy is over (or failed): before the
+    // post-hooks, which may depend on the hold being released.
+    release_held(backup, ctx, &mut status).await;
 
     // A failing run stops its agents before anything else, so no upload continues
     // behind the sweep.
@@ -611,6 +644,9 @@ fn until_deadline(
     }
 }
 
+/// The message of a pre-hook result whose session is held open.
+const HOLDING: &str = "holding its session until the copy is done";
+
 /// Runs `hook` in each pod not yet recorded for this stage. Returns true when the run
 /// must stop (a failure with onError Fail).
 async fn run_hook(
@@ -634,9 +670,23 @@ async fn run_hook(
             }
             continue;
         }
-        let outcome = hooks::run(pods_api, pod, hook).await;
-        let succeeded = outcome.is_ok();
-        let message = outcome.err();
+        let (succeeded, message) = if stage == HookStage::Pre && hook.hold_until_post_hook {
+            match hooks::hold(pods_api, pod, hook).await {
+                Ok(Some(held)) => {
+                    if let Ok(mut map) = ctx.held.lock() {
+                        map.entry(backup.uid().unwrap_or_default())
+                            .or_default()
+                            .push(held);
+                    }
+                    (true, Some(HOLDING.to_string()))
+                }
+                Ok(None) => (true, None),
+                Err(e) => (false, Some(e)),
+            }
+        } else {
+            let outcome = hooks::run(pods_api, pod, hook).await;
+            (outcome.is_ok(), outcome.err())
+        };
         tracing::info!(hook = %name, ?stage, succeeded, "hook ran");
         status.hooks.push(HookResult {
             stage,
@@ -645,7 +695,7 @@ async fn run_hook(
             message: message.clone(),
         });
         let mut stop = false;
-        if let Some(message) = message {
+        if let Some(message) = message.filter(|_| !succeeded) {
             publish(
                 ctx,
                 backup,
@@ -665,6 +715,37 @@ async fn run_hook(
         }
     }
     Ok(false)
+}
+
+/// Ends this run's held pre-hook sessions, recording how each ended.
+async fn release_held(backup: &Backup, ctx: &RunContext, status: &mut BackupStatus) {
+    let uid = backup.uid().unwrap_or_default();
+    let held = ctx
+        .held
+        .lock()
+        .ok()
+        .and_then(|mut m| m.remove(&uid))
+        .unwrap_or_default();
+    let now = ctx.base.clock.now();
+    for session in held {
+        let name = session.name.clone();
+        let outcome = session.release().await;
+        if let Some(result) = status
+            .hooks
+            .iter_mut()
+            .find(|h| h.stage == HookStage::Pre && h.name == name)
+        {
+            result.message = Some(match &outcome {
+                Ok(()) => "held its session while the data was copied; released cleanly".into(),
+                Err(e) => e.clone(),
+            });
+            result.succeeded = outcome.is_ok();
+        }
+        if let Err(e) = outcome {
+            publish(ctx, backup, EventType::Warning, "HookFailed", e.clone()).await;
+            set_failure(backup, status, "HookFailed", e, now);
+        }
+    }
 }
 
 fn job_condition<'a>(
