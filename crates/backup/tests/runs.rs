@@ -35,6 +35,10 @@ struct World {
 
 impl World {
     async fn new(test: &str) -> Result<Self> {
+        Self::with_config(test, stateward_backup::RunConfig::default()).await
+    }
+
+    async fn with_config(test: &str, config: stateward_backup::RunConfig) -> Result<Self> {
         let cluster = Cluster::connect().await?;
         {
             let _serial = cluster.serial().await?;
@@ -63,7 +67,7 @@ impl World {
                 metrics.clone(),
             ),
             Some(ns.name.clone()),
-            stateward_backup::RunConfig::default(),
+            config,
         ));
         let world = Self {
             cluster,
@@ -1091,5 +1095,73 @@ async fn a_held_pre_hook_keeps_its_session_during_the_copy_and_ends_before_the_p
     )
     .await?;
     ensure!(gone.exit_code == 0, "the hold was not released");
+    world.finish().await
+}
+
+#[tokio::test]
+async fn agent_jobs_wait_for_a_slot_under_the_global_cap() -> Result<()> {
+    // One agent at a time: the two volumes are copied one after the other.
+    let world = World::with_config(
+        "run-cap",
+        stateward_backup::RunConfig {
+            max_jobs: 1,
+            ..Default::default()
+        },
+    )
+    .await?;
+    world.apply(&writer_statefulset("capped", 2)).await?;
+    world.apply(&app("capped", "capped", "")).await?;
+    let pods = world.pods();
+    for p in ["capped-0", "capped-1"] {
+        wait_pod_ready(&pods, p, 2 * MINUTE).await?;
+    }
+    world
+        .apply("apiVersion: stateward.io/v1alpha1\nkind: Backup\nmetadata: { name: capped-1 }\nspec: { app: capped }\n")
+        .await?;
+    let api = world.backups();
+    let waiting = wait_for("a volume to wait for an agent slot", 2 * MINUTE, || async {
+        let b = api.get("capped-1").await?;
+        let status = b.status.unwrap_or_default();
+        if status.phase == Some(BackupPhase::Completed) {
+            bail!("completed without ever waiting for a slot");
+        }
+        Ok(status.volumes.iter().find_map(|v| {
+            v.message
+                .clone()
+                .filter(|m| m.contains("waiting for an agent slot"))
+        }))
+    })
+    .await?;
+    ensure!(waiting.contains("1 allowed"), "{waiting}");
+    let done = world.wait_done("capped-1", 3 * MINUTE).await?;
+    ensure!(
+        done.status.as_ref().and_then(|s| s.phase) == Some(BackupPhase::Completed),
+        "{}",
+        failed_reason(&done)
+    );
+    // The Jobs never overlapped.
+    let jobs: Api<Job> = world.cluster.api(&world.ns.name);
+    let mut windows: Vec<(String, String)> = jobs
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|j| {
+            let s = j.status?;
+            Some((
+                serde_json::to_string(&s.start_time?).ok()?,
+                serde_json::to_string(&s.completion_time?).ok()?,
+            ))
+        })
+        .collect();
+    windows.sort();
+    ensure!(
+        windows.len() == 2,
+        "two finished Jobs expected: {windows:?}"
+    );
+    ensure!(
+        windows[0].1 <= windows[1].0,
+        "the agent Jobs overlapped: {windows:?}"
+    );
     world.finish().await
 }
