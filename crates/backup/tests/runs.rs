@@ -46,19 +46,7 @@ impl World {
         }
         let ns = cluster.namespace(test).await?;
         let s3 = cluster.s3_client();
-        let bucket = format!("runs-{}", &ns.name[ns.name.len() - 6..]);
-        s3.create_bucket().bucket(&bucket).send().await?;
-        let env = &cluster.env;
-        let secrets: Api<Secret> = cluster.api(&ns.name);
-        secrets
-            .create(
-                &PostParams::default(),
-                &from_yaml(&format!(
-                    "metadata: {{ name: s3 }}\nstringData: {{ accessKeyId: {}, secretAccessKey: {} }}",
-                    env.s3_access_key, env.s3_secret_key
-                ))?,
-            )
-            .await?;
+        let bucket = cluster.bucket_and_secret(&ns.name, "runs").await?;
         let metrics = Metrics::new();
         let controller = tokio::spawn(stateward_backup::run(
             Context::new(

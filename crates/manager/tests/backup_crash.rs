@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::api::{ListParams, PostParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 use stateward_api::{Backup, BackupPhase};
 use stateward_testkit::harness::{
-    Cluster, TestNamespace, apply_yaml, from_yaml, install_crds, wait_for, wait_pod_ready,
+    Cluster, TestNamespace, apply_yaml, install_crds, wait_for, wait_pod_ready,
 };
 
 use common::Manager;
@@ -38,19 +38,8 @@ async fn setup(test: &str, app: &str, dump: &str) -> Result<Setup> {
     }
     let ns = cluster.namespace(test).await?;
     let s3 = cluster.s3_client();
-    let bucket = format!("crash-{}", &ns.name[ns.name.len() - 6..]);
-    s3.create_bucket().bucket(&bucket).send().await?;
+    let bucket = cluster.bucket_and_secret(&ns.name, "crash").await?;
     let env = &cluster.env;
-    let secrets: Api<Secret> = cluster.api(&ns.name);
-    secrets
-        .create(
-            &PostParams::default(),
-            &from_yaml(&format!(
-                "metadata: {{ name: s3 }}\nstringData: {{ accessKeyId: {}, secretAccessKey: {} }}",
-                env.s3_access_key, env.s3_secret_key
-            ))?,
-        )
-        .await?;
     let yaml = format!(
         r#"
 apiVersion: stateward.io/v1alpha1

@@ -262,6 +262,32 @@ impl Cluster {
             .build();
         aws_sdk_s3::Client::from_conf(config)
     }
+
+    /// A fresh bucket named `<prefix>-<namespace suffix>` and, in `namespace`, a Secret
+    /// `s3` with the test credentials under `accessKeyId` and `secretAccessKey`: what a
+    /// BackupRepository in a test points at. Returns the bucket's name.
+    pub async fn bucket_and_secret(&self, namespace: &str, prefix: &str) -> Result<String> {
+        let bucket = format!(
+            "{prefix}-{}",
+            &namespace[namespace.len().saturating_sub(6)..]
+        );
+        self.s3_client()
+            .create_bucket()
+            .bucket(&bucket)
+            .send()
+            .await?;
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> = self.api(namespace);
+        secrets
+            .create(
+                &kube::api::PostParams::default(),
+                &from_yaml(&format!(
+                    "metadata: {{ name: s3 }}\nstringData: {{ accessKeyId: {}, secretAccessKey: {} }}",
+                    self.env.s3_access_key, self.env.s3_secret_key
+                ))?,
+            )
+            .await?;
+        Ok(bucket)
+    }
 }
 
 /// Creates a ReadWriteOnce claim of `size` on the local storage class.
