@@ -114,17 +114,34 @@ async fn secret_value(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<String,
         })
 }
 
+/// An S3 client for the repository, with the credentials from its Secret: the one way
+/// the controller (checks, runs, sweeps) talks to a repository.
+pub async fn s3_client(
+    client: &kube::Client,
+    repo: &BackupRepository,
+) -> Result<aws_sdk_s3::Client, Verdict> {
+    let secrets: Api<Secret> =
+        Api::namespaced(client.clone(), &repo.namespace().unwrap_or_default());
+    let s3 = &repo.spec.s3;
+    let key = secret_value(&secrets, &s3.credentials.access_key_id).await?;
+    let secret = secret_value(&secrets, &s3.credentials.secret_access_key).await?;
+    Ok(stateward_agent::cli::s3_client_with(
+        &key,
+        &secret,
+        s3.endpoint.as_deref(),
+        s3.region.as_deref().unwrap_or("us-east-1"),
+        s3.force_path_style,
+        s3.checksum_mode == ChecksumMode::WhenRequired,
+    ))
+}
+
 /// Runs every check; the first failure decides.
 pub async fn check(client: &kube::Client, repo: &BackupRepository) -> Verdict {
     let ns = repo.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let s3 = &repo.spec.s3;
-    let key = match secret_value(&secrets, &s3.credentials.access_key_id).await {
-        Ok(v) => v,
-        Err(v) => return v,
-    };
-    let secret = match secret_value(&secrets, &s3.credentials.secret_access_key).await {
-        Ok(v) => v,
+    let s3_client = match s3_client(client, repo).await {
+        Ok(c) => c,
         Err(v) => return v,
     };
     // Encryption: the recipient must parse before any backup relies on it.
@@ -145,14 +162,7 @@ pub async fn check(client: &kube::Client, repo: &BackupRepository) -> Verdict {
             return v;
         }
     }
-    let client = stateward_agent::cli::s3_client_with(
-        &key,
-        &secret,
-        s3.endpoint.as_deref(),
-        s3.region.as_deref().unwrap_or("us-east-1"),
-        s3.force_path_style,
-        s3.checksum_mode == ChecksumMode::WhenRequired,
-    );
+    let client = s3_client;
     let head = tokio::time::timeout(
         Duration::from_secs(20),
         client.head_bucket().bucket(&s3.bucket).send(),
@@ -208,22 +218,10 @@ pub async fn check(client: &kube::Client, repo: &BackupRepository) -> Verdict {
 async fn sweep_orphans(ctx: &RepositoryContext, repo: &BackupRepository) -> Result<usize, String> {
     use stateward_api::{Backup, BackupPhase};
     let ns = repo.namespace().unwrap_or_default();
-    let secrets: Api<Secret> = Api::namespaced(ctx.base.client.clone(), &ns);
     let s3 = &repo.spec.s3;
-    let key = secret_value(&secrets, &s3.credentials.access_key_id)
+    let client = s3_client(&ctx.base.client, repo)
         .await
         .map_err(|v| v.message(&s3.bucket))?;
-    let secret = secret_value(&secrets, &s3.credentials.secret_access_key)
-        .await
-        .map_err(|v| v.message(&s3.bucket))?;
-    let client = stateward_agent::cli::s3_client_with(
-        &key,
-        &secret,
-        s3.endpoint.as_deref(),
-        s3.region.as_deref().unwrap_or("us-east-1"),
-        s3.force_path_style,
-        s3.checksum_mode == ChecksumMode::WhenRequired,
-    );
     let prefix = stateward_agent::manifest::namespace_prefix(s3.prefix.as_deref(), &ns);
     let listed = crate::sweep::list(&client, &s3.bucket, &prefix).await?;
     if listed.is_empty() {

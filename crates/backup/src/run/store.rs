@@ -4,12 +4,9 @@
 use aws_sdk_s3::error::DisplayErrorContext;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::ObjectIdentifier;
-use k8s_openapi::api::core::v1::Secret;
-use kube::{Api, ResourceExt};
 use stateward_agent::cli::VolumeResult as AgentResult;
 use stateward_agent::manifest::{MANIFEST, Manifest};
-use stateward_api::common::SecretKeyRef;
-use stateward_api::repository::{BackupRepository, ChecksumMode};
+use stateward_api::repository::BackupRepository;
 
 use super::RunError;
 
@@ -19,38 +16,13 @@ pub struct Store {
     pub bucket: String,
 }
 
-async fn secret_value(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<String, RunError> {
-    let secret = secrets
-        .get_opt(&r.name)
-        .await
-        .map_err(RunError::Kube)?
-        .ok_or_else(|| RunError::Store(format!("Secret {} (credentials) not found", r.name)))?;
-    secret
-        .data
-        .unwrap_or_default()
-        .get(&r.key)
-        .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
-        .ok_or_else(|| RunError::Store(format!("Secret {} has no key {}", r.name, r.key)))
-}
-
 impl Store {
     pub async fn open(client: &kube::Client, repo: &BackupRepository) -> Result<Self, RunError> {
-        let secrets: Api<Secret> =
-            Api::namespaced(client.clone(), &repo.namespace().unwrap_or_default());
-        let s3 = &repo.spec.s3;
-        let key = secret_value(&secrets, &s3.credentials.access_key_id).await?;
-        let secret = secret_value(&secrets, &s3.credentials.secret_access_key).await?;
-        Ok(Self {
-            client: stateward_agent::cli::s3_client_with(
-                &key,
-                &secret,
-                s3.endpoint.as_deref(),
-                s3.region.as_deref().unwrap_or("us-east-1"),
-                s3.force_path_style,
-                s3.checksum_mode == ChecksumMode::WhenRequired,
-            ),
-            bucket: s3.bucket.clone(),
-        })
+        let bucket = repo.spec.s3.bucket.clone();
+        let client = crate::repository::s3_client(client, repo)
+            .await
+            .map_err(|v| RunError::Store(v.message(&bucket)))?;
+        Ok(Self { client, bucket })
     }
 
     /// The agent's full result for a data object, if it wrote one.
