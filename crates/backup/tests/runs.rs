@@ -201,6 +201,22 @@ fn condition(backup: &Backup, type_: &str) -> Option<(String, String, String)> {
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
+/// The status of a Backup that must have Completed, and its first data object's key.
+fn completed_with_key(backup: &Backup) -> Result<(stateward_api::BackupStatus, String)> {
+    let status = backup.status.clone().unwrap_or_default();
+    ensure!(
+        status.phase == Some(BackupPhase::Completed),
+        "{}",
+        failed_reason(backup)
+    );
+    let key = status
+        .volumes
+        .first()
+        .and_then(|v| v.key.clone())
+        .context("no key")?;
+    Ok((status, key))
+}
+
 fn failed_reason(backup: &Backup) -> String {
     condition(backup, "Failed")
         .map(|(_, r, m)| format!("{r}: {m}"))
@@ -756,17 +772,7 @@ async fn exec_backups_of_the_redis_and_postgres_examples_load_into_fresh_servers
 
     // redis: the app's method is Exec (`redis-cli --rdb -`).
     let redis = world.backup("redis-dump", "redis", "").await?;
-    let status = redis.status.clone().unwrap_or_default();
-    ensure!(
-        status.phase == Some(BackupPhase::Completed),
-        "{}",
-        failed_reason(&redis)
-    );
-    let key = status
-        .volumes
-        .first()
-        .and_then(|v| v.key.clone())
-        .context("no key")?;
+    let (_, key) = completed_with_key(&redis)?;
     ensure!(key.ends_with("/dumps/redis-0.zst"), "{key}");
     let work = std::env::temp_dir().join(format!("runs-{}", world.ns.name));
     std::fs::create_dir_all(&work)?;
@@ -810,17 +816,7 @@ async fn exec_backups_of_the_redis_and_postgres_examples_load_into_fresh_servers
     let pg = world
         .backup("pg-dump", "postgres", "  method: Exec\n")
         .await?;
-    let status = pg.status.clone().unwrap_or_default();
-    ensure!(
-        status.phase == Some(BackupPhase::Completed),
-        "{}",
-        failed_reason(&pg)
-    );
-    let key = status
-        .volumes
-        .first()
-        .and_then(|v| v.key.clone())
-        .context("no key")?;
+    let (status, key) = completed_with_key(&pg)?;
     let compressed = world.object(&key).await?;
     let manifest: serde_json::Value = serde_json::from_slice(
         &world
@@ -943,17 +939,7 @@ async fn an_encrypted_backup_decrypts_with_age_by_hand_and_a_bad_recipient_is_re
     let backup = world
         .backup("sealed-1", "secret-files", "  repository: sealed\n")
         .await?;
-    let status = backup.status.clone().unwrap_or_default();
-    ensure!(
-        status.phase == Some(BackupPhase::Completed),
-        "{}",
-        failed_reason(&backup)
-    );
-    let key = status
-        .volumes
-        .first()
-        .and_then(|v| v.key.clone())
-        .context("no key")?;
+    let (status, key) = completed_with_key(&backup)?;
     ensure!(key.ends_with(".tar.zst.age"), "{key}");
     let stored = world.object(&key).await?;
     ensure!(
