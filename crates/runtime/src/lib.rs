@@ -9,6 +9,7 @@ pub mod conditions;
 pub mod lock;
 pub mod metrics;
 pub mod names;
+pub mod schedule;
 pub mod telemetry;
 pub mod time;
 
