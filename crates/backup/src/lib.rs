@@ -4,6 +4,7 @@
 //! retention arrive with issue #5.
 
 pub mod repository;
+pub mod retention;
 pub mod run;
 pub mod sweep;
 
