@@ -41,8 +41,9 @@ pub struct BackupSpec {
     /// Replica selection override (default: the app's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<ReplicaSelection>,
-    /// What happens to the stored data when this Backup is deleted: `Delete` (default)
-    /// or `Retain`.
+    /// What happens to the stored data when this Backup is deleted: `Retain` (the
+    /// default for a Backup created by hand) or `Delete` (what schedules set: a finalizer
+    /// deletes the stored objects, the manifest first).
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
     /// Upper bound, in seconds, for this run (default: the app's).
@@ -60,10 +61,10 @@ pub struct BackupSpec {
     schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
 )]
 pub enum DeletionPolicy {
-    /// Delete the stored data (default).
-    #[default]
+    /// Delete the stored data with the Backup (what schedules set).
     Delete,
-    /// Keep the stored data; it can still be restored by repository path.
+    /// Keep the stored data; it can still be restored by repository path (default).
+    #[default]
     Retain,
 }
 

@@ -16,6 +16,16 @@ pub const MANAGED_BY_VALUE: &str = "stateward";
 pub const APP_LABEL: &str = "stateward.io/app";
 /// Label naming the schedule that created a Backup.
 pub const SCHEDULE_LABEL: &str = "stateward.io/schedule";
+/// Annotation on a scheduled Backup: the slot (RFC 3339, UTC) it was created for.
+pub const SCHEDULED_TIME_ANNOTATION: &str = "stateward.io/scheduled-time";
+/// Label a user sets (`"true"`) on a Backup that retention must never delete.
+pub const KEEP_LABEL: &str = "stateward.io/keep";
+/// Finalizer on a Backup with `deletionPolicy: Delete`: removed once its stored objects
+/// are gone (or, when the repository cannot be reached, orphaned after a bounded wait).
+pub const DATA_FINALIZER: &str = "stateward.io/delete-data";
+/// Finalizer on a StatefulApp with `backupsOnDelete: Delete`: removed once its Backups
+/// are deleted.
+pub const BACKUPS_FINALIZER: &str = "stateward.io/delete-backups";
 
 /// Conditions as a list-map keyed by `type`, so that each controller's server-side apply
 /// owns only its own condition types.

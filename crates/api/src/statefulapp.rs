@@ -265,6 +265,21 @@ pub struct Schedule {
     /// deleted by retention.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<Retention>,
+    /// Repository for this schedule's backups (default: the app's `backup.repository`),
+    /// e.g. a cheaper bucket for the hourly schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub repository: Option<String>,
+    /// Method for this schedule's backups (default: the app's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<BackupMethod>,
+    /// Replica selection for this schedule's backups (default: the app's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<ReplicaSelection>,
+    /// Upper bound, in seconds, for each run of this schedule (default: the app's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 60, max = 604800))]
+    pub active_deadline_seconds: Option<i64>,
 }
 
 /// Grandfather-father-son retention: a backup is kept when any rule keeps it.
@@ -478,12 +493,49 @@ pub struct ScheduleStatus {
     /// The last slot a Backup was created for (RFC 3339, UTC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scheduled_time: Option<String>,
-    /// The next slot (RFC 3339, UTC).
+    /// The Backup created for that slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup: Option<String>,
+    /// When the next Backup will be created (the next slot plus jitter; RFC 3339, UTC).
+    /// Absent while suspended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_scheduled_time: Option<String>,
-    /// Slots skipped (missed or forbidden by concurrency policy).
+    /// Every slot up to this instant has been decided (fired or skipped); the scheduler's
+    /// cursor, so that a restarted manager knows which slots it missed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_until: Option<String>,
+    /// Whether the schedule is suspended.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspended: bool,
+    /// Slots that passed without starting on time (the manager was down or slow), since
+    /// the schedule was created.
+    #[serde(default)]
+    pub missed_runs: i64,
+    /// Slots that created no Backup (missed and skipped, or forbidden by the concurrency
+    /// policy), since the schedule was created.
     #[serde(default)]
     pub skipped_slots: i64,
+    /// The last slot that created no Backup (RFC 3339, UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_skipped_time: Option<String>,
+    /// Why that slot created no Backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_skip_reason: Option<String>,
+    /// Backups of this schedule retention keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retained: Option<i32>,
+    /// Backups retention deleted, since the schedule was created.
+    #[serde(default)]
+    pub pruned: i64,
+    /// The Backups the last pruning pass deleted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50))]
+    pub last_pruned: Vec<String>,
+    /// Backups retention would delete but has not: the mass-deletion breaker stopped the
+    /// pass. Delete them by hand, or raise the manager's `--retention-max-deletions`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50))]
+    pub pending_prune: Vec<String>,
 }
 
 /// Restore section of an app's status.

@@ -1,30 +1,82 @@
-//! The backup controller: BackupRepository checks (the `Ready` condition, Warning events,
-//! the `stateward_backup_repository_ready` gauge) and Backup runs (`run`): agent Jobs,
-//! hooks, the manifest commit, cancel and deadline, sweeping failed runs. Schedules and
-//! retention arrive with issue #5.
+//! The backup controller, three loops:
+//! - `repository`: BackupRepository checks (the `Ready` condition, Warning events, the
+//!   `stateward_backup_repository_ready` gauge) and sweeping what crashed runs left;
+//! - `run`: each Backup (agent Jobs, hooks, the manifest commit, cancel and deadline,
+//!   and the finalizer that deletes stored data);
+//! - `schedule`: each StatefulApp's schedules (firing, retention via `retention`,
+//!   `status.backup`, `SchedulesValid`, `BackupsHealthy`).
 
 pub mod repository;
 pub mod retention;
 pub mod run;
+pub mod schedule;
 pub mod sweep;
 
 use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use kube::Api;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
-use stateward_api::{Backup, BackupRepository};
+use kube::{Api, ResourceExt};
+use stateward_api::{Backup, BackupRepository, StatefulApp};
 use stateward_runtime::Context;
 
 pub use run::RunConfig;
+pub use schedule::ScheduleConfig;
+
+/// Operator settings of the backup controller.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub runs: RunConfig,
+    pub schedules: ScheduleConfig,
+}
 
 /// The controller's name in metrics and logs.
 pub const CONTROLLER: &str = "backup";
 
 /// Runs the repository and backup-run loops until shutdown; `namespace` limits the
 /// watches.
-pub async fn run(base: Context, namespace: Option<String>, config: RunConfig) {
+pub async fn run(base: Context, namespace: Option<String>, config: Config) {
+    futures::join!(
+        run_backups(base.clone(), namespace.clone(), config.runs),
+        run_schedules(base, namespace, config.schedules)
+    );
+}
+
+/// The scheduler loop alone (tests drive it with a movable clock).
+pub async fn run_schedules(base: Context, namespace: Option<String>, config: ScheduleConfig) {
+    let ctx = Arc::new(schedule::ScheduleContext {
+        metrics: schedule::ScheduleMetrics::register(&base.metrics),
+        base: base.clone(),
+        config,
+    });
+    let (apps, backups): (Api<StatefulApp>, Api<Backup>) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(base.client.clone(), ns),
+            Api::namespaced(base.client.clone(), ns),
+        ),
+        None => (Api::all(base.client.clone()), Api::all(base.client.clone())),
+    };
+    // A Backup that changes (completes, fails, is deleted) wakes its app: retention and
+    // the summary follow each run without waiting for the resync.
+    Controller::new(apps, watcher::Config::default().any_semantic())
+        .watches(
+            backups,
+            watcher::Config::default().any_semantic(),
+            |b: Backup| {
+                b.namespace()
+                    .map(|ns| ObjectRef::<StatefulApp>::new(&b.spec.app).within(&ns))
+            },
+        )
+        .graceful_shutdown_on(base.shutdown.clone().cancelled_owned())
+        .run(schedule::reconcile, schedule::error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+/// The repository and backup-run loops.
+pub async fn run_backups(base: Context, namespace: Option<String>, config: RunConfig) {
     let gauge = prometheus_client::metrics::family::Family::default();
     base.metrics.register(
         "backup_repository_ready",

@@ -110,7 +110,7 @@ async fn repository_checks_report_actionable_reasons_and_events() -> Result<()> 
             Metrics::new(),
         ),
         Some(ns.name.clone()),
-        stateward_backup::RunConfig::default(),
+        stateward_backup::Config::default(),
     ));
 
     for (name, _, reasons) in &cases {
@@ -287,8 +287,11 @@ async fn prefixes_left_by_crashed_runs_are_swept_and_committed_backups_kept() ->
             metrics.clone(),
         ),
         Some(ns.name.clone()),
-        stateward_backup::RunConfig {
-            orphan_grace: Duration::ZERO,
+        stateward_backup::Config {
+            runs: stateward_backup::RunConfig {
+                orphan_grace: Duration::ZERO,
+                ..Default::default()
+            },
             ..Default::default()
         },
     ));

@@ -55,7 +55,10 @@ impl World {
                 metrics.clone(),
             ),
             Some(ns.name.clone()),
-            config,
+            stateward_backup::Config {
+                runs: config,
+                ..Default::default()
+            },
         ));
         let world = Self {
             cluster,

@@ -26,18 +26,18 @@ fn start_controllers(
     metrics: &Metrics,
     namespace: &Option<String>,
     shutdown: &CancellationToken,
-    run_config: &stateward_backup::RunConfig,
+    backup_config: &stateward_backup::Config,
 ) -> tokio::task::JoinSet<&'static str> {
     let mut set = tokio::task::JoinSet::new();
     for name in controllers {
         let base = stateward_runtime::Context::new(client.clone(), name, metrics.clone())
             .with_shutdown(shutdown.clone());
         let namespace = namespace.clone();
-        let run_config = run_config.clone();
+        let backup_config = backup_config.clone();
         match *name {
             stateward_backup::CONTROLLER => {
                 set.spawn(async move {
-                    stateward_backup::run(base, namespace, run_config).await;
+                    stateward_backup::run(base, namespace, backup_config).await;
                     stateward_backup::CONTROLLER
                 });
             }
@@ -130,6 +130,14 @@ struct RunArgs {
     /// Agent Jobs running at once on one node.
     #[arg(long, default_value_t = 2, env = "STATEWARD_MAX_AGENT_JOBS_PER_NODE")]
     max_agent_jobs_per_node: usize,
+    /// The retention breaker: a pass that would delete more Backups of one schedule than
+    /// this deletes none, and reports them (status `pendingPrune`, a Warning event).
+    #[arg(long, default_value_t = 10, env = "STATEWARD_RETENTION_MAX_DELETIONS")]
+    retention_max_deletions: usize,
+    /// How long a deleted Backup's finalizer retries while its repository cannot be
+    /// opened before leaving the data in place with a Warning event.
+    #[arg(long, default_value_t = 120, env = "STATEWARD_ORPHAN_WAIT_SECONDS")]
+    orphan_wait_seconds: u64,
     /// Log format: text or json.
     #[arg(long, default_value = "text", env = "STATEWARD_LOG_FORMAT")]
     log_format: LogFormat,
@@ -236,13 +244,13 @@ async fn wait_for_crds(client: &Client) -> Result<()> {
 
 async fn run(args: RunArgs) -> Result<()> {
     let controllers = selected_controllers(&args.controllers)?;
-    let mut run_config = stateward_backup::RunConfig {
-        max_jobs: args.max_agent_jobs.max(1),
-        max_jobs_per_node: args.max_agent_jobs_per_node.max(1),
-        ..Default::default()
-    };
+    let mut backup_config = stateward_backup::Config::default();
+    backup_config.runs.max_jobs = args.max_agent_jobs.max(1);
+    backup_config.runs.max_jobs_per_node = args.max_agent_jobs_per_node.max(1);
+    backup_config.runs.orphan_wait = std::time::Duration::from_secs(args.orphan_wait_seconds);
+    backup_config.schedules.max_deletions_per_pass = args.retention_max_deletions;
     if let Some(image) = &args.agent_image {
-        run_config.agent_image = image.clone();
+        backup_config.runs.agent_image = image.clone();
     }
     let client = Client::try_default()
         .await
@@ -294,7 +302,7 @@ async fn run(args: RunArgs) -> Result<()> {
             &metrics,
             &args.namespace,
             &stop,
-            &run_config,
+            &backup_config,
         );
         tokio::select! {
             // Biased: when SIGTERM arrives, shutting down wins over anything else ready.
@@ -342,7 +350,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 &metrics,
                 &args.namespace,
                 &stop,
-                &run_config,
+                &backup_config,
             ));
         }
         tokio::select! {

@@ -89,6 +89,13 @@ impl CronSchedule {
         (next - after <= chrono::Duration::days(SEARCH_HORIZON_DAYS)).then_some(next)
     }
 
+    /// The last slot at or before `at`.
+    pub fn latest_at_or_before(&self, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let local = at.with_timezone(&self.zone);
+        let previous = self.cron.find_previous_occurrence(&local, true).ok()?;
+        Some(previous.with_timezone(&Utc))
+    }
+
     /// The slots in `(after, until]`, oldest first, at most `limit` of them; the bool is
     /// true when more were left out.
     pub fn slots_between(
@@ -286,6 +293,14 @@ mod tests {
         let (slots, more) = s.slots_between(utc(2026, 1, 1, 0, 0), utc(2026, 1, 1, 2, 0), 3);
         assert_eq!(slots.len(), 3);
         assert!(more);
+        assert_eq!(
+            s.latest_at_or_before(utc(2026, 1, 1, 2, 7)),
+            Some(utc(2026, 1, 1, 2, 0))
+        );
+        assert_eq!(
+            s.latest_at_or_before(utc(2026, 1, 1, 2, 15)),
+            Some(utc(2026, 1, 1, 2, 15))
+        );
     }
 
     #[test]

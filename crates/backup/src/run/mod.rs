@@ -13,6 +13,7 @@
 //!    (`FailureTarget` set first, like a Job), stop the Jobs, abort uploads, delete the
 //!    objects, then `Failed`. The lock is released last.
 
+pub mod delete;
 pub mod hooks;
 pub mod plan;
 pub mod store;
@@ -66,6 +67,10 @@ pub struct RunConfig {
     /// How old a manifest-less prefix of a run that is no longer live must be before the
     /// repository loop sweeps it.
     pub orphan_grace: Duration,
+    /// How long the finalizer of a deleted Backup retries deleting its data while the
+    /// repository cannot be opened (its Secret or object gone, S3 unreachable) before it
+    /// leaves the data in place with a Warning event, so namespace deletion never hangs.
+    pub orphan_wait: Duration,
 }
 
 impl Default for RunConfig {
@@ -75,6 +80,7 @@ impl Default for RunConfig {
             max_jobs: 8,
             max_jobs_per_node: 2,
             orphan_grace: Duration::from_secs(15 * 60),
+            orphan_wait: Duration::from_secs(120),
         }
     }
 }
@@ -248,6 +254,9 @@ async fn step(cached: &Backup, ctx: &RunContext) -> Result<Action, RunError> {
     ctx.base
         .backoff
         .on_success(&format!("backup/{ns}/{}", backup.name_any()));
+    if backup.meta().deletion_timestamp.is_some() {
+        return delete::finalize(&backup, ctx).await;
+    }
     match backup.status.as_ref().and_then(|s| s.phase) {
         Some(BackupPhase::Completed | BackupPhase::Failed) => Ok(Action::await_change()),
         Some(BackupPhase::Running) => running(&backup, ctx).await,
@@ -333,6 +342,8 @@ async fn start(backup: &Backup, ctx: &RunContext) -> Result<Action, RunError> {
         )
         .await;
     }
+    // Before anything is written: data that must go with the Backup needs the finalizer.
+    delete::ensure_finalizer(backup, &ctx.base.client).await?;
     let resolved = match resolve(backup, &ctx.base.client).await? {
         Ok(r) => r,
         Err(e) => return fail_before_start(backup, ctx, e.reason, e.message).await,

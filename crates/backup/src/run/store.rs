@@ -92,6 +92,25 @@ impl Store {
             })
     }
 
+    /// Deletes a committed backup: the manifest first, so that a deletion interrupted
+    /// half-way leaves a prefix without a manifest — never taken for a valid backup, and
+    /// swept by the repository loop — then everything else under `prefix/`. Returns how
+    /// many objects it removed.
+    pub async fn delete_backup(&self, prefix: &str) -> Result<usize, RunError> {
+        let key = format!("{prefix}/{MANIFEST}");
+        let had_manifest = self.has_manifest(prefix).await?;
+        // S3 answers a DELETE of a missing key with success, so a retry is harmless.
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await
+            .map_err(|e| RunError::Store(format!("deleting {key}: {}", DisplayErrorContext(&e))))?;
+        let (_, deleted) = self.sweep(prefix).await?;
+        Ok(usize::from(had_manifest) + deleted)
+    }
+
     /// Aborts the multipart uploads and deletes the objects under `prefix/` (a run that
     /// will not commit). Returns how many uploads and objects it removed.
     pub async fn sweep(&self, prefix: &str) -> Result<(usize, usize), RunError> {
