@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::Pod;
-use kube::Api;
 use kube::api::LogParams;
+use kube::{Api, ResourceExt};
+use stateward_api::statefulapp::StatefulApp;
+use stateward_api::{Backup, BackupPhase};
 use stateward_testkit::harness::{Cluster, install_crds, wait_for};
 
 #[tokio::test]
@@ -69,6 +71,50 @@ async fn chart_installs_and_the_manager_runs_as_a_pod_with_its_own_service_accou
         sa == format!("{release}-stateward"),
         "the pod runs as ServiceAccount {sa:?}"
     );
+    // The scheduler works under the chart's RBAC: it fires a schedule (creating a
+    // Backup), writes the app's status, and the Backup's data finalizer is removed when
+    // it is deleted. The StatefulSet does not exist, so the run fails at once.
+    stateward_testkit::harness::apply_yaml(
+        &cluster.client,
+        &ns.name,
+        "apiVersion: stateward.io/v1alpha1\nkind: StatefulApp\nmetadata: { name: app }\nspec:\n  statefulSetName: missing\n  backup:\n    repository: repo\n    schedules:\n    - { name: minutely, cron: \"* * * * *\", retention: { keepLast: 1 } }\n",
+        "test",
+    )
+    .await?;
+    let backups: Api<Backup> = cluster.api(&ns.name);
+    let fired = wait_for("the schedule to fire", Duration::from_secs(90), || async {
+        let list = backups.list(&Default::default()).await?.items;
+        Ok(list
+            .into_iter()
+            .find(|b| b.status.as_ref().and_then(|s| s.phase) == Some(BackupPhase::Failed)))
+    })
+    .await?;
+    ensure!(
+        fired
+            .finalizers()
+            .iter()
+            .any(|f| f == stateward_api::common::DATA_FINALIZER),
+        "a scheduled Backup carries the data finalizer"
+    );
+    let apps: Api<StatefulApp> = cluster.api(&ns.name);
+    let state = apps
+        .get("app")
+        .await?
+        .status
+        .and_then(|s| s.backup)
+        .and_then(|b| b.schedules.get("minutely").cloned())
+        .context("no schedule status")?;
+    ensure!(state.next_scheduled_time.is_some(), "{state:?}");
+    backups
+        .delete(&fired.name_any(), &Default::default())
+        .await?;
+    let backup_name = fired.name_any();
+    wait_for(
+        "the Backup to be deleted",
+        Duration::from_secs(30),
+        || async { Ok(backups.get_opt(&backup_name).await?.is_none().then_some(())) },
+    )
+    .await?;
     // Leader election works under the chart's RBAC: the log says so, and says nothing
     // about missing permissions.
     let logs = wait_for(
