@@ -536,6 +536,11 @@ pub struct ScheduleStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 50))]
     pub pending_prune: Vec<String>,
+    /// A forecast: the Backups retention will delete once the next scheduled backup
+    /// completes, so pruning never comes as a surprise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50))]
+    pub next_to_prune: Vec<String>,
 }
 
 /// Restore section of an app's status.

@@ -529,11 +529,19 @@ async fn retention_prunes_with_its_data_keeps_the_last_success_and_the_breaker_s
     })
     .await?;
     let mut locations = Vec::new();
-    for hour in [11, 12, 13] {
+    for hour in [11, 12] {
         let backup = run_slot(&w, &clock, hour).await?;
         let (status, _) = completed_with_key(&backup)?;
         locations.push(status.location.context("location")?);
     }
+    // The forecast: the next success will push the 11:00 backup out.
+    w.wait_schedule("ret", "hourly", "a forecast", |s| {
+        s.next_to_prune == vec!["ret-hourly-202611251100"]
+    })
+    .await?;
+    let backup = run_slot(&w, &clock, 13).await?;
+    let (status, _) = completed_with_key(&backup)?;
+    locations.push(status.location.context("location")?);
     // keepLast 2: the 11:00 backup goes, and its objects with it.
     w.wait_backup_gone("ret-hourly-202611251100").await?;
     ensure!(

@@ -273,6 +273,7 @@ async fn step(cached: &StatefulApp, ctx: &ScheduleContext) -> Result<Action, Sch
                 parsed.zone(),
                 &still,
                 &in_use,
+                decision.next_fire,
                 &mut state,
                 &labels,
                 ctx,
@@ -589,6 +590,7 @@ async fn prune(
     zone: chrono_tz::Tz,
     backups: &[Backup],
     in_use: &BTreeMap<String, String>,
+    next_slot: Option<DateTime<Utc>>,
     state: &mut ScheduleStatus,
     labels: &ScheduleLabels,
     ctx: &ScheduleContext,
@@ -620,6 +622,7 @@ async fn prune(
         .collect();
     let plan = retention::plan(&candidates, rules, zone);
     state.retained = Some(plan.keep.len() as i32);
+    state.next_to_prune = forecast(&candidates, &plan, rules, zone, next_slot);
     if plan.prune.is_empty() {
         state.pending_prune.clear();
         return Ok(());
@@ -685,6 +688,34 @@ async fn prune(
     )
     .await;
     Ok(())
+}
+
+/// What retention will delete once the next slot's backup completes: the plan again with
+/// that backup added, minus what goes now.
+fn forecast(
+    candidates: &[Candidate],
+    now: &retention::Plan,
+    rules: &stateward_api::statefulapp::Retention,
+    zone: chrono_tz::Tz,
+    next_slot: Option<DateTime<Utc>>,
+) -> Vec<String> {
+    let Some(slot) = next_slot else {
+        return Vec::new();
+    };
+    const NEXT: &str = "\0next";
+    let mut with_next = candidates.to_vec();
+    with_next.push(Candidate {
+        name: NEXT.into(),
+        time: slot,
+        state: State::Completed,
+        protected_by: None,
+    });
+    retention::plan(&with_next, rules, zone)
+        .prune
+        .into_iter()
+        .filter(|n| n != NEXT && !now.prune.contains(n))
+        .take(50)
+        .collect()
 }
 
 /// The newest success and the failures since, over all of the app's Backups.
