@@ -6,6 +6,7 @@ pub mod admin;
 pub mod apply;
 pub mod backoff;
 pub mod conditions;
+pub mod hooks;
 pub mod lock;
 pub mod metrics;
 pub mod names;

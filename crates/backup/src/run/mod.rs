@@ -14,7 +14,6 @@
 //!    objects, then `Failed`. The lock is released last.
 
 pub mod delete;
-pub mod hooks;
 pub mod plan;
 pub mod store;
 
@@ -43,7 +42,7 @@ use stateward_api::backup::{
 use stateward_api::repository::BackupRepository;
 use stateward_api::statefulapp::{BackupMethod, Hook, OnError, StatefulApp};
 use stateward_runtime::lock::{Acquired, Holder, Intent, LockError, OperationLock};
-use stateward_runtime::{Context, apply, conditions, time};
+use stateward_runtime::{Context, apply, conditions, hooks, time};
 
 use plan::{Invalid, Settings};
 use store::Store;

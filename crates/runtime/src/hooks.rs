@@ -1,5 +1,6 @@
-//! Pre- and post-backup hooks: a command run in the app container through the API's
-//! exec, with a timeout. The result is recorded in status so a restarted manager never
+//! Hooks: a command run in the app container through the API's exec, with a timeout —
+//! the backup controller's pre- and post-backup hooks and the scaling controller's
+//! pre-scale-down hook. Callers record the result in status so a restarted manager never
 //! runs a hook twice.
 //!
 //! A pre-hook with `holdUntilPostHook` keeps its session: its stdin stays open while the
