@@ -18,6 +18,10 @@ pub const APP_LABEL: &str = "stateward.io/app";
 pub const SCHEDULE_LABEL: &str = "stateward.io/schedule";
 /// Annotation on a scheduled Backup: the slot (RFC 3339, UTC) it was created for.
 pub const SCHEDULED_TIME_ANNOTATION: &str = "stateward.io/scheduled-time";
+/// Annotation a parent operation (a scale-down that backs up first) sets on the Backup it
+/// creates, with its operation-lock token, so the backup runs under the parent's lock
+/// instead of waiting for it.
+pub const PARENT_TOKEN_ANNOTATION: &str = "stateward.io/parent-operation-token";
 /// Label a user sets (`"true"`) on a Backup that retention must never delete.
 pub const KEEP_LABEL: &str = "stateward.io/keep";
 /// Finalizer on a Backup with `deletionPolicy: Delete`: removed once its stored objects

@@ -334,21 +334,39 @@ pub struct ScalingPolicy {
     /// Safety steps before a replica is removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_down: Option<ScaleDownPolicy>,
+    /// How replicas are added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_up: Option<ScaleUpPolicy>,
     /// Volume size of the app's claims, and automatic expansion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<StoragePolicy>,
 }
 
-/// What happens to a removed replica's volume.
+/// What happens to a removed replica's volume. The StatefulSet's
+/// `persistentVolumeClaimRetentionPolicy.whenScaled` is kept at `Retain` while Stateward
+/// manages replicas, so the StatefulSet controller never deletes a volume before the
+/// backup; Stateward applies this policy itself once the pod is gone.
 #[derive(
     schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
 )]
 pub enum RemovedVolumePolicy {
-    /// Keep the PVC but mark it stale so a later scale-up never silently reattaches it.
+    /// Keep the PVC and label it `stateward.io/stale: "true"`: a later scale-up that would
+    /// reattach it stops with `ScalingBlocked` (reason `StaleVolume`) until you delete the
+    /// PVC (the replica starts empty) or remove the label (it starts from the old data).
     #[default]
     RetainStale,
-    /// Delete the PVC after the backup (if any) completed.
+    /// Delete the PVC once the pod is gone (after the backup, when `backupFirst`).
     Delete,
+}
+
+/// How replicas are added.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleUpPolicy {
+    /// Add one replica at a time and wait for it to be Ready before the next (default
+    /// true); false adds them all at once.
+    #[serde(default = "default_true")]
+    pub wait_for_ready: bool,
 }
 
 /// Safety steps of a scale-down.
@@ -358,9 +376,10 @@ pub struct ScaleDownPolicy {
     /// Back up the replicas being removed first (default true).
     #[serde(default = "default_true")]
     pub backup_first: bool,
-    /// Command run in each leaving replica before it goes (e.g. leave a cluster).
+    /// Command run in each leaving replica before it goes (e.g. leave a cluster), with
+    /// its timeout; a failure with `onError: Fail` stops the scale-down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pre_stop_hook: Option<Hook>,
+    pub pre_scale_down_hook: Option<Hook>,
     /// `RetainStale` (default) or `Delete`.
     #[serde(default)]
     pub removed_volumes: RemovedVolumePolicy,
@@ -565,9 +584,46 @@ pub struct ScalingStatusSection {
     /// Replica count the controller is moving to (after clamping).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_replicas: Option<i32>,
-    /// What the controller is doing (`Steady`, `ScalingUp`, `ScalingDown`, `Stopped`, `Expanding`).
+    /// What the controller is doing (`Steady`, `ScalingUp`, `ScalingDown`, `Stopped`,
+    /// `Unmanaged`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
+    /// Ready replicas of the StatefulSet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+    /// The scale-down in progress, persisted so a restarted manager resumes it without
+    /// running a step twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<ScaleOperation>,
+    /// A scale-down that failed (backup or hook) is not retried until the spec changes:
+    /// the generation it failed at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_generation: Option<i64>,
+}
+
+/// A scale-down in progress.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleOperation {
+    /// The replica count being moved to.
+    pub target: i32,
+    /// The replica count it started from.
+    #[serde(default)]
+    pub from: i32,
+    /// The ordinal being removed (its pod may still be terminating); its volumes get the
+    /// removed-volume policy once the pod is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leaving: Option<i32>,
+    /// The Backup taken before the first replica goes (`backupFirst`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<String>,
+    /// Ordinals whose pre-scale-down hook succeeded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    pub hooked: Vec<i32>,
+    /// When it started (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<String>,
 }
 
 /// Health section of an app's status.

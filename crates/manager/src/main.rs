@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 /// The controllers this binary can run; each lives in its own crate and arrives with its
 /// capability.
-const CONTROLLERS: &[&str] = &[stateward_backup::CONTROLLER];
+const CONTROLLERS: &[&str] = &[stateward_backup::CONTROLLER, stateward_scaling::CONTROLLER];
 
 /// Starts the selected controllers as independent sync loops.
 fn start_controllers(
@@ -39,6 +39,12 @@ fn start_controllers(
                 set.spawn(async move {
                     stateward_backup::run(base, namespace, backup_config).await;
                     stateward_backup::CONTROLLER
+                });
+            }
+            stateward_scaling::CONTROLLER => {
+                set.spawn(async move {
+                    stateward_scaling::run(base, namespace).await;
+                    stateward_scaling::CONTROLLER
                 });
             }
             other => tracing::error!(controller = other, "no start function for this controller"),

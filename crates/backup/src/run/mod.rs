@@ -47,9 +47,7 @@ use stateward_runtime::{Context, apply, conditions, hooks, time};
 use plan::{Invalid, Settings};
 use store::Store;
 
-/// Annotation a parent operation (a scale-down that backs up first) sets on the Backup it
-/// creates, so the backup runs under the parent's operation lock instead of waiting.
-pub const PARENT_TOKEN_ANNOTATION: &str = "stateward.io/parent-operation-token";
+pub use stateward_api::common::PARENT_TOKEN_ANNOTATION;
 
 /// How often a running backup is looked at when nothing else wakes it.
 const POLL: Duration = Duration::from_secs(5);
