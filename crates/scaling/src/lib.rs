@@ -682,7 +682,16 @@ async fn scale_down(
     {
         let pods: Api<Pod> = Api::namespaced(ctx.base.client.clone(), &world.ns());
         match hooks::run(&pods, &pod, hook).await {
-            Ok(()) => {}
+            Ok(()) => {
+                publish(
+                    ctx,
+                    &world.app,
+                    EventType::Normal,
+                    "PreScaleDownHook",
+                    format!("hook {} ran in {pod}", hook.name),
+                )
+                .await;
+            }
             Err(e) if hook.on_error == stateward_api::statefulapp::OnError::Continue => {
                 publish(
                     ctx,
@@ -793,7 +802,34 @@ async fn removed_volumes(
     policy: RemovedVolumePolicy,
 ) -> Result<(), ScalingError> {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.base.client.clone(), &world.ns());
+    let pods: Api<Pod> = Api::namespaced(ctx.base.client.clone(), &world.ns());
+    let finished_agents: Vec<Pod> = pods
+        .list(&ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")))
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| {
+            matches!(
+                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            )
+        })
+        .collect();
     for name in plan::claim_names(&world.sts, ordinal) {
+        // A finished backup agent that mounted this claim keeps its `pvc-protection`
+        // finalizer: the claim could not be deleted (by this policy, or by the user
+        // deciding about a stale volume) until the Backup is. Its result is in the
+        // Backup's status; the pod goes.
+        for agent in finished_agents.iter().filter(|p| mounts(p, &name)) {
+            match pods
+                .delete(&agent.name_any(), &DeleteParams::default())
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         match policy {
             RemovedVolumePolicy::Delete => {
                 match claims.delete(&name, &DeleteParams::default()).await {
@@ -819,6 +855,19 @@ async fn removed_volumes(
         }
     }
     Ok(())
+}
+
+fn mounts(pod: &Pod, claim: &str) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .is_some_and(|v| {
+            v.iter().any(|v| {
+                v.persistent_volume_claim
+                    .as_ref()
+                    .is_some_and(|c| c.claim_name == claim)
+            })
+        })
 }
 
 async fn fail(

@@ -1,0 +1,539 @@
+//! The scaling controller against the real API server and kube-controller-manager
+//! (StatefulSets with `podManagementPolicy: Parallel`, so any ordering comes from
+//! Stateward), with the backup controller running for backups taken before a scale-down.
+//! Run with `cargo xtask test`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, ensure};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use stateward_api::statefulapp::StatefulApp;
+use stateward_api::{Backup, BackupPhase};
+use stateward_runtime::Context;
+use stateward_runtime::lock::{Acquired, Holder, Intent, OperationLock};
+use stateward_runtime::metrics::Metrics;
+use stateward_runtime::time::to_chrono;
+use stateward_testkit::harness::{Cluster, TestNamespace, apply_yaml, install_crds, wait_for};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+struct World {
+    cluster: Cluster,
+    ns: TestNamespace,
+    controllers: Vec<tokio::task::JoinHandle<()>>,
+    metrics: Metrics,
+}
+
+impl World {
+    /// The scaling controller (and, with `backups`, the backup controller and a
+    /// repository `repo`) watching a fresh namespace.
+    async fn new(test: &str, backups: bool) -> Result<Self> {
+        let cluster = Cluster::connect().await?;
+        {
+            let _serial = cluster.serial().await?;
+            install_crds(&cluster.client, &stateward_api::crds()).await?;
+        }
+        let ns = cluster.namespace(test).await?;
+        let metrics = Metrics::new();
+        let mut controllers = vec![tokio::spawn(stateward_scaling::run(
+            Context::new(
+                cluster.client.clone(),
+                stateward_scaling::CONTROLLER,
+                metrics.clone(),
+            ),
+            Some(ns.name.clone()),
+        ))];
+        if backups {
+            let bucket = cluster.bucket_and_secret(&ns.name, "scale").await?;
+            controllers.push(tokio::spawn(stateward_backup::run(
+                Context::new(
+                    cluster.client.clone(),
+                    stateward_backup::CONTROLLER,
+                    metrics.clone(),
+                ),
+                Some(ns.name.clone()),
+                stateward_backup::Config::default(),
+            )));
+            apply_yaml(
+                &cluster.client,
+                &ns.name,
+                &format!(
+                    "apiVersion: stateward.io/v1alpha1\nkind: BackupRepository\nmetadata: {{ name: repo }}\nspec:\n  s3:\n    \
+                     bucket: {bucket}\n    prefix: backups\n    endpoint: \"{}\"\n    forcePathStyle: true\n    \
+                     credentials:\n      accessKeyId: {{ name: s3, key: accessKeyId }}\n      \
+                     secretAccessKey: {{ name: s3, key: secretAccessKey }}\n",
+                    cluster.env.s3_endpoint_from_pods
+                ),
+                "test",
+            )
+            .await?;
+        }
+        Ok(Self {
+            cluster,
+            ns,
+            controllers,
+            metrics,
+        })
+    }
+
+    async fn apply(&self, yaml: &str) -> Result<()> {
+        apply_yaml(&self.cluster.client, &self.ns.name, yaml, "test").await?;
+        Ok(())
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        self.cluster.api(&self.ns.name)
+    }
+
+    async fn condition(&self, app: &str, type_: &str) -> Result<Option<(String, String, String)>> {
+        let app: StatefulApp = self.api().get(app).await?;
+        Ok(app.status.and_then(|s| {
+            s.conditions
+                .into_iter()
+                .find(|c| c.type_ == type_)
+                .map(|c| (c.status, c.reason, c.message))
+        }))
+    }
+
+    async fn wait_condition(
+        &self,
+        app: &str,
+        type_: &str,
+        status: &str,
+        reason: &str,
+    ) -> Result<String> {
+        wait_for(
+            &format!("{app}: {type_}={status} ({reason})"),
+            2 * MINUTE,
+            || async {
+                Ok(self
+                    .condition(app, type_)
+                    .await?
+                    .filter(|(s, r, _)| s == status && r == reason)
+                    .map(|(_, _, m)| m))
+            },
+        )
+        .await
+    }
+
+    async fn ready_pods(&self, sts: &str, want: usize) -> Result<Vec<Pod>> {
+        let pods: Api<Pod> = self.api();
+        wait_for(
+            &format!("{want} ready pods of {sts}"),
+            3 * MINUTE,
+            || async {
+                let list: Vec<Pod> = pods
+                    .list(&ListParams::default().labels(&format!("app={sts}")))
+                    .await?
+                    .items
+                    .into_iter()
+                    .filter(|p| p.metadata.deletion_timestamp.is_none())
+                    .collect();
+                let ready = list.iter().filter(|p| ready_since(p).is_some()).count();
+                Ok((list.len() == want && ready == want).then_some(list))
+            },
+        )
+        .await
+    }
+
+    async fn events(&self, reason: &str) -> Result<Vec<Event>> {
+        let events: Api<Event> = self.api();
+        let mut list: Vec<Event> = events
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .collect();
+        list.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+        Ok(list)
+    }
+
+    /// Takes the app's lock for a stand-in operation (a ConfigMap as the holder object).
+    async fn hold_lock(&self, app: &str, intent: Intent) -> Result<(OperationLock, String)> {
+        let maps: Api<ConfigMap> = self.api();
+        let holder = maps
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(
+                    serde_json::json!({"metadata": {"name": "other-operation"}}),
+                )?,
+            )
+            .await?;
+        let lock = OperationLock::new(self.cluster.client.clone(), &self.ns.name, app);
+        let acquired = lock
+            .acquire(
+                Holder {
+                    api_version: "v1".into(),
+                    kind: "ConfigMap".into(),
+                    resource: "configmaps".into(),
+                    name: holder.name_any(),
+                    uid: holder.uid().unwrap_or_default(),
+                },
+                intent,
+                None,
+            )
+            .await?;
+        let Acquired::Held(record) = acquired else {
+            anyhow::bail!("the lock was not free: {acquired:?}");
+        };
+        Ok((lock, record.token))
+    }
+
+    async fn finish(self) -> Result<()> {
+        for c in &self.controllers {
+            c.abort();
+        }
+        self.ns.cleanup().await
+    }
+}
+
+fn ready_since(pod: &Pod) -> Option<chrono::DateTime<chrono::Utc>> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == "True")
+        .and_then(|c| c.last_transition_time.as_ref())
+        .map(to_chrono)
+}
+
+/// A Parallel StatefulSet whose pods become Ready 3 s after they start (so an
+/// all-at-once scale-up is visible), writing into their volume.
+fn statefulset(name: &str, replicas: i32, extra_spec: &str) -> String {
+    format!(
+        r#"
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {{ name: {name} }}
+spec:
+  replicas: {replicas}
+  serviceName: {name}
+  podManagementPolicy: Parallel
+{extra_spec}  selector: {{ matchLabels: {{ app: {name} }} }}
+  template:
+    metadata: {{ labels: {{ app: {name} }} }}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: main
+        image: stateward-probe:dev
+        command: [sh, -c, "echo $HOSTNAME > /data/who; sleep 3; touch /tmp/ready; exec sleep 100000"]
+        readinessProbe: {{ exec: {{ command: [test, -f, /tmp/ready] }}, periodSeconds: 1 }}
+        volumeMounts: [{{ name: data, mountPath: /data }}]
+  volumeClaimTemplates:
+  - metadata: {{ name: data }}
+    spec:
+      accessModes: [ReadWriteOnce]
+      resources: {{ requests: {{ storage: 16Mi }} }}
+"#
+    )
+}
+
+fn app(name: &str, sts: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: stateward.io/v1alpha1\nkind: StatefulApp\nmetadata: {{ name: {name} }}\nspec:\n  statefulSetName: {sts}\n{spec}"
+    )
+}
+
+async fn sts_replicas(w: &World, sts: &str) -> Result<i32> {
+    let api: Api<StatefulSet> = w.api();
+    Ok(api
+        .get(sts)
+        .await?
+        .spec
+        .and_then(|s| s.replicas)
+        .unwrap_or_default())
+}
+
+#[tokio::test]
+async fn scale_up_is_ordered_clamped_waits_for_the_lock_and_serves_scale_and_hpa() -> Result<()> {
+    let w = World::new("scale-up", false).await?;
+    w.apply(&statefulset("up", 2, "")).await?;
+    w.apply(&app(
+        "up",
+        "up",
+        "  scaling: { replicas: 2, maxReplicas: 4 }\n",
+    ))
+    .await?;
+    w.ready_pods("up", 2).await?;
+    w.wait_condition("up", "Scaling", "False", "Steady").await?;
+
+    // Another operation holds the lock: the request waits.
+    let (lock, token) = w.hold_lock("up", Intent::Read).await?;
+    let apps: Api<StatefulApp> = w.api();
+    apps.patch_scale(
+        "up",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"replicas": 5}})),
+    )
+    .await?;
+    let waiting = w
+        .wait_condition("up", "ScalingBlocked", "True", "WaitingForLock")
+        .await?;
+    ensure!(waiting.contains("ConfigMap other-operation"), "{waiting}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(
+        sts_replicas(&w, "up").await? == 2,
+        "nothing moves while the lock is held"
+    );
+    lock.release(&token).await?;
+
+    // 5 is clamped to maxReplicas 4; pods 2 and 3 come one after the other.
+    let pods = w.ready_pods("up", 4).await?;
+    let by_name: BTreeMap<String, &Pod> = pods.iter().map(|p| (p.name_any(), p)).collect();
+    let created = |n: &str| {
+        by_name
+            .get(n)
+            .and_then(|p| p.metadata.creation_timestamp.as_ref())
+            .map(to_chrono)
+    };
+    let ready = |n: &str| by_name.get(n).and_then(|p| ready_since(p));
+    let (c3, r2) = (
+        created("up-3").context("up-3")?,
+        ready("up-2").context("up-2 ready")?,
+    );
+    ensure!(
+        c3 >= r2,
+        "up-3 was created at {c3}, before up-2 was Ready at {r2}"
+    );
+    let clamped = w
+        .wait_condition("up", "ScalingBlocked", "True", "Clamped")
+        .await?;
+    ensure!(clamped.contains("maxReplicas 4"), "{clamped}");
+    w.wait_condition("up", "Scaling", "False", "Steady").await?;
+    ensure!(sts_replicas(&w, "up").await? == 4);
+
+    // /scale reads like a Deployment's; an HPA can drive it.
+    let scale = apps.get_scale("up").await?;
+    ensure!(
+        scale.spec.and_then(|s| s.replicas) == Some(5),
+        "spec is the request"
+    );
+    let status = scale.status.context("scale status")?;
+    ensure!(
+        status.replicas == 4 && status.selector.as_deref() == Some("app=up"),
+        "{status:?}"
+    );
+    let hpas: Api<HorizontalPodAutoscaler> = w.api();
+    hpas.create(
+        &PostParams::default(),
+        &serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "up"},
+            "spec": {
+                "scaleTargetRef": {"apiVersion": "stateward.io/v1alpha1", "kind": "StatefulApp", "name": "up"},
+                "minReplicas": 1, "maxReplicas": 4,
+                "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}}}]
+            }
+        }))?,
+    )
+    .await?;
+    wait_for("the HPA to be AbleToScale", 2 * MINUTE, || async {
+        let hpa = hpas.get("up").await?;
+        let able = hpa
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .into_iter()
+            .any(|c| c.type_ == "AbleToScale" && c.status == "True");
+        Ok(able.then_some(()))
+    })
+    .await?;
+    w.finish().await
+}
+
+#[tokio::test]
+async fn scale_down_backs_up_first_hooks_each_leaving_replica_and_never_reuses_a_stale_volume()
+-> Result<()> {
+    let w = World::new("scale-down", true).await?;
+    w.apply(&statefulset("down", 4, "")).await?;
+    w.apply(&app(
+        "down",
+        "down",
+        "  backup: { repository: repo }\n  scaling:\n    replicas: 4\n    scaleDown:\n      backupFirst: true\n      removedVolumes: RetainStale\n      preScaleDownHook: { name: leave, command: [sh, -c, \"echo left > /data/left\"], timeoutSeconds: 20 }\n",
+    ))
+    .await?;
+    w.ready_pods("down", 4).await?;
+    w.wait_condition("down", "Scaling", "False", "Steady")
+        .await?;
+
+    let apps: Api<StatefulApp> = w.api();
+    apps.patch_scale(
+        "down",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"replicas": 2}})),
+    )
+    .await?;
+    w.ready_pods("down", 2).await?;
+    w.wait_condition("down", "Scaling", "False", "Steady")
+        .await?;
+
+    // A Completed backup before the first pod went; hooks in pod 3, then pod 2.
+    let backups: Api<Backup> = w.api();
+    let backup = backups
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .next()
+        .context("no backup was taken")?;
+    let status = backup.status.clone().unwrap_or_default();
+    ensure!(
+        status.phase == Some(BackupPhase::Completed),
+        "{:?}",
+        status.conditions
+    );
+    ensure!(
+        status.volumes.len() == 4,
+        "all four replicas were backed up: {:?}",
+        status.volumes
+    );
+    let completed = status.completion_time.context("completion time")?;
+    let hooks = w.events("PreScaleDownHook").await?;
+    let notes: Vec<String> = hooks.iter().filter_map(|e| e.note.clone()).collect();
+    ensure!(
+        notes == vec!["hook leave ran in down-3", "hook leave ran in down-2"],
+        "{notes:?}"
+    );
+    let removals = w.events("ScalingDown").await?;
+    let first_removal = removals
+        .first()
+        .and_then(|e| e.event_time.as_ref())
+        .context("no removal")?;
+    ensure!(
+        completed
+            <= stateward_runtime::time::rfc3339(stateward_runtime::time::from_jiff(
+                first_removal.0
+            )),
+        "the backup completed at {completed}, after the first removal"
+    );
+    // Exactly once each, even across reconciles.
+    ensure!(hooks.len() == 2);
+
+    // The removed replicas' volumes are kept, marked stale.
+    let claims: Api<PersistentVolumeClaim> = w.api();
+    for ordinal in [2, 3] {
+        let pvc = claims.get(&format!("data-down-{ordinal}")).await?;
+        ensure!(pvc.labels().get("stateward.io/stale").map(String::as_str) == Some("true"));
+    }
+    // Scaling up again stops at the stale volume until the user decides.
+    apps.patch_scale(
+        "down",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"replicas": 3}})),
+    )
+    .await?;
+    let stale = w
+        .wait_condition("down", "ScalingBlocked", "True", "StaleVolume")
+        .await?;
+    ensure!(stale.contains("data-down-2"), "{stale}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(sts_replicas(&w, "down").await? == 2, "no silent reattach");
+    claims
+        .delete("data-down-2", &DeleteParams::default())
+        .await?;
+    w.ready_pods("down", 3).await?;
+    let pods: Api<Pod> = w.api();
+    let out =
+        stateward_testkit::harness::exec(&pods, "down-2", None, &["sh", "-c", "ls /data"], None)
+            .await?;
+    ensure!(
+        !out.stdout_str().contains("left"),
+        "down-2 starts on a fresh volume: {}",
+        out.stdout_str()
+    );
+    w.finish().await
+}
+
+#[tokio::test]
+async fn a_stop_holder_gets_the_app_at_zero_with_its_volumes_then_it_comes_back() -> Result<()> {
+    let w = World::new("scale-stop", false).await?;
+    w.apply(&statefulset(
+        "stop",
+        2,
+        "  persistentVolumeClaimRetentionPolicy: { whenDeleted: Delete, whenScaled: Delete }\n",
+    ))
+    .await?;
+    // Replicas are not managed: stop/start works for every app.
+    w.apply(&app("stop", "stop", "")).await?;
+    w.ready_pods("stop", 2).await?;
+    let claims: Api<PersistentVolumeClaim> = w.api();
+    let uids = |list: Vec<PersistentVolumeClaim>| {
+        let mut v: Vec<String> = list.into_iter().filter_map(|c| c.uid()).collect();
+        v.sort();
+        v
+    };
+    let before = uids(claims.list(&ListParams::default()).await?.items);
+    ensure!(before.len() == 2);
+
+    let (lock, token) = w.hold_lock("stop", Intent::Stop { replicas: 2 }).await?;
+    w.wait_condition("stop", "Stopped", "True", "StoppedForOperation")
+        .await?;
+    let pods: Api<Pod> = w.api();
+    ensure!(
+        pods.list(&ListParams::default().labels("app=stop"))
+            .await?
+            .items
+            .is_empty()
+    );
+    ensure!(
+        uids(claims.list(&ListParams::default()).await?.items) == before,
+        "PVCs intact"
+    );
+    let sets: Api<StatefulSet> = w.api();
+    let policy = sets
+        .get("stop")
+        .await?
+        .spec
+        .and_then(|s| s.persistent_volume_claim_retention_policy)
+        .context("policy")?;
+    ensure!(
+        policy.when_scaled.as_deref() == Some("Retain")
+            && policy.when_deleted.as_deref() == Some("Retain")
+    );
+
+    lock.release(&token).await?;
+    w.wait_condition("stop", "Stopped", "False", "Started")
+        .await?;
+    w.ready_pods("stop", 2).await?;
+    let sts = sets.get("stop").await?;
+    let policy = sts
+        .spec
+        .as_ref()
+        .and_then(|s| s.persistent_volume_claim_retention_policy.clone())
+        .context("policy")?;
+    ensure!(
+        policy.when_scaled.as_deref() == Some("Delete")
+            && policy.when_deleted.as_deref() == Some("Delete"),
+        "{policy:?}"
+    );
+    ensure!(
+        !sts.annotations()
+            .contains_key(stateward_scaling::STOPPED_REPLICAS_ANNOTATION)
+    );
+    ensure!(
+        uids(claims.list(&ListParams::default()).await?.items) == before,
+        "the same PVC objects"
+    );
+    let metrics = w.metrics.encode();
+    ensure!(
+        metrics.contains(
+            "stateward_scale_operations_total{direction=\"stop\",result=\"succeeded\"} 1"
+        ),
+        "{metrics}"
+    );
+    w.finish().await
+}
