@@ -420,6 +420,11 @@ pub struct AutoExpand {
     #[schemars(length(min = 1, max = 32))]
     #[x_kube(validation = Rule::new("isQuantity(self)").message("maxSize must be a quantity such as 100Gi"))]
     pub max_size: String,
+    /// At most one expansion per this long, e.g. `1h` (default), so a runaway writer
+    /// cannot grow the volume step after step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(s|m|h|d))+$"))]
+    pub cooldown: Option<String>,
 }
 
 fn default_threshold() -> i32 {
@@ -599,6 +604,21 @@ pub struct ScalingStatusSection {
     /// the generation it failed at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_generation: Option<i64>,
+    /// The volume size in effect: `storage.size`, or larger after auto-expansion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_size: Option<String>,
+    /// When auto-expansion last grew the volumes (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_expansion: Option<String>,
+    /// Claims not yet at the effective size, with what they wait for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    pub pending_resize: Vec<String>,
+    /// The StatefulSet being recreated with a larger volumeClaimTemplate (JSON), kept
+    /// until it exists again, so a restart between the orphaning delete and the create
+    /// never loses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recreating: Option<String>,
 }
 
 /// A scale-down in progress.

@@ -13,6 +13,7 @@
 //!    removed-volume policy, then repeats. Progress lives in `status.scaling.operation`.
 
 pub mod plan;
+pub mod storage;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use kube::{Api, Resource, ResourceExt};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use stateward_api::common::{
     APP_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, PARENT_TOKEN_ANNOTATION,
 };
@@ -67,6 +69,8 @@ pub struct OperationLabels {
 pub struct ScalingContext {
     pub base: Context,
     pub operations: Family<OperationLabels, Counter>,
+    pub volume_used: Family<storage::VolumeLabels, Gauge>,
+    pub volume_capacity: Family<storage::VolumeLabels, Gauge>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,9 +91,23 @@ pub async fn run(base: Context, namespace: Option<String>) {
         "Scale operations that ended, by direction (up, down, stop, start) and result",
         operations.clone(),
     );
+    let volume_used = Family::<storage::VolumeLabels, Gauge>::default();
+    let volume_capacity = Family::<storage::VolumeLabels, Gauge>::default();
+    base.metrics.register(
+        "volume_used_bytes",
+        "Bytes used on the app's volume, measured with df in the app container (auto-expansion only)",
+        volume_used.clone(),
+    );
+    base.metrics.register(
+        "volume_capacity_bytes",
+        "Size of the filesystem on the app's volume, as df sees it (auto-expansion only)",
+        volume_capacity.clone(),
+    );
     let ctx = Arc::new(ScalingContext {
         base: base.clone(),
         operations,
+        volume_used,
+        volume_capacity,
     });
     let apps: Api<StatefulApp> = match &namespace {
         Some(ns) => Api::namespaced(base.client.clone(), ns),
@@ -136,6 +154,8 @@ struct World {
     pods: Vec<Pod>,
     section: ScalingStatusSection,
     conditions: Vec<Condition>,
+    /// The pods' label selector, once the StatefulSet was read (for `/scale`).
+    selector: Option<String>,
 }
 
 impl World {
@@ -217,13 +237,31 @@ async fn step(cached: &StatefulApp, ctx: &ScalingContext) -> Result<Action, Scal
         .cloned()
         .collect();
     let sets: Api<StatefulSet> = Api::namespaced(ctx.base.client.clone(), &ns);
-    let Some(sts) = sets.get_opt(&app.spec.stateful_set_name).await? else {
+    let existing = sets.get_opt(&app.spec.stateful_set_name).await?;
+    let mut section = status.scaling.clone().unwrap_or_default();
+    // The second half of a template resize, also after a restart.
+    if let Some(action) =
+        storage::recreate_if_journaled(&app, &mut section, existing.as_ref(), ctx).await?
+    {
+        let world = World {
+            app: app.clone(),
+            sts: existing.unwrap_or_default(),
+            pods: Vec::new(),
+            section,
+            conditions,
+            selector: status.selector.clone(),
+        };
+        write_status(&world, ctx).await?;
+        return Ok(action);
+    }
+    let Some(sts) = existing else {
         let mut world = World {
             app: app.clone(),
             sts: StatefulSet::default(),
             pods: Vec::new(),
-            section: status.scaling.clone().unwrap_or_default(),
+            section,
             conditions,
+            selector: None,
         };
         world.set(
             BLOCKED,
@@ -235,7 +273,7 @@ async fn step(cached: &StatefulApp, ctx: &ScalingContext) -> Result<Action, Scal
             ),
             now,
         );
-        write_status(&world, ctx, None).await?;
+        write_status(&world, ctx).await?;
         return Ok(Action::requeue(STEADY));
     };
     let selector = sts
@@ -257,13 +295,14 @@ async fn step(cached: &StatefulApp, ctx: &ScalingContext) -> Result<Action, Scal
         app,
         sts,
         pods,
-        section: status.scaling.clone().unwrap_or_default(),
+        section,
         conditions,
+        selector: Some(selector),
     };
     world.section.observed_generation = world.app.meta().generation;
     world.section.ready_replicas = world.sts.status.as_ref().and_then(|s| s.ready_replicas);
     let action = pipeline(&mut world, ctx).await?;
-    write_status(&world, ctx, Some(selector)).await?;
+    write_status(&world, ctx).await?;
     Ok(action)
 }
 
@@ -313,6 +352,9 @@ async fn pipeline(world: &mut World, ctx: &ScalingContext) -> Result<Action, Sca
             now,
         );
         world.set(BLOCKED, false, "None", "", now);
+        if let Some(action) = storage::reconcile(world, ctx).await? {
+            return Ok(action);
+        }
         release_ours(&lock, &current_lock, &me).await?;
         return Ok(Action::requeue(STEADY));
     };
@@ -342,13 +384,16 @@ async fn pipeline(world: &mut World, ctx: &ScalingContext) -> Result<Action, Sca
                 )
                 .await;
             }
-            release_ours(&lock, &current_lock, &me).await?;
-            world.section.phase = Some("Steady".into());
-            world.set(SCALING, false, "Steady", format!("{target} replicas"), now);
             match clamped {
                 Some(why) => world.set(BLOCKED, true, "Clamped", why, now),
                 None => world.set(BLOCKED, false, "None", "", now),
             }
+            if let Some(action) = storage::reconcile(world, ctx).await? {
+                return Ok(action);
+            }
+            release_ours(&lock, &current_lock, &me).await?;
+            world.section.phase = Some("Steady".into());
+            world.set(SCALING, false, "Steady", format!("{target} replicas"), now);
             return Ok(Action::requeue(STEADY));
         }
     }
@@ -720,7 +765,7 @@ async fn scale_down(
     // Record the leaving replica first, then remove it: a restart resumes from the record.
     op.leaving = Some(ordinal);
     world.section.operation = Some(op);
-    write_status(world, ctx, None).await?;
+    write_status(world, ctx).await?;
     patch_sts(
         world,
         ctx,
@@ -1070,18 +1115,14 @@ async fn start(world: &mut World, ctx: &ScalingContext) -> Result<Action, Scalin
     Ok(Action::requeue(STEP))
 }
 
-async fn write_status(
-    world: &World,
-    ctx: &ScalingContext,
-    selector: Option<String>,
-) -> Result<(), ScalingError> {
+async fn write_status(world: &World, ctx: &ScalingContext) -> Result<(), ScalingError> {
     let apps: Api<StatefulApp> = Api::namespaced(ctx.base.client.clone(), &world.ns());
     let mut status = serde_json::json!({
         "scaling": serde_json::to_value(&world.section)?,
         "conditions": world.conditions,
     });
-    if let Some(selector) = selector {
-        status["selector"] = selector.into();
+    if let Some(selector) = &world.selector {
+        status["selector"] = selector.clone().into();
         status["replicas"] = world
             .sts
             .status

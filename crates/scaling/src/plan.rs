@@ -52,6 +52,56 @@ pub fn ordinal_of(sts: &StatefulSet, pod: &str) -> Option<i32> {
     pod.strip_prefix(&prefix)?.parse().ok()
 }
 
+/// Bytes of a Kubernetes quantity (`20Gi`, `512Mi`, `1.5G`, `1000`); `None` when it is
+/// not one. Rounded up to a whole byte.
+pub fn quantity_bytes(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(split);
+    let multiplier: f64 = match suffix {
+        "" => 1.0,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        _ => return None,
+    };
+    let value: f64 = number.parse().ok()?;
+    let bytes = (value * multiplier).ceil();
+    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
+}
+
+/// A size as a quantity, rounded up to whole MiB (what volumes are sized in).
+pub fn quantity_of(bytes: u64) -> String {
+    const MI: u64 = 1024 * 1024;
+    let mib = bytes.div_ceil(MI);
+    if mib.is_multiple_of(1024) && mib > 0 {
+        format!("{}Gi", mib / 1024)
+    } else {
+        format!("{mib}Mi")
+    }
+}
+
+/// The next size of an auto-expanding volume: `increment_percent` more than `current`,
+/// never above `max`; `None` when already at `max`.
+pub fn grown(current: u64, increment_percent: i32, max: u64) -> Option<u64> {
+    if current >= max {
+        return None;
+    }
+    let step = current.saturating_mul(u64::try_from(increment_percent.max(1)).unwrap_or(1)) / 100;
+    Some(current.saturating_add(step.max(1)).min(max))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,5 +133,21 @@ mod tests {
         assert_eq!(claim_names(&sts, 3), vec!["data-pg-3", "wal-pg-3"]);
         assert_eq!(ordinal_of(&sts, "pg-12"), Some(12));
         assert_eq!(ordinal_of(&sts, "pgx-1"), None);
+    }
+
+    #[test]
+    fn quantities() {
+        assert_eq!(quantity_bytes("16Mi"), Some(16 * 1024 * 1024));
+        assert_eq!(quantity_bytes("1.5Gi"), Some(1536 * 1024 * 1024));
+        assert_eq!(quantity_bytes("2G"), Some(2_000_000_000));
+        assert_eq!(quantity_bytes("1000"), Some(1000));
+        assert_eq!(quantity_bytes("12Xi"), None);
+        assert_eq!(quantity_of(16 * 1024 * 1024), "16Mi");
+        assert_eq!(quantity_of(2 * 1024 * 1024 * 1024), "2Gi");
+        assert_eq!(quantity_of(1), "1Mi");
+        let mi = 1024 * 1024;
+        assert_eq!(grown(100 * mi, 25, 200 * mi), Some(125 * mi));
+        assert_eq!(grown(180 * mi, 25, 200 * mi), Some(200 * mi));
+        assert_eq!(grown(200 * mi, 25, 200 * mi), None);
     }
 }

@@ -537,3 +537,239 @@ async fn a_stop_holder_gets_the_app_at_zero_with_its_volumes_then_it_comes_back(
     );
     w.finish().await
 }
+
+/// `df -k` of /data in a pod: (used, size) in KiB.
+async fn df(w: &World, pod: &str) -> Result<(u64, u64)> {
+    let pods: Api<Pod> = w.api();
+    let out =
+        stateward_testkit::harness::exec(&pods, pod, None, &["df", "-P", "-k", "/data"], None)
+            .await?;
+    stateward_scaling::storage::parse_df(&out.stdout_str())
+        .map(|(u, s)| (u / 1024, s / 1024))
+        .context("df output")
+}
+
+fn claim_capacity(pvc: &PersistentVolumeClaim) -> String {
+    pvc.status
+        .as_ref()
+        .and_then(|s| s.capacity.as_ref())
+        .and_then(|c| c.get("storage"))
+        .map(|q| q.0.clone())
+        .unwrap_or_default()
+}
+
+fn claim_request(pvc: &PersistentVolumeClaim) -> String {
+    pvc.spec
+        .as_ref()
+        .and_then(|s| s.resources.as_ref())
+        .and_then(|r| r.requests.as_ref())
+        .and_then(|r| r.get("storage"))
+        .map(|q| q.0.clone())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn growing_storage_size_expands_every_claim_and_the_template_without_touching_pods()
+-> Result<()> {
+    let w = World::new("scale-grow", false).await?;
+    w.apply(&statefulset("grow", 2, "")).await?;
+    w.apply(&app(
+        "grow",
+        "grow",
+        "  scaling: { storage: { size: 16Mi } }\n",
+    ))
+    .await?;
+    let before = w.ready_pods("grow", 2).await?;
+    let pod_uids: Vec<String> = before.iter().filter_map(|p| p.uid()).collect();
+    let sets: Api<StatefulSet> = w.api();
+    // As if Helm installed it: its ownership marks must survive the recreate.
+    sets.patch(
+        "grow",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"metadata": {
+            "labels": {"app.kubernetes.io/managed-by": "Helm"},
+            "annotations": {"meta.helm.sh/release-name": "grow"},
+        }})),
+    )
+    .await?;
+    let old_uid = sets.get("grow").await?.uid();
+
+    w.apply(&app(
+        "grow",
+        "grow",
+        "  scaling: { storage: { size: 32Mi } }\n",
+    ))
+    .await?;
+    let claims: Api<PersistentVolumeClaim> = w.api();
+    wait_for("both claims to request 32Mi", 2 * MINUTE, || async {
+        let ok = ["data-grow-0", "data-grow-1"];
+        let mut all = true;
+        for c in ok {
+            all &= claim_request(&claims.get(c).await?) == "32Mi";
+        }
+        Ok(all.then_some(()))
+    })
+    .await?;
+    // The template carries the new size: a new StatefulSet object, the same pods.
+    let sts = wait_for("the template to carry 32Mi", 2 * MINUTE, || async {
+        let Some(sts) = sets.get_opt("grow").await? else {
+            return Ok(None);
+        };
+        let size = sts
+            .spec
+            .as_ref()
+            .and_then(|s| s.volume_claim_templates.as_ref())
+            .and_then(|t| t.first())
+            .map(claim_request)
+            .unwrap_or_default();
+        Ok((size == "32Mi").then_some(sts))
+    })
+    .await?;
+    ensure!(sts.uid() != old_uid, "the StatefulSet was recreated");
+    ensure!(
+        sts.labels()
+            .get("app.kubernetes.io/managed-by")
+            .map(String::as_str)
+            == Some("Helm")
+            && sts
+                .annotations()
+                .get("meta.helm.sh/release-name")
+                .map(String::as_str)
+                == Some("grow"),
+        "labels and annotations are carried over: {:?} {:?}",
+        sts.labels(),
+        sts.annotations()
+    );
+    let pods: Api<Pod> = w.api();
+    let now: Vec<Pod> = pods
+        .list(&ListParams::default().labels("app=grow"))
+        .await?
+        .items;
+    let mut now_uids: Vec<String> = now.iter().filter_map(|p| p.uid()).collect();
+    now_uids.sort();
+    let mut was = pod_uids.clone();
+    was.sort();
+    ensure!(now_uids == was, "pods were not restarted");
+    // ... and adopted by the new object.
+    wait_for("the pods to be adopted", MINUTE, || async {
+        let adopted = pods
+            .list(&ListParams::default().labels("app=grow"))
+            .await?
+            .items
+            .iter()
+            .all(|p| {
+                p.owner_references()
+                    .iter()
+                    .any(|o| Some(&o.uid) == sts.uid().as_ref())
+            });
+        Ok(adopted.then_some(()))
+    })
+    .await?;
+    let app_status: StatefulApp = w.api().get("grow").await?;
+    let scaling = app_status
+        .status
+        .and_then(|s| s.scaling)
+        .context("scaling status")?;
+    ensure!(
+        scaling.storage_size.as_deref() == Some("32Mi"),
+        "{scaling:?}"
+    );
+    // The filesystem: grown online where the node can, otherwise pending until the pod
+    // restarts (this machine's node cannot resize online; docs/local-cluster.md).
+    let apps: Api<StatefulApp> = w.api();
+    let online = wait_for(
+        "the resize to finish or wait for a restart",
+        MINUTE,
+        || async {
+            let Some(scaling) = apps.get("grow").await?.status.and_then(|s| s.scaling) else {
+                return Ok(None);
+            };
+            let pending = scaling
+                .pending_resize
+                .iter()
+                .any(|p| p.contains("FileSystemResizePending"));
+            let done = claim_capacity(&claims.get("data-grow-0").await?) == "32Mi"
+                && claim_capacity(&claims.get("data-grow-1").await?) == "32Mi";
+            Ok(if done {
+                Some(true)
+            } else if pending {
+                Some(false)
+            } else {
+                None
+            })
+        },
+    )
+    .await?;
+    if online {
+        let (_, size0) = df(&w, "grow-0").await?;
+        ensure!(size0 > 24 * 1024, "the filesystem in grow-0 is {size0} KiB");
+    }
+    // Offline (this machine): the claims wait for their pods to restart, and status says
+    // so. Stateward never restarts pods for it. (Restarting grow-0 here hits a local-node
+    // limitation, "resize2fs: Device or resource busy"; see the issue note.)
+    w.finish().await
+}
+
+#[tokio::test]
+async fn a_filling_volume_expands_once_per_cooldown_and_never_beyond_max() -> Result<()> {
+    let w = World::new("scale-auto", false).await?;
+    w.apply(&statefulset("auto", 1, "")).await?;
+    w.apply(&app(
+        "auto",
+        "auto",
+        "  scaling: { storage: { size: 16Mi, autoExpand: { thresholdPercent: 50, incrementPercent: 100, maxSize: 48Mi, cooldown: 20s } } }\n",
+    ))
+    .await?;
+    w.ready_pods("auto", 1).await?;
+    let pods: Api<Pod> = w.api();
+    let fill = stateward_testkit::harness::exec(
+        &pods,
+        "auto-0",
+        None,
+        &[
+            "sh",
+            "-c",
+            "head -c 10000000 /dev/urandom > /data/fill && sync",
+        ],
+        None,
+    )
+    .await?;
+    ensure!(fill.exit_code == 0, "filling failed");
+    let apps: Api<StatefulApp> = w.api();
+    let size = |app: StatefulApp| {
+        app.status
+            .and_then(|s| s.scaling)
+            .and_then(|s| s.storage_size)
+    };
+    wait_for("a first expansion to 32Mi", MINUTE, || async {
+        Ok((size(apps.get("auto").await?).as_deref() == Some("32Mi")).then_some(()))
+    })
+    .await?;
+    let first = w.events("AutoExpand").await?;
+    ensure!(first.len() == 1, "{first:?}");
+    // Still over the threshold (the filesystem grows offline here), but within the
+    // cooldown: no second expansion yet.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    ensure!(size(apps.get("auto").await?).as_deref() == Some("32Mi"));
+    ensure!(w.events("AutoExpand").await?.len() == 1);
+    // After the cooldown it may grow again, to maxSize and never beyond.
+    wait_for("maxSize to be reached", 2 * MINUTE, || async {
+        Ok((size(apps.get("auto").await?).as_deref() == Some("48Mi")).then_some(()))
+    })
+    .await?;
+    let claims: Api<PersistentVolumeClaim> = w.api();
+    wait_for("the claim to request 48Mi", MINUTE, || async {
+        Ok((claim_request(&claims.get("data-auto-0").await?) == "48Mi").then_some(()))
+    })
+    .await?;
+    let metrics = w.metrics.encode();
+    ensure!(
+        metrics.contains("stateward_volume_used_bytes{namespace=")
+            && metrics.contains("persistentvolumeclaim=\"data-auto-0\""),
+        "{metrics}"
+    );
+    // Full and at maxSize: it says so, and grows no further.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    ensure!(size(apps.get("auto").await?).as_deref() == Some("48Mi"));
+    w.finish().await
+}
