@@ -700,13 +700,22 @@ async fn growing_storage_size_expands_every_claim_and_the_template_without_touch
         },
     )
     .await?;
-    if online {
-        let (_, size0) = df(&w, "grow-0").await?;
-        ensure!(size0 > 24 * 1024, "the filesystem in grow-0 is {size0} KiB");
+    if !online {
+        // Offline (this machine's node): the claims wait for their pods to restart and
+        // status says so; Stateward never restarts pods for it. The user restarts one.
+        pods.delete("grow-0", &DeleteParams::default()).await?;
+        let old = before
+            .iter()
+            .find(|p| p.name_any() == "grow-0")
+            .and_then(|p| p.uid());
+        wait_for("grow-0 to come back", 2 * MINUTE, || async {
+            let p = pods.get_opt("grow-0").await?;
+            Ok(p.filter(|p| p.uid() != old && ready_since(p).is_some()))
+        })
+        .await?;
     }
-    // Offline (this machine): the claims wait for their pods to restart, and status says
-    // so. Stateward never restarts pods for it. (Restarting grow-0 here hits a local-node
-    // limitation, "resize2fs: Device or resource busy"; see the issue note.)
+    let (_, size0) = df(&w, "grow-0").await?;
+    ensure!(size0 > 24 * 1024, "the filesystem in grow-0 is {size0} KiB");
     w.finish().await
 }
 

@@ -948,6 +948,7 @@ impl PodContext {
             working_dir,
             env,
             argv,
+            detach_under: Some(self.cfg.state_dir.join("volumes")),
         })
     }
 }

@@ -44,6 +44,13 @@ pub struct RunSpec {
     pub working_dir: Option<PathBuf>,
     pub env: Vec<(String, String)>,
     pub argv: Vec<String>,
+    /// For a new container: after its own mounts are bound, detach every host mount
+    /// below this directory (the node's volumes) from the container's mount namespace.
+    /// Otherwise each container's copy of the host's mounts pins every volume mounted on
+    /// the node, and an offline resize of another pod's volume fails with "Device or
+    /// resource busy" for as long as this container lives.
+    #[serde(default)]
+    pub detach_under: Option<PathBuf>,
 }
 
 /// Entry point of the runner; returns only on error (else it has exec'd).
@@ -81,6 +88,9 @@ pub fn run(spec_json: &str) -> Result<std::convert::Infallible> {
             .collect::<Result<Vec<_>>>()?;
         for (m, source) in mounts.iter().zip(&sources) {
             apply_mount(m, source.as_ref())?;
+        }
+        if let Some(root) = &spec.detach_under {
+            detach_mounts_under(root);
         }
     }
     if let Some(dir) = &spec.working_dir {
@@ -123,6 +133,25 @@ pub fn run(spec_json: &str) -> Result<std::convert::Infallible> {
         )
         .exec();
     Err(anyhow::Error::new(err).context(format!("starting {program}")))
+}
+
+/// Lazily unmounts, in this (private) mount namespace, every mount point below `root`,
+/// deepest first. The container's binds of its own volumes are separate mounts and stay.
+fn detach_mounts_under(root: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(root) && p != root)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points.dedup();
+    for point in points {
+        let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
+    }
 }
 
 fn join_namespaces(pid: u32) -> Result<()> {
