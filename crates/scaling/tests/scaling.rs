@@ -702,20 +702,26 @@ async fn growing_storage_size_expands_every_claim_and_the_template_without_touch
     .await?;
     if !online {
         // Offline (this machine's node): the claims wait for their pods to restart and
-        // status says so; Stateward never restarts pods for it. The user restarts one.
-        pods.delete("grow-0", &DeleteParams::default()).await?;
-        let old = before
-            .iter()
-            .find(|p| p.name_any() == "grow-0")
-            .and_then(|p| p.uid());
-        wait_for("grow-0 to come back", 2 * MINUTE, || async {
-            let p = pods.get_opt("grow-0").await?;
-            Ok(p.filter(|p| p.uid() != old && ready_since(p).is_some()))
-        })
-        .await?;
+        // status says so; Stateward never restarts pods for it. The user restarts them.
+        for pod in ["grow-0", "grow-1"] {
+            pods.delete(pod, &DeleteParams::default()).await?;
+        }
+        for pod in ["grow-0", "grow-1"] {
+            let old = before
+                .iter()
+                .find(|p| p.name_any() == pod)
+                .and_then(|p| p.uid());
+            wait_for(&format!("{pod} to come back"), 2 * MINUTE, || async {
+                let p = pods.get_opt(pod).await?;
+                Ok(p.filter(|p| p.uid() != old && ready_since(p).is_some()))
+            })
+            .await?;
+        }
     }
-    let (_, size0) = df(&w, "grow-0").await?;
-    ensure!(size0 > 24 * 1024, "the filesystem in grow-0 is {size0} KiB");
+    for pod in ["grow-0", "grow-1"] {
+        let (_, size) = df(&w, pod).await?;
+        ensure!(size > 24 * 1024, "the filesystem in {pod} is {size} KiB");
+    }
     w.finish().await
 }
 
