@@ -637,6 +637,11 @@ pub struct ScaleOperation {
     /// The Backup taken before the first replica goes (`backupFirst`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<String>,
+    /// Backups that failed before this one (a transient failure is retried, up to 3
+    /// attempts, before the scale-down stops).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 3))]
+    pub failed_backups: Vec<String>,
     /// Ordinals whose pre-scale-down hook succeeded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1000))]

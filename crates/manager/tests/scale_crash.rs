@@ -136,8 +136,19 @@ spec:
     })
     .await?;
     let backups: Api<Backup> = cluster.api(&ns.name);
-    let taken = backups.list(&ListParams::default()).await?.items.len();
-    ensure!(taken == 1, "one backup before the scale-down, not {taken}");
+    let completed = backups
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter(|b| {
+            b.status.as_ref().and_then(|s| s.phase) == Some(stateward_api::BackupPhase::Completed)
+        })
+        .count();
+    ensure!(
+        completed == 1,
+        "one completed backup before the scale-down, not {completed}"
+    );
 
     // Read each removed replica's volume: the hook ran exactly once in each.
     for ordinal in [1, 2] {

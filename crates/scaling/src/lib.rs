@@ -57,6 +57,8 @@ pub const STALE_LABEL: &str = "stateward.io/stale";
 pub const STALE_SINCE_ANNOTATION: &str = "stateward.io/stale-since";
 
 const STEP: Duration = Duration::from_secs(2);
+/// Backups tried before a scale-down gives up.
+const BACKUP_ATTEMPTS: usize = 3;
 const STEADY: Duration = Duration::from_secs(15);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -691,9 +693,21 @@ async fn scale_down(
                     .and_then(|s| s.phase)
                 {
                     Some(BackupPhase::Completed) => {}
+                    Some(BackupPhase::Failed) if op.failed_backups.len() + 1 < BACKUP_ATTEMPTS => {
+                        // A transient failure (S3 hiccup, a pod restarting): try again.
+                        publish(ctx, &world.app, EventType::Warning, "BackupRetry", format!(
+                            "the backup taken before scaling down, {name}, failed; taking another (attempt {} of {BACKUP_ATTEMPTS})",
+                            op.failed_backups.len() + 2
+                        )).await;
+                        op.failed_backups.push(name);
+                        op.backup = None;
+                        world.section.operation = Some(op);
+                        return Ok(Action::requeue(Duration::from_secs(5)));
+                    }
                     Some(BackupPhase::Failed) => {
                         return fail(world, ctx, "BackupFailed", format!(
-                            "the backup taken before scaling down, {name}, failed; no replica was removed (see the Backup's status)"
+                            "the backups taken before scaling down ({}, {name}) failed; no replica was removed (see the Backups' status)",
+                            op.failed_backups.join(", ")
                         )).await;
                     }
                     _ if backup.is_none() => {

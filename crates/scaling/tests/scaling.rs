@@ -383,13 +383,14 @@ async fn scale_down_backs_up_first_hooks_each_leaving_replica_and_never_reuses_a
 
     // A Completed backup before the first pod went; hooks in pod 3, then pod 2.
     let backups: Api<Backup> = w.api();
+    // (A transiently failed attempt is retried: find the one that completed.)
     let backup = backups
         .list(&ListParams::default())
         .await?
         .items
         .into_iter()
-        .next()
-        .context("no backup was taken")?;
+        .find(|b| b.status.as_ref().and_then(|s| s.phase) == Some(BackupPhase::Completed))
+        .context("no backup completed")?;
     let status = backup.status.clone().unwrap_or_default();
     ensure!(
         status.phase == Some(BackupPhase::Completed),
