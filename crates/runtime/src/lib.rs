@@ -58,6 +58,29 @@ impl Context {
         self
     }
 
+    /// Publishes an event about `object`; the note is capped (the API refuses notes over
+    /// 1 KiB) and a failure is logged, never returned: an event is never worth failing a
+    /// reconcile for (and a terminating namespace refuses them).
+    pub async fn publish(
+        &self,
+        object: &k8s_openapi::api::core::v1::ObjectReference,
+        type_: kube::runtime::events::EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let event = kube::runtime::events::Event {
+            type_,
+            reason: reason.to_string(),
+            note: Some(note.chars().take(1000).collect()),
+            action: action.to_string(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder().publish(&event, object).await {
+            tracing::warn!(error = %e, reason, "publishing an event failed");
+        }
+    }
+
     /// An event recorder for this controller.
     pub fn recorder(&self) -> kube::runtime::events::Recorder {
         kube::runtime::events::Recorder::new(self.client.clone(), self.reporter.clone())

@@ -25,7 +25,7 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Resource, ResourceExt};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -1162,19 +1162,7 @@ async fn publish(
     reason: &str,
     note: String,
 ) {
-    let event = Event {
-        type_,
-        reason: reason.to_string(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Scale".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx
-        .base
-        .recorder()
-        .publish(&event, &app.object_ref(&()))
-        .await
-    {
-        tracing::warn!(error = %e, "publishing an event failed");
-    }
+    ctx.base
+        .publish(&app.object_ref(&()), type_, reason, "Scale", note)
+        .await;
 }

@@ -28,7 +28,7 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{DeleteParams, ListParams, PostParams, PropagationPolicy};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -1375,22 +1375,9 @@ async fn write_status(
 }
 
 async fn publish(ctx: &RunContext, backup: &Backup, type_: EventType, reason: &str, note: String) {
-    let event = Event {
-        type_,
-        reason: reason.to_string(),
-        // Events are capped at 1 KiB of note.
-        note: Some(note.chars().take(1000).collect()),
-        action: "Backup".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx
-        .base
-        .recorder()
-        .publish(&event, &backup.object_ref(&()))
-        .await
-    {
-        tracing::warn!(error = %e, "publishing an event failed");
-    }
+    ctx.base
+        .publish(&backup.object_ref(&()), type_, reason, "Backup", note)
+        .await;
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -259,19 +259,14 @@ async fn step(cached: &StatefulApp, ctx: &ScheduleContext) -> Result<Action, Sch
             }
         }
         if let Some(rules) = &schedule.retention {
-            let still: Vec<Backup> = backups
-                .list(&ListParams::default().labels(&format!("{SCHEDULE_LABEL}={}", schedule.name)))
-                .await?
-                .items
-                .into_iter()
-                .filter(|b| b.spec.app == app.name_any())
-                .collect();
+            // The listing above is enough: a Backup this pass created is Pending, which
+            // retention never touches.
             prune(
                 &app,
                 schedule,
                 rules,
                 parsed.zone(),
-                &still,
+                &of_schedule,
                 &in_use,
                 decision.next_fire,
                 &mut state,
@@ -588,7 +583,7 @@ async fn prune(
     schedule: &Schedule,
     rules: &stateward_api::statefulapp::Retention,
     zone: chrono_tz::Tz,
-    backups: &[Backup],
+    backups: &[&Backup],
     in_use: &BTreeMap<String, String>,
     next_slot: Option<DateTime<Utc>>,
     state: &mut ScheduleStatus,
@@ -928,21 +923,9 @@ async fn publish(
     reason: &str,
     note: String,
 ) {
-    let event = Event {
-        type_,
-        reason: reason.to_string(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Schedule".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx
-        .base
-        .recorder()
-        .publish(&event, &app.object_ref(&()))
-        .await
-    {
-        tracing::warn!(error = %e, "publishing an event failed");
-    }
+    ctx.base
+        .publish(&app.object_ref(&()), type_, reason, "Schedule", note)
+        .await;
 }
 
 #[cfg(test)]
