@@ -12,17 +12,11 @@ use crate::{UploadOptions, stream_to_s3, write_volume_archive};
 pub const TERMINATION_LOG: &str = "/dev/termination-log";
 const TERMINATION_LIMIT: usize = 4096;
 
-/// Where and how the agent stores one object.
+/// How the agent reaches the repository (credentials come from the environment).
 #[derive(clap::Args, Debug, Clone)]
-pub struct S3Target {
+pub struct S3Connection {
     #[arg(long)]
     pub bucket: String,
-    /// Object key of the data.
-    #[arg(long)]
-    pub key: String,
-    /// Object key of the full result (JSON).
-    #[arg(long)]
-    pub result_key: Option<String>,
     /// S3 endpoint for S3-compatible servers.
     #[arg(long)]
     pub endpoint: Option<String>,
@@ -34,6 +28,36 @@ pub struct S3Target {
     /// that reject the SDK's default trailing checksums).
     #[arg(long)]
     pub checksum_when_required: bool,
+}
+
+impl S3Connection {
+    pub(crate) fn client(&self) -> Result<aws_sdk_s3::Client, String> {
+        let key = std::env::var("AWS_ACCESS_KEY_ID")
+            .map_err(|_| "AWS_ACCESS_KEY_ID is not set".to_string())?;
+        let secret = std::env::var("AWS_SECRET_ACCESS_KEY")
+            .map_err(|_| "AWS_SECRET_ACCESS_KEY is not set".to_string())?;
+        Ok(s3_client_with(
+            &key,
+            &secret,
+            self.endpoint.as_deref(),
+            &self.region,
+            self.force_path_style,
+            self.checksum_when_required,
+        ))
+    }
+}
+
+/// Where and how the agent stores one object.
+#[derive(clap::Args, Debug, Clone)]
+pub struct S3Target {
+    #[command(flatten)]
+    pub connection: S3Connection,
+    /// Object key of the data.
+    #[arg(long)]
+    pub key: String,
+    /// Object key of the full result (JSON).
+    #[arg(long)]
+    pub result_key: Option<String>,
     /// Part size in MiB (at least 5). Memory is about (parts in flight + 2) parts; the
     /// defaults keep the agent near 64 MiB resident (`cargo xtask bench backup`).
     #[arg(long, default_value_t = 5)]
@@ -71,23 +95,12 @@ impl S3Target {
     }
 
     fn client(&self) -> Result<aws_sdk_s3::Client, String> {
-        let key = std::env::var("AWS_ACCESS_KEY_ID")
-            .map_err(|_| "AWS_ACCESS_KEY_ID is not set".to_string())?;
-        let secret = std::env::var("AWS_SECRET_ACCESS_KEY")
-            .map_err(|_| "AWS_SECRET_ACCESS_KEY is not set".to_string())?;
-        Ok(s3_client_with(
-            &key,
-            &secret,
-            self.endpoint.as_deref(),
-            &self.region,
-            self.force_path_style,
-            self.checksum_when_required,
-        ))
+        self.connection.client()
     }
 
     fn upload_options(&self) -> UploadOptions {
         UploadOptions {
-            bucket: self.bucket.clone(),
+            bucket: self.connection.bucket.clone(),
             key: self.key.clone(),
             part_size: self.part_size_mib.max(5) << 20,
             parts_in_flight: self.parts_in_flight.max(1),
@@ -107,7 +120,7 @@ impl S3Target {
         let body = serde_json::to_vec_pretty(result).map_err(|e| e.to_string())?;
         client
             .put_object()
-            .bucket(&self.bucket)
+            .bucket(&self.connection.bucket)
             .key(result_key)
             .body(aws_sdk_s3::primitives::ByteStream::from(body))
             .send()
@@ -166,6 +179,9 @@ pub struct VolumeResult {
     #[serde(default = "one")]
     pub segments: u32,
     pub duration_seconds: f64,
+    /// sha256 of the plaintext before compression (the tar stream, or the dump), hex.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub content_sha256: String,
 }
 
 fn one() -> u32 {
@@ -275,6 +291,7 @@ async fn backup_volume_inner(args: &BackupVolumeArgs) -> Result<VolumeResult, St
         parts: stored.parts,
         segments: stored.segments,
         duration_seconds: started.elapsed().as_secs_f64(),
+        content_sha256: stats.content_sha256,
     };
     target.put_result(&client, &result).await?;
     Ok(result)
@@ -362,10 +379,10 @@ async fn backup_exec_inner(args: &BackupExecArgs) -> Result<VolumeResult, String
     let (level, threads) = (target.zstd_level, target.zstd_threads);
     let produced = stream_to_s3(&s3, &target.upload_options(), move |writer| {
         crate::crypto::sealed(writer, recipient.as_ref(), |out| {
-            let mut encoder = crate::archive::zstd_encoder(out, level, threads)?;
-            let mut read = 0u64;
+            let mut encoder = crate::archive::HashingWriter::new(
+                crate::archive::zstd_encoder(out, level, threads)?,
+            );
             while let Some(chunk) = receive.blocking_recv() {
-                read += chunk.len() as u64;
                 std::io::Write::write_all(&mut encoder, &chunk)?;
             }
             match exit_rx.recv_timeout(std::time::Duration::from_secs(60)) {
@@ -377,8 +394,9 @@ async fn backup_exec_inner(args: &BackupExecArgs) -> Result<VolumeResult, String
                     ));
                 }
             }
+            let (encoder, content_sha256, read) = encoder.finish();
             encoder.finish()?;
-            Ok(read)
+            Ok((read, content_sha256))
         })
     })
     .await;
@@ -388,7 +406,7 @@ async fn backup_exec_inner(args: &BackupExecArgs) -> Result<VolumeResult, String
         _ => None,
     };
     let stderr = stderr_tail.await.unwrap_or_default();
-    let (stored, bytes_read) = match produced {
+    let (stored, (bytes_read, content_sha256)) = match produced {
         Ok(done) => done,
         Err(e) => {
             let mut message = format!("{} in pod {}", e, args.pod);
@@ -410,6 +428,7 @@ async fn backup_exec_inner(args: &BackupExecArgs) -> Result<VolumeResult, String
         parts: stored.parts,
         segments: stored.segments,
         duration_seconds: started.elapsed().as_secs_f64(),
+        content_sha256,
     };
     target.put_result(&s3, &result).await?;
     Ok(result)

@@ -10,7 +10,11 @@
 pub mod archive;
 pub mod cli;
 pub mod crypto;
+pub mod download;
+pub mod extract;
 pub mod manifest;
+pub mod restore;
+pub mod swap;
 pub mod upload;
 
 pub use archive::{ArchiveStats, write_volume_archive};

@@ -1,0 +1,350 @@
+//! Unpacking a volume archive into a staging directory, refusing anything that would land
+//! outside it. Pure file-system code (no S3), unit-tested on real directories.
+//!
+//! Kept: ownership (when running as root), modes, mtimes, symlinks, hard links, FIFOs.
+//! Refused, with the entry named: absolute paths, `..`, a hard link whose target is not
+//! inside the archive, a relative symlink that climbs above the volume root, and any
+//! entry below a symlink (a crafted archive's classic `link -> /etc` then `link/passwd`).
+//! Absolute symlink targets are restored as links and never followed: the app resolves
+//! them in its own container, as it did when the backup was taken.
+
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+
+/// What an extraction wrote.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ExtractStats {
+    /// Regular files written (hard links not counted, as in the backup).
+    pub files: u64,
+    /// Bytes of regular-file content written.
+    pub bytes: u64,
+    /// Entries of any kind.
+    pub entries: u64,
+}
+
+/// Why an archive was refused or could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    #[error("the archive entry {path:?} is unsafe: {why}")]
+    Unsafe { path: String, why: &'static str },
+    #[error("reading the archive: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("writing {path}: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ExtractError {
+    /// Whether retrying the same archive can never help (a crafted or broken archive).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Unsafe { .. })
+    }
+}
+
+fn unsafe_entry(path: &Path, why: &'static str) -> ExtractError {
+    ExtractError::Unsafe {
+        path: path.to_string_lossy().into_owned(),
+        why,
+    }
+}
+
+/// A path inside the archive, made relative and checked: `./a/b` → `a/b`; absolute or
+/// `..` → refused. `None` for the archive root itself.
+pub fn inside(path: &Path) -> Result<Option<PathBuf>, ExtractError> {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::Normal(part) => out.push(part),
+            Component::CurDir => {}
+            Component::ParentDir => return Err(unsafe_entry(path, "it contains `..`")),
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(unsafe_entry(path, "it is an absolute path"));
+            }
+        }
+    }
+    Ok((!out.as_os_str().is_empty()).then_some(out))
+}
+
+/// Whether a relative symlink target, resolved from the link's directory, stays inside
+/// the root (lexically: the agent never follows links).
+fn symlink_stays_inside(link: &Path, target: &Path) -> bool {
+    if target.is_absolute() {
+        return true; // resolved by the app in its container, never followed here
+    }
+    let mut depth = link.components().count() as i64 - 1;
+    for component in target.components() {
+        match component {
+            Component::ParentDir => depth -= 1,
+            Component::Normal(_) => depth += 1,
+            _ => {}
+        }
+        if depth < 0 {
+            return false;
+        }
+    }
+    true
+}
+
+/// Refuses to write below a symlink: every existing ancestor of `rel` inside `root` must
+/// be a real directory.
+fn check_no_symlink_parent(root: &Path, rel: &Path) -> Result<(), ExtractError> {
+    let mut at = root.to_path_buf();
+    if let Some(parent) = rel.parent() {
+        for part in parent.components() {
+            at.push(part);
+            match std::fs::symlink_metadata(&at) {
+                Ok(meta) if meta.file_type().is_symlink() => {
+                    return Err(unsafe_entry(rel, "it lies below a symlink"));
+                }
+                Ok(meta) if !meta.is_dir() => {
+                    return Err(unsafe_entry(rel, "its parent is not a directory"));
+                }
+                Ok(_) => {}
+                Err(_) => return Ok(()), // created fresh by the unpack
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Directory metadata applied after all entries are in (a read-only directory would
+/// refuse its own children; writing children changes the directory's mtime).
+struct DeferredDir {
+    path: PathBuf,
+    mode: u32,
+    mtime: u64,
+    owner: Option<(u32, u32)>,
+}
+
+/// Unpacks the tar stream `reader` into `dest` (which must exist and be empty), checking
+/// every entry first. Reads the stream to its end, so a hash around `reader` covers it
+/// all.
+pub fn extract_tree<R: Read>(
+    reader: R,
+    dest: &Path,
+    keep_ownership: bool,
+) -> Result<(ExtractStats, R), ExtractError> {
+    let mut archive = tar::Archive::new(reader);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_mtime(true);
+    archive.set_preserve_ownerships(keep_ownership);
+    archive.set_overwrite(false);
+    let mut stats = ExtractStats::default();
+    let mut dirs: Vec<DeferredDir> = Vec::new();
+    for entry in archive.entries().map_err(ExtractError::Read)? {
+        let mut entry = entry.map_err(ExtractError::Read)?;
+        let raw = entry.path().map_err(ExtractError::Read)?.into_owned();
+        let Some(rel) = inside(&raw)? else {
+            continue; // the root itself: the volume root keeps its own metadata
+        };
+        check_no_symlink_parent(dest, &rel)?;
+        let kind = entry.header().entry_type();
+        let target = dest.join(&rel);
+        let write_err = |source| ExtractError::Write {
+            path: rel.to_string_lossy().into_owned(),
+            source,
+        };
+        stats.entries += 1;
+        match kind {
+            tar::EntryType::Directory => {
+                std::fs::create_dir_all(&target).map_err(write_err)?;
+                let header = entry.header();
+                dirs.push(DeferredDir {
+                    path: target,
+                    mode: header.mode().map_err(ExtractError::Read)?,
+                    mtime: header.mtime().map_err(ExtractError::Read)?,
+                    owner: keep_ownership
+                        .then(|| Some((header.uid().ok()? as u32, header.gid().ok()? as u32)))
+                        .flatten(),
+                });
+            }
+            tar::EntryType::Link => {
+                let link = entry
+                    .link_name()
+                    .map_err(ExtractError::Read)?
+                    .ok_or_else(|| unsafe_entry(&rel, "a hard link without a target"))?
+                    .into_owned();
+                let Some(link_rel) = inside(&link)? else {
+                    return Err(unsafe_entry(&rel, "a hard link to the root"));
+                };
+                check_no_symlink_parent(dest, &link_rel)?;
+                let source = dest.join(&link_rel);
+                match std::fs::symlink_metadata(&source) {
+                    Ok(meta) if meta.is_file() => {}
+                    _ => {
+                        return Err(unsafe_entry(
+                            &rel,
+                            "a hard link to a file not earlier in the archive",
+                        ));
+                    }
+                }
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent).map_err(write_err)?;
+                }
+                std::fs::hard_link(&source, &target).map_err(write_err)?;
+            }
+            tar::EntryType::Symlink => {
+                let link = entry
+                    .link_name()
+                    .map_err(ExtractError::Read)?
+                    .ok_or_else(|| unsafe_entry(&rel, "a symlink without a target"))?
+                    .into_owned();
+                if !symlink_stays_inside(&rel, &link) {
+                    return Err(unsafe_entry(&rel, "a symlink pointing above the volume"));
+                }
+                entry.unpack(&target).map_err(write_err)?;
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent).map_err(write_err)?;
+                }
+                stats.files += 1;
+                stats.bytes += entry.header().size().unwrap_or(0);
+                entry.unpack(&target).map_err(write_err)?;
+            }
+            tar::EntryType::Fifo | tar::EntryType::Char | tar::EntryType::Block => {
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent).map_err(write_err)?;
+                }
+                entry.unpack(&target).map_err(write_err)?;
+            }
+            // PAX and GNU long-name headers are consumed by the tar reader; anything else
+            // (sockets cannot be archived) is skipped, as `tar x` does.
+            _ => {}
+        }
+    }
+    // Innermost first, so a parent's mtime is set after its children's.
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.path.components().count()));
+    for dir in dirs {
+        let write_err = |source| ExtractError::Write {
+            path: dir.path.to_string_lossy().into_owned(),
+            source,
+        };
+        if let Some((uid, gid)) = dir.owner {
+            std::os::unix::fs::lchown(&dir.path, Some(uid), Some(gid)).map_err(write_err)?;
+        }
+        std::fs::set_permissions(
+            &dir.path,
+            std::os::unix::fs::PermissionsExt::from_mode(dir.mode & 0o7777),
+        )
+        .map_err(write_err)?;
+        filetime::set_file_mtime(
+            &dir.path,
+            filetime::FileTime::from_unix_time(dir.mtime as i64, 0),
+        )
+        .map_err(write_err)?;
+    }
+    let mut reader = archive.into_inner();
+    // The end-of-archive blocks and any padding, so the content hash covers everything.
+    std::io::copy(&mut reader, &mut std::io::sink()).map_err(ExtractError::Read)?;
+    Ok((stats, reader))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("stateward-extract-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).ok();
+        dir
+    }
+
+    fn raw_tar(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, kind, data, link) in entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(*kind);
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            // set_path refuses `..`; write the name bytes directly, as an attacker would.
+            let name = &mut header.as_old_mut().name;
+            name[..path.len()].copy_from_slice(path.as_bytes());
+            if let Some(link) = link {
+                let field = &mut header.as_old_mut().linkname;
+                field[..link.len()].copy_from_slice(link.as_bytes());
+            }
+            header.set_cksum();
+            builder.append(&header, *data).ok();
+        }
+        builder.into_inner().unwrap_or_default()
+    }
+
+    #[test]
+    fn a_tree_round_trips_with_modes_mtimes_symlinks_and_hard_links() {
+        let src = scratch("src");
+        std::fs::create_dir_all(src.join("d/e")).ok();
+        std::fs::write(src.join("d/e/f.txt"), b"content").ok();
+        std::fs::hard_link(src.join("d/e/f.txt"), src.join("d/hard")).ok();
+        std::os::unix::fs::symlink("e/f.txt", src.join("d/soft")).ok();
+        std::os::unix::fs::symlink("/etc/hostname", src.join("abs")).ok();
+        std::fs::set_permissions(
+            src.join("d/e/f.txt"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o640),
+        )
+        .ok();
+        std::fs::set_permissions(src.join("d/e"), std::os::unix::fs::PermissionsExt::from_mode(0o555)).ok();
+        filetime::set_file_mtime(src.join("d/e/f.txt"), filetime::FileTime::from_unix_time(1_600_000_000, 0)).ok();
+        let (archive, _) = crate::write_volume_archive(&src, Vec::new(), 1, 1).unwrap_or_default();
+        let plain = zstd::stream::decode_all(&archive[..]).unwrap_or_default();
+        let dest = scratch("dest");
+        let (stats, _) = extract_tree(&plain[..], &dest, true).map_err(|e| e.to_string()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(stats.files, 1, "the hard link is a link, not a second file");
+        assert_eq!(std::fs::read(dest.join("d/hard")).ok(), Some(b"content".to_vec()));
+        let f = std::fs::metadata(dest.join("d/e/f.txt")).unwrap_or_else(|e| panic!("{e}"));
+        let h = std::fs::metadata(dest.join("d/hard")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(f.ino(), h.ino(), "hard link kept");
+        assert_eq!(f.mode() & 0o7777, 0o640);
+        assert_eq!(f.mtime(), 1_600_000_000);
+        assert_eq!(std::fs::metadata(dest.join("d/e")).map(|m| m.mode() & 0o7777).ok(), Some(0o555));
+        assert_eq!(std::fs::read_link(dest.join("d/soft")).ok(), Some(PathBuf::from("e/f.txt")));
+        assert_eq!(std::fs::read_link(dest.join("abs")).ok(), Some(PathBuf::from("/etc/hostname")));
+        for dir in [&src, &dest] {
+            std::fs::set_permissions(dir.join("d/e"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).ok();
+            std::fs::remove_dir_all(dir).ok();
+        }
+    }
+
+    #[test]
+    fn crafted_archives_are_refused_and_nothing_lands_outside() {
+        let outside = scratch("outside");
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("dotdot", raw_tar(&[("../escaped", tar::EntryType::Regular, b"x", None)])),
+            ("absolute", raw_tar(&[("/tmp/escaped", tar::EntryType::Regular, b"x", None)])),
+            (
+                "through a symlink",
+                raw_tar(&[
+                    ("link", tar::EntryType::Symlink, b"", Some(outside.to_str().unwrap_or("/tmp"))),
+                    ("link/escaped", tar::EntryType::Regular, b"x", None),
+                ]),
+            ),
+            ("climbing symlink", raw_tar(&[("a/up", tar::EntryType::Symlink, b"", Some("../../etc"))])),
+            ("hard link out", raw_tar(&[("h", tar::EntryType::Link, b"", Some("../../etc/passwd"))])),
+        ];
+        for (name, archive) in cases {
+            let dest = scratch("crafted");
+            let outcome = extract_tree(&archive[..], &dest, false);
+            match outcome {
+                Err(e) => assert!(e.is_permanent(), "{name}: {e}"),
+                Ok(_) => panic!("{name}: accepted"),
+            }
+            assert!(!outside.join("escaped").exists(), "{name}: wrote outside");
+            assert!(!dest.parent().map(|p| p.join("escaped").exists()).unwrap_or(false), "{name}");
+            std::fs::remove_dir_all(&dest).ok();
+        }
+        std::fs::remove_dir_all(&outside).ok();
+    }
+
+    #[test]
+    fn symlink_containment_is_lexical() {
+        assert!(symlink_stays_inside(Path::new("a/b"), Path::new("../c")));
+        assert!(!symlink_stays_inside(Path::new("a/b"), Path::new("../../c")));
+        assert!(symlink_stays_inside(Path::new("a"), Path::new("/abs")));
+        assert!(!symlink_stays_inside(Path::new("a"), Path::new("x/../../..")));
+    }
+}

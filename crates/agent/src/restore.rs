@@ -1,0 +1,480 @@
+//! `stateward agent restore-volume` and `restore-exec`: what the Jobs the restore
+//! controller creates run. Every byte is checked twice while it streams — the stored
+//! object against the manifest's sha256, the decompressed content against its
+//! `contentSha256` — and nothing reaches the app's data before both matched: a volume
+//! restore unpacks into a staging directory and swaps it in under a journal
+//! ([`crate::swap`]); an exec restore verifies the whole stream first, then streams it
+//! again into the restore command.
+//!
+//! Exit codes: 0 done, 1 failed (a retry may help), 2 refused (checksum, unsafe archive,
+//! not enough space: a retry cannot help; the Job's pod failure policy stops there).
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cli::{S3Connection, TERMINATION_LOG};
+use crate::download::{HashingReader, ReadBackError, StoredObject, decrypted, read_back};
+use crate::swap::{Workdir, free_space, space_needed};
+
+/// Environment variable carrying the age identity (private key) into restore Jobs.
+pub const IDENTITY_ENV: &str = "AGE_IDENTITY";
+
+/// Exit code of a failure a retry cannot fix.
+pub const EXIT_REFUSED: i32 = 2;
+
+/// The stored data object to read back, as the manifest records it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StoredArgs {
+    #[command(flatten)]
+    pub connection: S3Connection,
+    /// Object key of the data (its first segment).
+    #[arg(long)]
+    pub key: String,
+    /// Objects the data is stored in (the manifest's `segments`).
+    #[arg(long, default_value_t = 1)]
+    pub segments: u32,
+    /// sha256 of the stored bytes (the manifest's `sha256`).
+    #[arg(long)]
+    pub sha256: String,
+    /// sha256 of the plaintext (the manifest's `contentSha256`; absent in backups made
+    /// before it was recorded, which are then checked by the stored sha256 alone).
+    #[arg(long)]
+    pub content_sha256: Option<String>,
+    /// Decrypt with the age identity in `AGE_IDENTITY`.
+    #[arg(long)]
+    pub decrypt: bool,
+}
+
+impl StoredArgs {
+    fn object(&self) -> StoredObject {
+        StoredObject {
+            bucket: self.connection.bucket.clone(),
+            key: self.key.clone(),
+            segments: self.segments,
+        }
+    }
+
+    fn identity(&self) -> Result<Option<age::x25519::Identity>, Failure> {
+        if !self.decrypt {
+            return Ok(None);
+        }
+        let text = std::env::var(IDENTITY_ENV)
+            .map_err(|_| Failure::refused("NoIdentity", format!("--decrypt needs {IDENTITY_ENV}")))?;
+        text.trim()
+            .parse::<age::x25519::Identity>()
+            .map(Some)
+            .map_err(|_| {
+                Failure::refused(
+                    "NoIdentity",
+                    format!("{IDENTITY_ENV} is not an age identity (expected AGE-SECRET-KEY-1...)"),
+                )
+            })
+    }
+}
+
+/// `stateward agent restore-volume`: unpack a volume archive (or place a dump as one
+/// file) into a mounted volume through the staged swap.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RestoreVolumeArgs {
+    /// The volume's mount path (read-write).
+    #[arg(long)]
+    pub target: PathBuf,
+    /// The Restore's uid, recorded in the swap journal.
+    #[arg(long)]
+    pub restore_id: String,
+    /// Bytes of content the backup read (the manifest's `bytesRead`), for the free-space
+    /// check.
+    #[arg(long, default_value_t = 0)]
+    pub bytes: u64,
+    /// Files in the archive (the manifest's `files`), checked after unpacking.
+    #[arg(long)]
+    pub files: Option<u64>,
+    /// Place a dump (exec backup) as this file, relative to the volume, instead of
+    /// unpacking an archive (e.g. `dump.rdb` for redis).
+    #[arg(long)]
+    pub as_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub stored: StoredArgs,
+}
+
+/// `stateward agent restore-exec`: verify a dump, then stream it into a command's
+/// standard input in an app pod.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RestoreExecArgs {
+    /// Namespace of the app pod (default: the agent's own).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: String,
+    #[arg(long)]
+    pub pod: String,
+    #[arg(long)]
+    pub container: Option<String>,
+    #[command(flatten)]
+    pub stored: StoredArgs,
+    /// The restore command, after `--`.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// What a restore agent reports (stdout and the termination message).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreResult {
+    /// Both checksums matched.
+    pub verified: bool,
+    pub bytes_stored: u64,
+    pub bytes_written: u64,
+    pub files: u64,
+    pub sha256: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub content_sha256: String,
+    pub duration_seconds: f64,
+    /// The swap finished after a crash of an earlier attempt.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recovered: bool,
+    /// Failure: a short reason (`ChecksumMismatch`, `ArchiveRefused`, `NotEnoughSpace`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A failure with its reason and whether retrying can help.
+#[derive(Debug)]
+pub struct Failure {
+    pub reason: &'static str,
+    pub message: String,
+    pub permanent: bool,
+}
+
+impl Failure {
+    fn refused(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+            permanent: true,
+        }
+    }
+
+    fn transient(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+            permanent: false,
+        }
+    }
+}
+
+impl From<ReadBackError> for Failure {
+    fn from(e: ReadBackError) -> Self {
+        Self {
+            reason: e.reason(),
+            permanent: e.is_permanent(),
+            message: e.to_string(),
+        }
+    }
+}
+
+fn report(outcome: Result<RestoreResult, Failure>) -> i32 {
+    let (result, code) = match outcome {
+        Ok(result) => (result, 0),
+        Err(failure) => {
+            eprintln!("agent failed: {}", failure.message);
+            let code = if failure.permanent { EXIT_REFUSED } else { 1 };
+            (
+                RestoreResult {
+                    reason: Some(failure.reason.to_string()),
+                    error: Some(failure.message.chars().take(3000).collect()),
+                    ..Default::default()
+                },
+                code,
+            )
+        }
+    };
+    let text = serde_json::to_string(&result).unwrap_or_default();
+    println!("{text}");
+    let _ = std::fs::write(TERMINATION_LOG, text.chars().take(4096).collect::<String>());
+    code
+}
+
+/// Runs `restore-volume`; returns the process exit code.
+pub async fn restore_volume(args: RestoreVolumeArgs) -> i32 {
+    report(restore_volume_inner(&args).await)
+}
+
+/// Runs `restore-exec`; returns the process exit code.
+pub async fn restore_exec(args: RestoreExecArgs) -> i32 {
+    report(restore_exec_inner(&args).await)
+}
+
+/// A test-only pause right before the swap (after the journal would be written), so a
+/// test can kill the agent at the worst moment. Unset in every real deployment.
+const PAUSE_BEFORE_SWAP_ENV: &str = "STATEWARD_TEST_PAUSE_BEFORE_SWAP_SECONDS";
+
+async fn restore_volume_inner(args: &RestoreVolumeArgs) -> Result<RestoreResult, Failure> {
+    let started = std::time::Instant::now();
+    if !args.target.is_dir() {
+        return Err(Failure::transient(
+            "VolumeMissing",
+            format!("{} is not a directory (is the volume mounted?)", args.target.display()),
+        ));
+    }
+    let work = Workdir::new(&args.target);
+    // 1. Finish (or throw away) what an earlier attempt left.
+    let journal = work
+        .recover()
+        .map_err(|e| Failure::transient("RecoveryFailed", format!("finishing an earlier attempt: {e}")))?;
+    if let Some(journal) = journal
+        && journal.restore == args.restore_id
+        && let Ok(mut result) = serde_json::from_value::<RestoreResult>(journal.result)
+    {
+        tracing::info!("an earlier attempt of this restore crashed mid-swap; the swap is now complete");
+        result.recovered = true;
+        result.duration_seconds = started.elapsed().as_secs_f64();
+        return Ok(result);
+    }
+    // 2. Room for the new data next to the old.
+    let files = args.files.unwrap_or(1);
+    let needed = space_needed(args.bytes, files);
+    let (free, inodes) = free_space(&args.target)
+        .map_err(|e| Failure::transient("VolumeMissing", format!("reading free space: {e}")))?;
+    if free < needed || inodes < files {
+        return Err(Failure::refused(
+            "NotEnoughSpace",
+            format!(
+                "not enough free space: the restore needs {needed} bytes and {files} inodes, the volume has {free} bytes and {inodes} inodes free (the old data stays until the new data is verified, so both must fit: grow the volume or free space)"
+            ),
+        ));
+    }
+    // 3. Stream, verify, unpack into staging.
+    let staging = work
+        .prepare()
+        .map_err(|e| Failure::transient("WriteFailed", e.to_string()))?;
+    let identity = args.stored.identity()?;
+    let expected_content = args.stored.content_sha256.clone().unwrap_or_default();
+    let as_file = args.as_file.clone();
+    let keep_ownership = nix::unistd::geteuid().is_root();
+    let client = args
+        .stored
+        .connection
+        .client()
+        .map_err(|e| Failure::refused("NoCredentials", e))?;
+    let (unpacked, downloaded) = read_back(&client, &args.stored.object(), &args.stored.sha256, move |stored| {
+        let plain = decrypted(stored, identity.as_ref()).map_err(|e| ReadBackError::Consume(e.to_string()))?;
+        let decoder = zstd::stream::read::Decoder::new(plain)
+            .map_err(|e| ReadBackError::Consume(format!("zstd: {e}")))?;
+        let content = HashingReader::new(decoder);
+        let (stats, content) = match &as_file {
+            None => {
+                let (stats, content) = crate::extract::extract_tree(content, &staging, keep_ownership).map_err(|e| {
+                    if e.is_permanent() {
+                        ReadBackError::Refused(e.to_string())
+                    } else {
+                        ReadBackError::Consume(e.to_string())
+                    }
+                })?;
+                (stats, content)
+            }
+            Some(path) => {
+                // One name at the volume root: the swap replaces exactly that entry.
+                let rel = match crate::extract::inside(path).map_err(|e| ReadBackError::Refused(e.to_string()))? {
+                    Some(rel) if rel.components().count() == 1 => rel,
+                    _ => return Err(ReadBackError::Refused("--as-file must be one file name at the volume root".into())),
+                };
+                let target = staging.join(&rel);
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| ReadBackError::Consume(e.to_string()))?;
+                }
+                let mut content = content;
+                let mut file = std::fs::File::create(&target).map_err(|e| ReadBackError::Consume(e.to_string()))?;
+                let bytes = std::io::copy(&mut content, &mut file).map_err(|e| ReadBackError::Consume(format!("decoding the dump: {e}")))?;
+                file.sync_all().map_err(|e| ReadBackError::Consume(e.to_string()))?;
+                (crate::extract::ExtractStats { files: 1, bytes, entries: 1 }, content)
+            }
+        };
+        let (content_sha256, written) = content.finish().map_err(|e| ReadBackError::Consume(e.to_string()))?;
+        if !expected_content.is_empty() && content_sha256 != expected_content {
+            return Err(ReadBackError::ContentChecksum { expected: expected_content, actual: content_sha256 });
+        }
+        Ok((stats, content_sha256, written))
+    })
+    .await
+    .inspect_err(|_| {
+        // Unverified data never stays on the volume.
+        let _ = Workdir::new(&args.target).recover();
+    })?;
+    let (stats, content_sha256, _written) = unpacked;
+    if args.as_file.is_none()
+        && let Some(expected) = args.files
+        && expected != stats.files
+    {
+        let _ = work.recover();
+        return Err(Failure::refused(
+            "ChecksumMismatch",
+            format!("the archive held {} files, the manifest recorded {expected}", stats.files),
+        ));
+    }
+    let mut result = RestoreResult {
+        verified: true,
+        bytes_stored: downloaded.bytes,
+        bytes_written: stats.bytes,
+        files: stats.files,
+        sha256: downloaded.sha256,
+        content_sha256,
+        duration_seconds: 0.0,
+        recovered: false,
+        reason: None,
+        error: None,
+    };
+    if let Some(seconds) = std::env::var(PAUSE_BEFORE_SWAP_ENV).ok().and_then(|s| s.parse::<u64>().ok()) {
+        eprintln!("pausing {seconds}s before the swap ({PAUSE_BEFORE_SWAP_ENV})");
+        tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
+    }
+    // 4. Swap in under the journal.
+    result.duration_seconds = started.elapsed().as_secs_f64();
+    let recorded = serde_json::to_value(&result).unwrap_or_default();
+    let restore_id = args.restore_id.clone();
+    let replace_everything = args.as_file.is_none();
+    tokio::task::spawn_blocking(move || work.swap_in(&restore_id, recorded, replace_everything, None))
+        .await
+        .map_err(|_| Failure::transient("SwapFailed", "the swap task was lost"))?
+        .map_err(|e| Failure::transient("SwapFailed", format!("{e} (the journal keeps the swap resumable)")))?;
+    result.duration_seconds = started.elapsed().as_secs_f64();
+    Ok(result)
+}
+
+/// How much of the restore command's output is kept for the error message.
+const OUTPUT_TAIL: usize = 1024;
+
+async fn restore_exec_inner(args: &RestoreExecArgs) -> Result<RestoreResult, Failure> {
+    use kube::api::{Api, AttachParams};
+    use tokio::io::AsyncWriteExt;
+
+    let started = std::time::Instant::now();
+    let client = args
+        .stored
+        .connection
+        .client()
+        .map_err(|e| Failure::refused("NoCredentials", e))?;
+    let expected_content = args.stored.content_sha256.clone().unwrap_or_default();
+
+    // Pass 1: the whole dump verified before the app sees a byte.
+    let identity = args.stored.identity()?;
+    let check_content = expected_content.clone();
+    let ((content_sha256, bytes), downloaded) = read_back(&client, &args.stored.object(), &args.stored.sha256, move |stored| {
+        let plain = decrypted(stored, identity.as_ref()).map_err(|e| ReadBackError::Consume(e.to_string()))?;
+        let decoder = zstd::stream::read::Decoder::new(plain).map_err(|e| ReadBackError::Consume(format!("zstd: {e}")))?;
+        let (digest, bytes) = HashingReader::new(decoder)
+            .finish()
+            .map_err(|e| ReadBackError::Consume(format!("decoding the dump: {e}")))?;
+        if !check_content.is_empty() && digest != check_content {
+            return Err(ReadBackError::ContentChecksum { expected: check_content, actual: digest });
+        }
+        Ok((digest, bytes))
+    })
+    .await?;
+
+    // Pass 2: stream it into the restore command.
+    let kube = kube::Client::try_default()
+        .await
+        .map_err(|e| Failure::transient("NoKubernetes", format!("no Kubernetes configuration: {e}")))?;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(kube, &args.namespace);
+    let mut params = AttachParams::default().stdin(true).stdout(true).stderr(true);
+    if let Some(container) = &args.container {
+        params = params.container(container.clone());
+    }
+    let mut process = pods
+        .exec(&args.pod, args.command.clone(), &params)
+        .await
+        .map_err(|e| Failure::transient("ExecFailed", format!("exec in pod {}: {e}", args.pod)))?;
+    let mut stdin = process
+        .stdin()
+        .ok_or_else(|| Failure::transient("ExecFailed", "the exec session has no stdin"))?;
+    let status = process.take_status();
+    let output_tail = {
+        let stdout = process.stdout();
+        let stderr = process.stderr();
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut tail = Vec::new();
+            let mut buffer = vec![0u8; 16 << 10];
+            for mut stream in [stdout, stderr].into_iter().flatten() {
+                loop {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            tail.extend_from_slice(&buffer[..n]);
+                            if tail.len() > OUTPUT_TAIL {
+                                tail.drain(..tail.len() - OUTPUT_TAIL);
+                            }
+                        }
+                    }
+                }
+            }
+            String::from_utf8_lossy(&tail).trim().to_string()
+        })
+    };
+    let (plain_tx, mut plain_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
+    let identity = args.stored.identity()?;
+    let object = args.stored.object();
+    let second = read_back(&client, &object, &args.stored.sha256, move |stored| {
+        let plain = decrypted(stored, identity.as_ref()).map_err(|e| ReadBackError::Consume(e.to_string()))?;
+        let mut decoder = zstd::stream::read::Decoder::new(plain).map_err(|e| ReadBackError::Consume(format!("zstd: {e}")))?;
+        let mut buffer = vec![0u8; 256 << 10];
+        loop {
+            let n = decoder.read(&mut buffer).map_err(|e| ReadBackError::Consume(format!("decoding the dump: {e}")))?;
+            if n == 0 {
+                return Ok(());
+            }
+            if plain_tx.blocking_send(bytes::Bytes::copy_from_slice(&buffer[..n])).is_err() {
+                return Err(ReadBackError::Consume("the restore command stopped reading its input".into()));
+            }
+        }
+    });
+    let feed = async {
+        while let Some(chunk) = plain_rx.recv().await {
+            stdin.write_all(&chunk).await?;
+        }
+        stdin.shutdown().await?;
+        drop(stdin);
+        Ok::<(), std::io::Error>(())
+    };
+    let (streamed, fed) = tokio::join!(second, feed);
+    let exit = match status {
+        None => Err("the exec session reported no exit status".to_string()),
+        Some(status) => match status.await {
+            Some(s) if s.status.as_deref() == Some("Success") => Ok(()),
+            Some(s) => Err(s.message.unwrap_or_else(|| "the restore command failed".to_string())),
+            None => Err("the exec session ended without an exit status".to_string()),
+        },
+    };
+    let output = output_tail.await.unwrap_or_default();
+    streamed?;
+    let with_output = |message: String| {
+        if output.is_empty() {
+            message
+        } else {
+            format!("{message}; output: {output}")
+        }
+    };
+    if let Err(e) = fed {
+        return Err(Failure::transient("ExecFailed", with_output(format!("writing to the restore command in pod {}: {e}", args.pod))));
+    }
+    if let Err(e) = exit {
+        return Err(Failure::refused("RestoreCommandFailed", with_output(format!("the restore command failed in pod {}: {e}", args.pod))));
+    }
+    let _ = std::io::stdout().flush();
+    Ok(RestoreResult {
+        verified: true,
+        bytes_stored: downloaded.bytes,
+        bytes_written: bytes,
+        files: 0,
+        sha256: downloaded.sha256,
+        content_sha256,
+        duration_seconds: started.elapsed().as_secs_f64(),
+        recovered: false,
+        reason: None,
+        error: None,
+    })
+}

@@ -1,0 +1,379 @@
+//! The staged swap: restored data is unpacked into `<volume>/.stateward-restore/staging`,
+//! verified, and only then swapped in, one rename per top-level entry, under a journal on
+//! the volume. A crash at any point leaves either the old data (no journal: the staging
+//! directory is thrown away on the next attempt) or a journal, which the next attempt
+//! rolls forward before doing anything else. The volume root itself cannot be renamed
+//! (it is a mount point), and `lost+found` belongs to the file system: both stay.
+//!
+//! Roll-forward is idempotent: an old entry is moved aside only if it is still at the
+//! root and not yet aside; a staged entry is moved in only if it is still staged. So the
+//! same journal can be replayed after a crash at any rename.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::archive::RESTORE_WORKDIR;
+
+const JOURNAL: &str = "journal.json";
+const STAGING: &str = "staging";
+const OLD: &str = "old";
+const LOST_FOUND: &str = "lost+found";
+
+/// What the journal says: written (and fsynced) after the staged data verified, before
+/// the first rename.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Journal {
+    pub version: u32,
+    /// The restore (its uid) whose verified data is being swapped in.
+    pub restore: String,
+    /// Top-level names of the old data, moved to `old/`.
+    pub old: Vec<String>,
+    /// Top-level names of the new data, moved from `staging/`.
+    pub new: Vec<String>,
+    /// The verified result, reported again when a retry finishes this swap.
+    pub result: serde_json::Value,
+}
+
+/// The restore working directory of a volume.
+pub struct Workdir {
+    root: PathBuf,
+}
+
+fn io(context: &str, path: &Path, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{context} {}: {e}", path.display()))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io("syncing", dir, e))
+}
+
+fn exists(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok()
+}
+
+fn names(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io("listing", dir, e))? {
+        let entry = entry?;
+        out.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Removes a tree even when it holds read-only directories (restored modes).
+fn remove_tree(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if !exists(path) {
+        return Ok(());
+    }
+    if std::fs::remove_dir_all(path).is_ok() {
+        return Ok(());
+    }
+    // Make every directory writable, then try again.
+    fn open_up(dir: &Path) {
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    open_up(&entry.path());
+                }
+            }
+        }
+    }
+    open_up(path);
+    std::fs::remove_dir_all(path).map_err(|e| io("removing", path, e))
+}
+
+impl Workdir {
+    pub fn new(volume: &Path) -> Self {
+        Self {
+            root: volume.to_path_buf(),
+        }
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.root.join(RESTORE_WORKDIR)
+    }
+
+    /// Where the new data is unpacked.
+    pub fn staging(&self) -> PathBuf {
+        self.dir().join(STAGING)
+    }
+
+    fn journal_path(&self) -> PathBuf {
+        self.dir().join(JOURNAL)
+    }
+
+    /// Finishes what an earlier attempt left: rolls a journaled swap forward (returning
+    /// its journal), or throws away unverified staging and a finished swap's leftovers.
+    pub fn recover(&self) -> std::io::Result<Option<Journal>> {
+        let journal = match std::fs::read(self.journal_path()) {
+            Ok(bytes) => Some(serde_json::from_slice::<Journal>(&bytes).map_err(|e| {
+                std::io::Error::other(format!("the restore journal is unreadable: {e}"))
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io("reading", &self.journal_path(), e)),
+        };
+        if let Some(journal) = &journal {
+            self.roll_forward(journal, None)?;
+        }
+        remove_tree(&self.dir())?;
+        Ok(journal)
+    }
+
+    /// A fresh, empty staging directory.
+    pub fn prepare(&self) -> std::io::Result<PathBuf> {
+        remove_tree(&self.dir())?;
+        let staging = self.staging();
+        std::fs::create_dir_all(&staging).map_err(|e| io("creating", &staging, e))?;
+        Ok(staging)
+    }
+
+    /// Swaps the verified staging in. With `replace_everything` every old top-level entry
+    /// goes (a volume restore: the volume becomes exactly the backup); without, only the
+    /// names staged are replaced (a dump placed as one file). `crash_after` (tests) stops
+    /// after that many renames, as a crash would.
+    pub fn swap_in(
+        &self,
+        restore: &str,
+        result: serde_json::Value,
+        replace_everything: bool,
+        crash_after: Option<usize>,
+    ) -> std::io::Result<()> {
+        let new: Vec<String> = names(&self.staging())?
+            .into_iter()
+            .filter(|n| n != LOST_FOUND)
+            .collect();
+        let old: Vec<String> = names(&self.root)?
+            .into_iter()
+            .filter(|n| n != RESTORE_WORKDIR && n != LOST_FOUND)
+            .filter(|n| replace_everything || new.contains(n))
+            .collect();
+        let journal = Journal {
+            version: 1,
+            restore: restore.to_string(),
+            old,
+            new,
+            result,
+        };
+        let tmp = self.dir().join("journal.tmp");
+        let body = serde_json::to_vec_pretty(&journal).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, body).map_err(|e| io("writing", &tmp, e))?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io("syncing", &tmp, e))?;
+        // Everything staged must be on disk before the journal makes it the truth.
+        sync_tree(&self.staging())?;
+        std::fs::rename(&tmp, self.journal_path()).map_err(|e| io("committing", &tmp, e))?;
+        sync_dir(&self.dir())?;
+        self.roll_forward(&journal, crash_after)?;
+        if crash_after.is_some() {
+            return Ok(());
+        }
+        remove_tree(&self.dir())
+    }
+
+    fn roll_forward(&self, journal: &Journal, crash_after: Option<usize>) -> std::io::Result<()> {
+        let old_dir = self.dir().join(OLD);
+        std::fs::create_dir_all(&old_dir).map_err(|e| io("creating", &old_dir, e))?;
+        let mut renames = 0usize;
+        let mut step = |from: &Path, to: &Path| -> std::io::Result<bool> {
+            if crash_after.is_some_and(|limit| renames >= limit) {
+                return Ok(false);
+            }
+            std::fs::rename(from, to).map_err(|e| io("moving", from, e))?;
+            renames += 1;
+            Ok(true)
+        };
+        for name in &journal.old {
+            let (at_root, aside) = (self.root.join(name), old_dir.join(name));
+            if exists(&at_root) && !exists(&aside) && !step(&at_root, &aside)? {
+                return Ok(());
+            }
+        }
+        sync_dir(&self.root)?;
+        for name in &journal.new {
+            let (staged, at_root) = (self.staging().join(name), self.root.join(name));
+            if !exists(&staged) {
+                continue;
+            }
+            if exists(&at_root) {
+                return Err(std::io::Error::other(format!(
+                    "{name} appeared at the volume root during the swap; the journal in {} keeps the swap resumable",
+                    self.dir().display()
+                )));
+            }
+            if !step(&staged, &at_root)? {
+                return Ok(());
+            }
+        }
+        sync_dir(&self.root)?;
+        // The swap is complete: the journal goes first, then the old data.
+        std::fs::remove_file(self.journal_path())
+            .map_err(|e| io("removing", &self.journal_path(), e))?;
+        sync_dir(&self.dir())
+    }
+}
+
+/// fsyncs every file and directory below `dir`.
+fn sync_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(|e| io("listing", dir, e))? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            sync_tree(&entry.path())?;
+        } else if kind.is_file() {
+            // Read-only files (restored modes) still open for reading, which is enough.
+            std::fs::File::open(entry.path())
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io("syncing", &entry.path(), e))?;
+        }
+    }
+    sync_dir(dir)
+}
+
+/// Free bytes and inodes available to the agent on the file system holding `path`.
+pub fn free_space(path: &Path) -> std::io::Result<(u64, u64)> {
+    let stat = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
+    Ok((
+        stat.blocks_available() as u64 * stat.fragment_size() as u64,
+        stat.files_available() as u64,
+    ))
+}
+
+/// What a restore needs free: the data itself plus a block per file and 1 % for
+/// directories and metadata (the old data stays until the new is verified, so both must
+/// fit at once).
+pub fn space_needed(bytes: u64, files: u64) -> u64 {
+    bytes + files * 4096 + bytes / 100 + (1 << 20)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("stateward-swap-{name}-{}", std::process::id()));
+        let _ = remove_tree(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn tree(root: &Path) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        fn walk(root: &Path, rel: &Path, out: &mut Vec<(String, String)>) {
+            for name in names(&root.join(rel)).unwrap() {
+                let path = rel.join(&name);
+                let full = root.join(&path);
+                if path.as_os_str() == RESTORE_WORKDIR {
+                    continue;
+                }
+                if full.is_dir() {
+                    out.push((path.display().to_string(), "dir".into()));
+                    walk(root, &path, out);
+                } else {
+                    out.push((path.display().to_string(), String::from_utf8_lossy(&std::fs::read(&full).unwrap()).into()));
+                }
+            }
+        }
+        walk(root, Path::new(""), &mut out);
+        out
+    }
+
+    fn fill(volume: &Path) {
+        std::fs::create_dir_all(volume.join("lost+found")).unwrap();
+        std::fs::create_dir_all(volume.join("db")).unwrap();
+        std::fs::write(volume.join("db/table"), "old table").unwrap();
+        std::fs::write(volume.join("same"), "old same").unwrap();
+        std::fs::write(volume.join("only-old"), "gone after").unwrap();
+    }
+
+    fn stage(work: &Workdir) {
+        let staging = work.prepare().unwrap();
+        std::fs::create_dir_all(staging.join("db")).unwrap();
+        std::fs::write(staging.join("db/table"), "new table").unwrap();
+        std::fs::write(staging.join("same"), "new same").unwrap();
+        std::fs::write(staging.join("only-new"), "added").unwrap();
+    }
+
+    fn expected_new() -> Vec<(String, String)> {
+        vec![
+            ("db".into(), "dir".into()),
+            ("db/table".into(), "new table".into()),
+            ("lost+found".into(), "dir".into()),
+            ("only-new".into(), "added".into()),
+            ("same".into(), "new same".into()),
+        ]
+    }
+
+    #[test]
+    fn a_crash_after_any_rename_rolls_forward_to_exactly_the_new_data() {
+        // 3 old entries + 3 new ones = 6 renames; crash after each count, then recover.
+        for crash_after in 0..=6 {
+            let volume = scratch("crash");
+            fill(&volume);
+            let work = Workdir::new(&volume);
+            stage(&work);
+            work.swap_in("r1", serde_json::json!({"ok": 1}), true, Some(crash_after)).unwrap();
+            let journal = Workdir::new(&volume).recover().unwrap();
+            // After the last rename the journal is gone: the swap was complete (a retry
+            // then redoes the restore, which is idempotent).
+            let expected = (crash_after < 6).then(|| "r1".to_string());
+            assert_eq!(journal.map(|j| j.restore), expected, "crash after {crash_after}");
+            assert_eq!(tree(&volume), expected_new(), "crash after {crash_after}");
+            assert!(!volume.join(RESTORE_WORKDIR).exists());
+            remove_tree(&volume).unwrap();
+        }
+    }
+
+    #[test]
+    fn unverified_staging_is_discarded_and_the_old_data_stays() {
+        let volume = scratch("unverified");
+        fill(&volume);
+        let before = tree(&volume);
+        let work = Workdir::new(&volume);
+        stage(&work); // then the agent "crashes" before the journal
+        assert_eq!(Workdir::new(&volume).recover().unwrap(), None);
+        assert_eq!(tree(&volume), before);
+        assert!(!volume.join(RESTORE_WORKDIR).exists());
+        remove_tree(&volume).unwrap();
+    }
+
+    #[test]
+    fn a_clean_swap_leaves_no_workdir_and_keeps_lost_and_found() {
+        let volume = scratch("clean");
+        fill(&volume);
+        let work = Workdir::new(&volume);
+        stage(&work);
+        std::fs::create_dir_all(work.staging().join("lost+found")).unwrap();
+        work.swap_in("r2", serde_json::Value::Null, true, None).unwrap();
+        assert_eq!(tree(&volume), expected_new());
+        assert!(!volume.join(RESTORE_WORKDIR).exists());
+        remove_tree(&volume).unwrap();
+    }
+
+    #[test]
+    fn a_single_file_swap_replaces_only_that_name() {
+        let volume = scratch("file");
+        fill(&volume);
+        let work = Workdir::new(&volume);
+        let staging = work.prepare().unwrap();
+        std::fs::write(staging.join("same"), "new same").unwrap();
+        work.swap_in("r3", serde_json::Value::Null, false, None).unwrap();
+        assert_eq!(std::fs::read_to_string(volume.join("same")).unwrap(), "new same");
+        assert_eq!(std::fs::read_to_string(volume.join("only-old")).unwrap(), "gone after");
+        assert_eq!(std::fs::read_to_string(volume.join("db/table")).unwrap(), "old table");
+        remove_tree(&volume).unwrap();
+    }
+
+    #[test]
+    fn space_needed_covers_data_files_and_slack() {
+        assert!(space_needed(100 << 20, 10) > 100 << 20);
+        assert_eq!(space_needed(0, 0), 1 << 20);
+    }
+}
