@@ -379,9 +379,9 @@ async fn backup_exec_inner(args: &BackupExecArgs) -> Result<VolumeResult, String
     let (level, threads) = (target.zstd_level, target.zstd_threads);
     let produced = stream_to_s3(&s3, &target.upload_options(), move |writer| {
         crate::crypto::sealed(writer, recipient.as_ref(), |out| {
-            let mut encoder = crate::archive::HashingWriter::new(
-                crate::archive::zstd_encoder(out, level, threads)?,
-            );
+            let mut encoder = crate::archive::HashingWriter::new(crate::archive::zstd_encoder(
+                out, level, threads,
+            )?);
             while let Some(chunk) = receive.blocking_recv() {
                 std::io::Write::write_all(&mut encoder, &chunk)?;
             }

@@ -249,7 +249,8 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("stateward-extract-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("stateward-extract-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).ok();
         dir
@@ -288,24 +289,52 @@ mod tests {
             std::os::unix::fs::PermissionsExt::from_mode(0o640),
         )
         .ok();
-        std::fs::set_permissions(src.join("d/e"), std::os::unix::fs::PermissionsExt::from_mode(0o555)).ok();
-        filetime::set_file_mtime(src.join("d/e/f.txt"), filetime::FileTime::from_unix_time(1_600_000_000, 0)).ok();
+        std::fs::set_permissions(
+            src.join("d/e"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o555),
+        )
+        .ok();
+        filetime::set_file_mtime(
+            src.join("d/e/f.txt"),
+            filetime::FileTime::from_unix_time(1_600_000_000, 0),
+        )
+        .ok();
         let (archive, _) = crate::write_volume_archive(&src, Vec::new(), 1, 1).unwrap_or_default();
         let plain = zstd::stream::decode_all(&archive[..]).unwrap_or_default();
         let dest = scratch("dest");
-        let (stats, _) = extract_tree(&plain[..], &dest, true).map_err(|e| e.to_string()).unwrap_or_else(|e| panic!("{e}"));
+        let (stats, _) = extract_tree(&plain[..], &dest, true)
+            .map_err(|e| e.to_string())
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(stats.files, 1, "the hard link is a link, not a second file");
-        assert_eq!(std::fs::read(dest.join("d/hard")).ok(), Some(b"content".to_vec()));
+        assert_eq!(
+            std::fs::read(dest.join("d/hard")).ok(),
+            Some(b"content".to_vec())
+        );
         let f = std::fs::metadata(dest.join("d/e/f.txt")).unwrap_or_else(|e| panic!("{e}"));
         let h = std::fs::metadata(dest.join("d/hard")).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(f.ino(), h.ino(), "hard link kept");
         assert_eq!(f.mode() & 0o7777, 0o640);
         assert_eq!(f.mtime(), 1_600_000_000);
-        assert_eq!(std::fs::metadata(dest.join("d/e")).map(|m| m.mode() & 0o7777).ok(), Some(0o555));
-        assert_eq!(std::fs::read_link(dest.join("d/soft")).ok(), Some(PathBuf::from("e/f.txt")));
-        assert_eq!(std::fs::read_link(dest.join("abs")).ok(), Some(PathBuf::from("/etc/hostname")));
+        assert_eq!(
+            std::fs::metadata(dest.join("d/e"))
+                .map(|m| m.mode() & 0o7777)
+                .ok(),
+            Some(0o555)
+        );
+        assert_eq!(
+            std::fs::read_link(dest.join("d/soft")).ok(),
+            Some(PathBuf::from("e/f.txt"))
+        );
+        assert_eq!(
+            std::fs::read_link(dest.join("abs")).ok(),
+            Some(PathBuf::from("/etc/hostname"))
+        );
         for dir in [&src, &dest] {
-            std::fs::set_permissions(dir.join("d/e"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).ok();
+            std::fs::set_permissions(
+                dir.join("d/e"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )
+            .ok();
             std::fs::remove_dir_all(dir).ok();
         }
     }
@@ -314,17 +343,34 @@ mod tests {
     fn crafted_archives_are_refused_and_nothing_lands_outside() {
         let outside = scratch("outside");
         let cases: Vec<(&str, Vec<u8>)> = vec![
-            ("dotdot", raw_tar(&[("../escaped", tar::EntryType::Regular, b"x", None)])),
-            ("absolute", raw_tar(&[("/tmp/escaped", tar::EntryType::Regular, b"x", None)])),
+            (
+                "dotdot",
+                raw_tar(&[("../escaped", tar::EntryType::Regular, b"x", None)]),
+            ),
+            (
+                "absolute",
+                raw_tar(&[("/tmp/escaped", tar::EntryType::Regular, b"x", None)]),
+            ),
             (
                 "through a symlink",
                 raw_tar(&[
-                    ("link", tar::EntryType::Symlink, b"", Some(outside.to_str().unwrap_or("/tmp"))),
+                    (
+                        "link",
+                        tar::EntryType::Symlink,
+                        b"",
+                        Some(outside.to_str().unwrap_or("/tmp")),
+                    ),
                     ("link/escaped", tar::EntryType::Regular, b"x", None),
                 ]),
             ),
-            ("climbing symlink", raw_tar(&[("a/up", tar::EntryType::Symlink, b"", Some("../../etc"))])),
-            ("hard link out", raw_tar(&[("h", tar::EntryType::Link, b"", Some("../../etc/passwd"))])),
+            (
+                "climbing symlink",
+                raw_tar(&[("a/up", tar::EntryType::Symlink, b"", Some("../../etc"))]),
+            ),
+            (
+                "hard link out",
+                raw_tar(&[("h", tar::EntryType::Link, b"", Some("../../etc/passwd"))]),
+            ),
         ];
         for (name, archive) in cases {
             let dest = scratch("crafted");
@@ -334,7 +380,13 @@ mod tests {
                 Ok(_) => panic!("{name}: accepted"),
             }
             assert!(!outside.join("escaped").exists(), "{name}: wrote outside");
-            assert!(!dest.parent().map(|p| p.join("escaped").exists()).unwrap_or(false), "{name}");
+            assert!(
+                !dest
+                    .parent()
+                    .map(|p| p.join("escaped").exists())
+                    .unwrap_or(false),
+                "{name}"
+            );
             std::fs::remove_dir_all(&dest).ok();
         }
         std::fs::remove_dir_all(&outside).ok();
@@ -343,8 +395,14 @@ mod tests {
     #[test]
     fn symlink_containment_is_lexical() {
         assert!(symlink_stays_inside(Path::new("a/b"), Path::new("../c")));
-        assert!(!symlink_stays_inside(Path::new("a/b"), Path::new("../../c")));
+        assert!(!symlink_stays_inside(
+            Path::new("a/b"),
+            Path::new("../../c")
+        ));
         assert!(symlink_stays_inside(Path::new("a"), Path::new("/abs")));
-        assert!(!symlink_stays_inside(Path::new("a"), Path::new("x/../../..")));
+        assert!(!symlink_stays_inside(
+            Path::new("a"),
+            Path::new("x/../../..")
+        ));
     }
 }

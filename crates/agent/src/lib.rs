@@ -12,6 +12,7 @@ pub mod cli;
 pub mod crypto;
 pub mod download;
 pub mod extract;
+pub mod job;
 pub mod manifest;
 pub mod restore;
 pub mod swap;

@@ -71,6 +71,10 @@ pub struct Entry {
     pub bytes_stored: u64,
     /// sha256 of the stored data (all segments, concatenated), hex.
     pub sha256: String,
+    /// sha256 of the plaintext before compression (the tar stream, or the dump), hex.
+    /// Absent in backups written before it was recorded; a restore checks it when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_sha256: Option<String>,
     /// Objects the data is stored in: `key`, then `key.seg-00001`, `key.seg-00002`, ...
     /// (a volume larger than one multipart upload); concatenate them in order.
     #[serde(default = "one")]

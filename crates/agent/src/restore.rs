@@ -60,8 +60,9 @@ impl StoredArgs {
         if !self.decrypt {
             return Ok(None);
         }
-        let text = std::env::var(IDENTITY_ENV)
-            .map_err(|_| Failure::refused("NoIdentity", format!("--decrypt needs {IDENTITY_ENV}")))?;
+        let text = std::env::var(IDENTITY_ENV).map_err(|_| {
+            Failure::refused("NoIdentity", format!("--decrypt needs {IDENTITY_ENV}"))
+        })?;
         text.trim()
             .parse::<age::x25519::Identity>()
             .map(Some)
@@ -217,19 +218,27 @@ async fn restore_volume_inner(args: &RestoreVolumeArgs) -> Result<RestoreResult,
     if !args.target.is_dir() {
         return Err(Failure::transient(
             "VolumeMissing",
-            format!("{} is not a directory (is the volume mounted?)", args.target.display()),
+            format!(
+                "{} is not a directory (is the volume mounted?)",
+                args.target.display()
+            ),
         ));
     }
     let work = Workdir::new(&args.target);
     // 1. Finish (or throw away) what an earlier attempt left.
-    let journal = work
-        .recover()
-        .map_err(|e| Failure::transient("RecoveryFailed", format!("finishing an earlier attempt: {e}")))?;
+    let journal = work.recover().map_err(|e| {
+        Failure::transient(
+            "RecoveryFailed",
+            format!("finishing an earlier attempt: {e}"),
+        )
+    })?;
     if let Some(journal) = journal
         && journal.restore == args.restore_id
         && let Ok(mut result) = serde_json::from_value::<RestoreResult>(journal.result)
     {
-        tracing::info!("an earlier attempt of this restore crashed mid-swap; the swap is now complete");
+        tracing::info!(
+            "an earlier attempt of this restore crashed mid-swap; the swap is now complete"
+        );
         result.recovered = true;
         result.duration_seconds = started.elapsed().as_secs_f64();
         return Ok(result);
@@ -260,45 +269,76 @@ async fn restore_volume_inner(args: &RestoreVolumeArgs) -> Result<RestoreResult,
         .connection
         .client()
         .map_err(|e| Failure::refused("NoCredentials", e))?;
-    let (unpacked, downloaded) = read_back(&client, &args.stored.object(), &args.stored.sha256, move |stored| {
-        let plain = decrypted(stored, identity.as_ref()).map_err(|e| ReadBackError::Consume(e.to_string()))?;
-        let decoder = zstd::stream::read::Decoder::new(plain)
-            .map_err(|e| ReadBackError::Consume(format!("zstd: {e}")))?;
-        let content = HashingReader::new(decoder);
-        let (stats, content) = match &as_file {
-            None => {
-                let (stats, content) = crate::extract::extract_tree(content, &staging, keep_ownership).map_err(|e| {
-                    if e.is_permanent() {
-                        ReadBackError::Refused(e.to_string())
-                    } else {
-                        ReadBackError::Consume(e.to_string())
-                    }
-                })?;
-                (stats, content)
-            }
-            Some(path) => {
-                // One name at the volume root: the swap replaces exactly that entry.
-                let rel = match crate::extract::inside(path).map_err(|e| ReadBackError::Refused(e.to_string()))? {
-                    Some(rel) if rel.components().count() == 1 => rel,
-                    _ => return Err(ReadBackError::Refused("--as-file must be one file name at the volume root".into())),
-                };
-                let target = staging.join(&rel);
-                if let Some(parent) = target.parent() {
-                    std::fs::create_dir_all(parent).map_err(|e| ReadBackError::Consume(e.to_string()))?;
+    let (unpacked, downloaded) = read_back(
+        &client,
+        &args.stored.object(),
+        &args.stored.sha256,
+        move |stored| {
+            let plain = decrypted(stored, identity.as_ref())
+                .map_err(|e| ReadBackError::Consume(e.to_string()))?;
+            let decoder = zstd::stream::read::Decoder::new(plain)
+                .map_err(|e| ReadBackError::Consume(format!("zstd: {e}")))?;
+            let content = HashingReader::new(decoder);
+            let (stats, content) = match &as_file {
+                None => {
+                    let (stats, content) =
+                        crate::extract::extract_tree(content, &staging, keep_ownership).map_err(
+                            |e| {
+                                if e.is_permanent() {
+                                    ReadBackError::Refused(e.to_string())
+                                } else {
+                                    ReadBackError::Consume(e.to_string())
+                                }
+                            },
+                        )?;
+                    (stats, content)
                 }
-                let mut content = content;
-                let mut file = std::fs::File::create(&target).map_err(|e| ReadBackError::Consume(e.to_string()))?;
-                let bytes = std::io::copy(&mut content, &mut file).map_err(|e| ReadBackError::Consume(format!("decoding the dump: {e}")))?;
-                file.sync_all().map_err(|e| ReadBackError::Consume(e.to_string()))?;
-                (crate::extract::ExtractStats { files: 1, bytes, entries: 1 }, content)
+                Some(path) => {
+                    // One name at the volume root: the swap replaces exactly that entry.
+                    let rel = match crate::extract::inside(path)
+                        .map_err(|e| ReadBackError::Refused(e.to_string()))?
+                    {
+                        Some(rel) if rel.components().count() == 1 => rel,
+                        _ => {
+                            return Err(ReadBackError::Refused(
+                                "--as-file must be one file name at the volume root".into(),
+                            ));
+                        }
+                    };
+                    let target = staging.join(&rel);
+                    if let Some(parent) = target.parent() {
+                        std::fs::create_dir_all(parent)
+                            .map_err(|e| ReadBackError::Consume(e.to_string()))?;
+                    }
+                    let mut content = content;
+                    let mut file = std::fs::File::create(&target)
+                        .map_err(|e| ReadBackError::Consume(e.to_string()))?;
+                    let bytes = std::io::copy(&mut content, &mut file)
+                        .map_err(|e| ReadBackError::Consume(format!("decoding the dump: {e}")))?;
+                    file.sync_all()
+                        .map_err(|e| ReadBackError::Consume(e.to_string()))?;
+                    (
+                        crate::extract::ExtractStats {
+                            files: 1,
+                            bytes,
+                            entries: 1,
+                        },
+                        content,
+                    )
+                }
+            };
+            let (content_sha256, written) = content
+                .finish()
+                .map_err(|e| ReadBackError::Consume(e.to_string()))?;
+            if !expected_content.is_empty() && content_sha256 != expected_content {
+                return Err(ReadBackError::ContentChecksum {
+                    expected: expected_content,
+                    actual: content_sha256,
+                });
             }
-        };
-        let (content_sha256, written) = content.finish().map_err(|e| ReadBackError::Consume(e.to_string()))?;
-        if !expected_content.is_empty() && content_sha256 != expected_content {
-            return Err(ReadBackError::ContentChecksum { expected: expected_content, actual: content_sha256 });
-        }
-        Ok((stats, content_sha256, written))
-    })
+            Ok((stats, content_sha256, written))
+        },
+    )
     .await
     .inspect_err(|_| {
         // Unverified data never stays on the volume.
@@ -312,7 +352,10 @@ async fn restore_volume_inner(args: &RestoreVolumeArgs) -> Result<RestoreResult,
         let _ = work.recover();
         return Err(Failure::refused(
             "ChecksumMismatch",
-            format!("the archive held {} files, the manifest recorded {expected}", stats.files),
+            format!(
+                "the archive held {} files, the manifest recorded {expected}",
+                stats.files
+            ),
         ));
     }
     let mut result = RestoreResult {
@@ -327,7 +370,10 @@ async fn restore_volume_inner(args: &RestoreVolumeArgs) -> Result<RestoreResult,
         reason: None,
         error: None,
     };
-    if let Some(seconds) = std::env::var(PAUSE_BEFORE_SWAP_ENV).ok().and_then(|s| s.parse::<u64>().ok()) {
+    if let Some(seconds) = std::env::var(PAUSE_BEFORE_SWAP_ENV)
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
         eprintln!("pausing {seconds}s before the swap ({PAUSE_BEFORE_SWAP_ENV})");
         tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
     }
@@ -336,10 +382,17 @@ async fn restore_volume_inner(args: &RestoreVolumeArgs) -> Result<RestoreResult,
     let recorded = serde_json::to_value(&result).unwrap_or_default();
     let restore_id = args.restore_id.clone();
     let replace_everything = args.as_file.is_none();
-    tokio::task::spawn_blocking(move || work.swap_in(&restore_id, recorded, replace_everything, None))
-        .await
-        .map_err(|_| Failure::transient("SwapFailed", "the swap task was lost"))?
-        .map_err(|e| Failure::transient("SwapFailed", format!("{e} (the journal keeps the swap resumable)")))?;
+    tokio::task::spawn_blocking(move || {
+        work.swap_in(&restore_id, recorded, replace_everything, None)
+    })
+    .await
+    .map_err(|_| Failure::transient("SwapFailed", "the swap task was lost"))?
+    .map_err(|e| {
+        Failure::transient(
+            "SwapFailed",
+            format!("{e} (the journal keeps the swap resumable)"),
+        )
+    })?;
     result.duration_seconds = started.elapsed().as_secs_f64();
     Ok(result)
 }
@@ -362,25 +415,38 @@ async fn restore_exec_inner(args: &RestoreExecArgs) -> Result<RestoreResult, Fai
     // Pass 1: the whole dump verified before the app sees a byte.
     let identity = args.stored.identity()?;
     let check_content = expected_content.clone();
-    let ((content_sha256, bytes), downloaded) = read_back(&client, &args.stored.object(), &args.stored.sha256, move |stored| {
-        let plain = decrypted(stored, identity.as_ref()).map_err(|e| ReadBackError::Consume(e.to_string()))?;
-        let decoder = zstd::stream::read::Decoder::new(plain).map_err(|e| ReadBackError::Consume(format!("zstd: {e}")))?;
-        let (digest, bytes) = HashingReader::new(decoder)
-            .finish()
-            .map_err(|e| ReadBackError::Consume(format!("decoding the dump: {e}")))?;
-        if !check_content.is_empty() && digest != check_content {
-            return Err(ReadBackError::ContentChecksum { expected: check_content, actual: digest });
-        }
-        Ok((digest, bytes))
-    })
+    let ((content_sha256, bytes), downloaded) = read_back(
+        &client,
+        &args.stored.object(),
+        &args.stored.sha256,
+        move |stored| {
+            let plain = decrypted(stored, identity.as_ref())
+                .map_err(|e| ReadBackError::Consume(e.to_string()))?;
+            let decoder = zstd::stream::read::Decoder::new(plain)
+                .map_err(|e| ReadBackError::Consume(format!("zstd: {e}")))?;
+            let (digest, bytes) = HashingReader::new(decoder)
+                .finish()
+                .map_err(|e| ReadBackError::Consume(format!("decoding the dump: {e}")))?;
+            if !check_content.is_empty() && digest != check_content {
+                return Err(ReadBackError::ContentChecksum {
+                    expected: check_content,
+                    actual: digest,
+                });
+            }
+            Ok((digest, bytes))
+        },
+    )
     .await?;
 
     // Pass 2: stream it into the restore command.
-    let kube = kube::Client::try_default()
-        .await
-        .map_err(|e| Failure::transient("NoKubernetes", format!("no Kubernetes configuration: {e}")))?;
+    let kube = kube::Client::try_default().await.map_err(|e| {
+        Failure::transient("NoKubernetes", format!("no Kubernetes configuration: {e}"))
+    })?;
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(kube, &args.namespace);
-    let mut params = AttachParams::default().stdin(true).stdout(true).stderr(true);
+    let mut params = AttachParams::default()
+        .stdin(true)
+        .stdout(true)
+        .stderr(true);
     if let Some(container) = &args.container {
         params = params.container(container.clone());
     }
@@ -419,16 +485,25 @@ async fn restore_exec_inner(args: &RestoreExecArgs) -> Result<RestoreResult, Fai
     let identity = args.stored.identity()?;
     let object = args.stored.object();
     let second = read_back(&client, &object, &args.stored.sha256, move |stored| {
-        let plain = decrypted(stored, identity.as_ref()).map_err(|e| ReadBackError::Consume(e.to_string()))?;
-        let mut decoder = zstd::stream::read::Decoder::new(plain).map_err(|e| ReadBackError::Consume(format!("zstd: {e}")))?;
+        let plain = decrypted(stored, identity.as_ref())
+            .map_err(|e| ReadBackError::Consume(e.to_string()))?;
+        let mut decoder = zstd::stream::read::Decoder::new(plain)
+            .map_err(|e| ReadBackError::Consume(format!("zstd: {e}")))?;
         let mut buffer = vec![0u8; 256 << 10];
         loop {
-            let n = decoder.read(&mut buffer).map_err(|e| ReadBackError::Consume(format!("decoding the dump: {e}")))?;
+            let n = decoder
+                .read(&mut buffer)
+                .map_err(|e| ReadBackError::Consume(format!("decoding the dump: {e}")))?;
             if n == 0 {
                 return Ok(());
             }
-            if plain_tx.blocking_send(bytes::Bytes::copy_from_slice(&buffer[..n])).is_err() {
-                return Err(ReadBackError::Consume("the restore command stopped reading its input".into()));
+            if plain_tx
+                .blocking_send(bytes::Bytes::copy_from_slice(&buffer[..n]))
+                .is_err()
+            {
+                return Err(ReadBackError::Consume(
+                    "the restore command stopped reading its input".into(),
+                ));
             }
         }
     });
@@ -445,7 +520,9 @@ async fn restore_exec_inner(args: &RestoreExecArgs) -> Result<RestoreResult, Fai
         None => Err("the exec session reported no exit status".to_string()),
         Some(status) => match status.await {
             Some(s) if s.status.as_deref() == Some("Success") => Ok(()),
-            Some(s) => Err(s.message.unwrap_or_else(|| "the restore command failed".to_string())),
+            Some(s) => Err(s
+                .message
+                .unwrap_or_else(|| "the restore command failed".to_string())),
             None => Err("the exec session ended without an exit status".to_string()),
         },
     };
@@ -459,10 +536,22 @@ async fn restore_exec_inner(args: &RestoreExecArgs) -> Result<RestoreResult, Fai
         }
     };
     if let Err(e) = fed {
-        return Err(Failure::transient("ExecFailed", with_output(format!("writing to the restore command in pod {}: {e}", args.pod))));
+        return Err(Failure::transient(
+            "ExecFailed",
+            with_output(format!(
+                "writing to the restore command in pod {}: {e}",
+                args.pod
+            )),
+        ));
     }
     if let Err(e) = exit {
-        return Err(Failure::refused("RestoreCommandFailed", with_output(format!("the restore command failed in pod {}: {e}", args.pod))));
+        return Err(Failure::refused(
+            "RestoreCommandFailed",
+            with_output(format!(
+                "the restore command failed in pod {}: {e}",
+                args.pod
+            )),
+        ));
     }
     let _ = std::io::stdout().flush();
     Ok(RestoreResult {

@@ -258,7 +258,8 @@ mod tests {
     use super::*;
 
     fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("stateward-swap-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("stateward-swap-{name}-{}", std::process::id()));
         let _ = remove_tree(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
@@ -277,7 +278,10 @@ mod tests {
                     out.push((path.display().to_string(), "dir".into()));
                     walk(root, &path, out);
                 } else {
-                    out.push((path.display().to_string(), String::from_utf8_lossy(&std::fs::read(&full).unwrap()).into()));
+                    out.push((
+                        path.display().to_string(),
+                        String::from_utf8_lossy(&std::fs::read(&full).unwrap()).into(),
+                    ));
                 }
             }
         }
@@ -319,12 +323,17 @@ mod tests {
             fill(&volume);
             let work = Workdir::new(&volume);
             stage(&work);
-            work.swap_in("r1", serde_json::json!({"ok": 1}), true, Some(crash_after)).unwrap();
+            work.swap_in("r1", serde_json::json!({"ok": 1}), true, Some(crash_after))
+                .unwrap();
             let journal = Workdir::new(&volume).recover().unwrap();
             // After the last rename the journal is gone: the swap was complete (a retry
             // then redoes the restore, which is idempotent).
             let expected = (crash_after < 6).then(|| "r1".to_string());
-            assert_eq!(journal.map(|j| j.restore), expected, "crash after {crash_after}");
+            assert_eq!(
+                journal.map(|j| j.restore),
+                expected,
+                "crash after {crash_after}"
+            );
             assert_eq!(tree(&volume), expected_new(), "crash after {crash_after}");
             assert!(!volume.join(RESTORE_WORKDIR).exists());
             remove_tree(&volume).unwrap();
@@ -351,7 +360,8 @@ mod tests {
         let work = Workdir::new(&volume);
         stage(&work);
         std::fs::create_dir_all(work.staging().join("lost+found")).unwrap();
-        work.swap_in("r2", serde_json::Value::Null, true, None).unwrap();
+        work.swap_in("r2", serde_json::Value::Null, true, None)
+            .unwrap();
         assert_eq!(tree(&volume), expected_new());
         assert!(!volume.join(RESTORE_WORKDIR).exists());
         remove_tree(&volume).unwrap();
@@ -364,10 +374,20 @@ mod tests {
         let work = Workdir::new(&volume);
         let staging = work.prepare().unwrap();
         std::fs::write(staging.join("same"), "new same").unwrap();
-        work.swap_in("r3", serde_json::Value::Null, false, None).unwrap();
-        assert_eq!(std::fs::read_to_string(volume.join("same")).unwrap(), "new same");
-        assert_eq!(std::fs::read_to_string(volume.join("only-old")).unwrap(), "gone after");
-        assert_eq!(std::fs::read_to_string(volume.join("db/table")).unwrap(), "old table");
+        work.swap_in("r3", serde_json::Value::Null, false, None)
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(volume.join("same")).unwrap(),
+            "new same"
+        );
+        assert_eq!(
+            std::fs::read_to_string(volume.join("only-old")).unwrap(),
+            "gone after"
+        );
+        assert_eq!(
+            std::fs::read_to_string(volume.join("db/table")).unwrap(),
+            "old table"
+        );
         remove_tree(&volume).unwrap();
     }
 

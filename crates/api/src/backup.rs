@@ -146,6 +146,10 @@ pub struct VolumeResult {
     /// sha256 of the stored stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// sha256 of the content before compression (the tar stream or the dump), checked
+    /// again by a restore after decompressing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_sha256: Option<String>,
     /// Files archived (Volume method).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<i64>,

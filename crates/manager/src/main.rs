@@ -105,6 +105,11 @@ enum AgentCommand {
     BackupVolume(stateward_agent::cli::BackupVolumeArgs),
     /// Run a dump command in an app pod (through the API) and store its output in S3.
     BackupExec(stateward_agent::cli::BackupExecArgs),
+    /// Restore a stored volume archive (or a dump as one file) into a mounted volume,
+    /// verified, through a journaled staged swap.
+    RestoreVolume(stateward_agent::restore::RestoreVolumeArgs),
+    /// Verify a stored dump, then stream it into a restore command in an app pod.
+    RestoreExec(stateward_agent::restore::RestoreExecArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -171,6 +176,12 @@ fn main() -> Result<()> {
                         stateward_agent::cli::backup_volume(args).await
                     }
                     AgentCommand::BackupExec(args) => stateward_agent::cli::backup_exec(args).await,
+                    AgentCommand::RestoreVolume(args) => {
+                        stateward_agent::restore::restore_volume(args).await
+                    }
+                    AgentCommand::RestoreExec(args) => {
+                        stateward_agent::restore::restore_exec(args).await
+                    }
                 }
             });
             std::process::exit(code);

@@ -850,6 +850,8 @@ async fn agents(
                         volume.bytes_read = i64::try_from(r.bytes_read).ok();
                         volume.bytes_stored = i64::try_from(r.bytes_stored).ok();
                         volume.sha256 = Some(r.sha256);
+                        volume.content_sha256 =
+                            (!r.content_sha256.is_empty()).then_some(r.content_sha256);
                         volume.segments = Some(i64::from(r.segments));
                         volume.files = (resolved.settings.method == BackupMethod::Volume)
                             .then(|| i64::try_from(r.files).ok())
@@ -1156,6 +1158,7 @@ async fn commit(
             bytes_read: v.bytes_read.unwrap_or(0).max(0) as u64,
             bytes_stored: v.bytes_stored.unwrap_or(0).max(0) as u64,
             sha256: v.sha256.clone().unwrap_or_default(),
+            content_sha256: v.content_sha256.clone(),
             segments: v.segments.unwrap_or(1).max(1) as u32,
             files: v.files.map(|f| f.max(0) as u64),
             command: match method {

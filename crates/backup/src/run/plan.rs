@@ -11,7 +11,7 @@ use serde_json::json;
 use stateward_agent::manifest;
 use stateward_api::backup::Backup;
 use stateward_api::common::{APP_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
-use stateward_api::repository::{BackupRepository, ChecksumMode};
+use stateward_api::repository::BackupRepository;
 use stateward_api::statefulapp::{BackupMethod, ExecSpec, Hooks, ReplicaSelection, StatefulApp};
 use stateward_runtime::names;
 
@@ -313,24 +313,12 @@ pub fn agent_job(inputs: &JobInputs<'_>, target: &Target, app_pod: &Pod) -> serd
         }
     }
     args.extend([
-        "--bucket".into(),
-        s3.bucket.clone(),
         "--key".into(),
         key.clone(),
         "--result-key".into(),
         manifest::result_key(&key),
-        "--region".into(),
-        s3.region.clone().unwrap_or_else(|| "us-east-1".into()),
     ]);
-    if let Some(endpoint) = &s3.endpoint {
-        args.extend(["--endpoint".into(), endpoint.clone()]);
-    }
-    if s3.force_path_style {
-        args.push("--force-path-style".into());
-    }
-    if s3.checksum_mode == ChecksumMode::WhenRequired {
-        args.push("--checksum-when-required".into());
-    }
+    args.extend(stateward_agent::job::connection_args(s3));
     if encryption.is_some() {
         args.push("--encrypt".into());
     }
@@ -345,15 +333,8 @@ pub fn agent_job(inputs: &JobInputs<'_>, target: &Target, app_pod: &Pod) -> serd
                 .unwrap_or_default(),
         );
     }
-    let creds = &s3.credentials;
-    let mut env = vec![
-        json!({"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": creds.access_key_id.name, "key": creds.access_key_id.key}}}),
-        json!({"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": creds.secret_access_key.name, "key": creds.secret_access_key.key}}}),
-        json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
-    ];
-    if let Some(encryption) = encryption {
-        env.push(json!({"name": stateward_agent::crypto::RECIPIENT_ENV, "valueFrom": {"secretKeyRef": {"name": encryption.recipient.name, "key": encryption.recipient.key}}}));
-    }
+    let mut env = stateward_agent::job::credential_env(&inputs.repository.spec);
+    env.extend(stateward_agent::job::recipient_env(&inputs.repository.spec));
     env.push(json!({"name": "RUST_LOG", "value": "info"}));
     let labels = agent_labels(backup, &target.node);
     let pod_spec = app_pod.spec.clone().unwrap_or_default();
