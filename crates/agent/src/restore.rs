@@ -92,12 +92,27 @@ pub struct RestoreVolumeArgs {
     /// Files in the archive (the manifest's `files`), checked after unpacking.
     #[arg(long)]
     pub files: Option<u64>,
-    /// Place a dump (exec backup) as this file, relative to the volume, instead of
+    /// Place a dump (exec backup) as this file at the volume root, instead of
     /// unpacking an archive (e.g. `dump.rdb` for redis).
     #[arg(long)]
     pub as_file: Option<PathBuf>,
+    /// `all` (default): stage, verify and swap in. A restore of several volumes runs
+    /// `stage` on every volume first and `swap` only when all verified, so a bad object
+    /// on one volume never leaves the app with some volumes new and some old; `discard`
+    /// throws away a staging that will not be used.
+    #[arg(long, value_enum, default_value_t = Step::All)]
+    pub step: Step,
     #[command(flatten)]
     pub stored: StoredArgs,
+}
+
+/// Which part of a volume restore to run.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    All,
+    Stage,
+    Swap,
+    Discard,
 }
 
 /// `stateward agent restore-exec`: verify a dump, then stream it into a command's
@@ -225,25 +240,93 @@ async fn restore_volume_inner(args: &RestoreVolumeArgs) -> Result<RestoreResult,
         ));
     }
     let work = Workdir::new(&args.target);
-    // 1. Finish (or throw away) what an earlier attempt left.
-    let journal = work.recover().map_err(|e| {
-        Failure::transient(
-            "RecoveryFailed",
-            format!("finishing an earlier attempt: {e}"),
-        )
-    })?;
-    if let Some(journal) = journal
-        && journal.restore == args.restore_id
-        && let Ok(mut result) = serde_json::from_value::<RestoreResult>(journal.result)
-    {
-        tracing::info!(
-            "an earlier attempt of this restore crashed mid-swap; the swap is now complete"
-        );
-        result.recovered = true;
+    let finish = |mut result: RestoreResult| {
         result.duration_seconds = started.elapsed().as_secs_f64();
-        return Ok(result);
+        result
+    };
+    // A journaled swap is finished first, whatever this run was asked to do: a volume is
+    // never left half old, half new.
+    if work.journaled() {
+        let journal = work.recover().map_err(|e| {
+            Failure::transient("RecoveryFailed", format!("finishing an earlier swap: {e}"))
+        })?;
+        if let Some(journal) = journal
+            && journal.restore == args.restore_id
+            && let Ok(mut result) = serde_json::from_value::<RestoreResult>(journal.result)
+        {
+            tracing::info!("an earlier attempt crashed mid-swap; the swap is now complete");
+            result.recovered = true;
+            return Ok(finish(result));
+        }
     }
-    // 2. Room for the new data next to the old.
+    match args.step {
+        Step::Discard => {
+            work.recover()
+                .map_err(|e| Failure::transient("WriteFailed", e.to_string()))?;
+            Ok(finish(RestoreResult::default()))
+        }
+        Step::Stage => {
+            let result = stage(args, &work).await?;
+            Ok(finish(result))
+        }
+        Step::Swap => {
+            let staged = work.staged(&args.restore_id).ok_or_else(|| {
+                Failure::refused(
+                    "StagingLost",
+                    "no verified staging of this restore on the volume (was it discarded?)",
+                )
+            })?;
+            let result =
+                serde_json::from_value::<RestoreResult>(staged.clone()).unwrap_or_default();
+            swap(args, work, staged).await?;
+            Ok(finish(result))
+        }
+        Step::All => {
+            let result = stage(args, &work).await?;
+            let recorded = serde_json::to_value(&result).unwrap_or_default();
+            swap(args, work, recorded).await?;
+            Ok(finish(result))
+        }
+    }
+}
+
+async fn swap(
+    args: &RestoreVolumeArgs,
+    work: Workdir,
+    recorded: serde_json::Value,
+) -> Result<(), Failure> {
+    if let Some(seconds) = std::env::var(PAUSE_BEFORE_SWAP_ENV)
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        eprintln!("pausing {seconds}s before the swap ({PAUSE_BEFORE_SWAP_ENV})");
+        tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
+    }
+    let restore_id = args.restore_id.clone();
+    let replace_everything = args.as_file.is_none();
+    tokio::task::spawn_blocking(move || {
+        work.swap_in(&restore_id, recorded, replace_everything, None)
+    })
+    .await
+    .map_err(|_| Failure::transient("SwapFailed", "the swap task was lost"))?
+    .map_err(|e| {
+        Failure::transient(
+            "SwapFailed",
+            format!("{e} (the journal keeps the swap resumable)"),
+        )
+    })
+}
+
+/// Streams, verifies and unpacks into the staging directory; marks it staged.
+async fn stage(args: &RestoreVolumeArgs, work: &Workdir) -> Result<RestoreResult, Failure> {
+    if let Some(result) = work.staged(&args.restore_id)
+        && let Ok(result) = serde_json::from_value::<RestoreResult>(result)
+    {
+        return Ok(result); // staged by an earlier attempt
+    }
+    work.recover()
+        .map_err(|e| Failure::transient("RecoveryFailed", e.to_string()))?;
+    // Room for the new data next to the old.
     let files = args.files.unwrap_or(1);
     let needed = space_needed(args.bytes, files);
     let (free, inodes) = free_space(&args.target)
@@ -256,7 +339,6 @@ async fn restore_volume_inner(args: &RestoreVolumeArgs) -> Result<RestoreResult,
             ),
         ));
     }
-    // 3. Stream, verify, unpack into staging.
     let staging = work
         .prepare()
         .map_err(|e| Failure::transient("WriteFailed", e.to_string()))?;
@@ -358,7 +440,7 @@ async fn restore_volume_inner(args: &RestoreVolumeArgs) -> Result<RestoreResult,
             ),
         ));
     }
-    let mut result = RestoreResult {
+    let result = RestoreResult {
         verified: true,
         bytes_stored: downloaded.bytes,
         bytes_written: stats.bytes,
@@ -370,30 +452,9 @@ async fn restore_volume_inner(args: &RestoreVolumeArgs) -> Result<RestoreResult,
         reason: None,
         error: None,
     };
-    if let Some(seconds) = std::env::var(PAUSE_BEFORE_SWAP_ENV)
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-    {
-        eprintln!("pausing {seconds}s before the swap ({PAUSE_BEFORE_SWAP_ENV})");
-        tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
-    }
-    // 4. Swap in under the journal.
-    result.duration_seconds = started.elapsed().as_secs_f64();
     let recorded = serde_json::to_value(&result).unwrap_or_default();
-    let restore_id = args.restore_id.clone();
-    let replace_everything = args.as_file.is_none();
-    tokio::task::spawn_blocking(move || {
-        work.swap_in(&restore_id, recorded, replace_everything, None)
-    })
-    .await
-    .map_err(|_| Failure::transient("SwapFailed", "the swap task was lost"))?
-    .map_err(|e| {
-        Failure::transient(
-            "SwapFailed",
-            format!("{e} (the journal keeps the swap resumable)"),
-        )
-    })?;
-    result.duration_seconds = started.elapsed().as_secs_f64();
+    work.mark_staged(&args.restore_id, recorded)
+        .map_err(|e| Failure::transient("WriteFailed", e.to_string()))?;
     Ok(result)
 }
 

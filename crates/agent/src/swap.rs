@@ -16,6 +16,14 @@ use serde::{Deserialize, Serialize};
 pub use crate::archive::RESTORE_WORKDIR;
 
 const JOURNAL: &str = "journal.json";
+const STAGED: &str = "staged.json";
+
+/// The marker of a verified staging directory.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct Staged {
+    restore: String,
+    result: serde_json::Value,
+}
 const STAGING: &str = "staging";
 const OLD: &str = "old";
 const LOST_FOUND: &str = "lost+found";
@@ -124,6 +132,35 @@ impl Workdir {
         }
         remove_tree(&self.dir())?;
         Ok(journal)
+    }
+
+    /// Records that the staging directory holds `restore`'s verified data (fsynced), so a
+    /// later step (`--step swap`) can swap it in without reading the data again.
+    pub fn mark_staged(&self, restore: &str, result: serde_json::Value) -> std::io::Result<()> {
+        sync_tree(&self.staging())?;
+        let marker = Staged {
+            restore: restore.to_string(),
+            result,
+        };
+        let path = self.dir().join(STAGED);
+        let body = serde_json::to_vec_pretty(&marker).map_err(std::io::Error::other)?;
+        std::fs::write(&path, body).map_err(|e| io("writing", &path, e))?;
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io("syncing", &path, e))?;
+        sync_dir(&self.dir())
+    }
+
+    /// The verified staging of `restore`, if that is what the volume holds.
+    pub fn staged(&self, restore: &str) -> Option<serde_json::Value> {
+        let bytes = std::fs::read(self.dir().join(STAGED)).ok()?;
+        let marker: Staged = serde_json::from_slice(&bytes).ok()?;
+        (marker.restore == restore && self.staging().is_dir()).then_some(marker.result)
+    }
+
+    /// Whether a swap is journaled (an earlier attempt crashed mid-swap).
+    pub fn journaled(&self) -> bool {
+        exists(&self.journal_path())
     }
 
     /// A fresh, empty staging directory.
