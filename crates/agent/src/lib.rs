@@ -14,6 +14,7 @@ pub mod download;
 pub mod extract;
 pub mod job;
 pub mod manifest;
+pub mod repository;
 pub mod restore;
 pub mod swap;
 pub mod upload;

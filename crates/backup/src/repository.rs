@@ -10,9 +10,9 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
+use stateward_agent::repository::AccessError;
 use stateward_api::BackupRepository;
 use stateward_api::common::SecretKeyRef;
-use stateward_api::repository::ChecksumMode;
 use stateward_runtime::{Context, apply, conditions, time};
 
 /// How often a ready repository is checked again.
@@ -99,19 +99,18 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::
     }
 }
 
+impl From<AccessError> for Verdict {
+    fn from(e: AccessError) -> Self {
+        match e {
+            AccessError::SecretNotFound(name) => Self::SecretNotFound(name),
+            AccessError::KeyMissing { secret, key } => Self::KeyMissing { secret, key },
+            AccessError::Api { .. } => Self::EndpointUnreachable(e.to_string()),
+        }
+    }
+}
+
 async fn secret_value(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<String, Verdict> {
-    let secret = secrets
-        .get_opt(&r.name)
-        .await
-        .map_err(|e| Verdict::EndpointUnreachable(format!("reading Secret {}: {e}", r.name)))?
-        .ok_or_else(|| Verdict::SecretNotFound(r.name.clone()))?;
-    let data = secret.data.unwrap_or_default();
-    data.get(&r.key)
-        .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
-        .ok_or_else(|| Verdict::KeyMissing {
-            secret: r.name.clone(),
-            key: r.key.clone(),
-        })
+    Ok(stateward_agent::repository::secret_value(secrets, r).await?)
 }
 
 /// An S3 client for the repository, with the credentials from its Secret: the one way
@@ -120,19 +119,7 @@ pub async fn s3_client(
     client: &kube::Client,
     repo: &BackupRepository,
 ) -> Result<aws_sdk_s3::Client, Verdict> {
-    let secrets: Api<Secret> =
-        Api::namespaced(client.clone(), &repo.namespace().unwrap_or_default());
-    let s3 = &repo.spec.s3;
-    let key = secret_value(&secrets, &s3.credentials.access_key_id).await?;
-    let secret = secret_value(&secrets, &s3.credentials.secret_access_key).await?;
-    Ok(stateward_agent::cli::s3_client_with(
-        &key,
-        &secret,
-        s3.endpoint.as_deref(),
-        s3.region.as_deref().unwrap_or("us-east-1"),
-        s3.force_path_style,
-        s3.checksum_mode == ChecksumMode::WhenRequired,
-    ))
+    Ok(stateward_agent::repository::s3_client(client, repo).await?)
 }
 
 /// Runs every check; the first failure decides.

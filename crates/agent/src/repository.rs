@@ -1,0 +1,58 @@
+//! Opening a repository from a controller: the S3 client built with the credentials in
+//! the repository's Secret. Shared by the backup controller (checks, runs, sweeps) and
+//! the restore controller (manifests), so both read a repository the same way.
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, ResourceExt};
+use stateward_api::common::SecretKeyRef;
+use stateward_api::repository::{BackupRepository, ChecksumMode};
+
+/// Why a repository's credentials could not be read. Never carries a secret value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccessError {
+    #[error("Secret {0} (credentials) not found in this namespace")]
+    SecretNotFound(String),
+    #[error("Secret {secret} has no key {key}")]
+    KeyMissing { secret: String, key: String },
+    #[error("reading Secret {secret}: {message}")]
+    Api { secret: String, message: String },
+}
+
+/// One value of a Secret, trimmed.
+pub async fn secret_value(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<String, AccessError> {
+    let secret = secrets
+        .get_opt(&r.name)
+        .await
+        .map_err(|e| AccessError::Api {
+            secret: r.name.clone(),
+            message: e.to_string(),
+        })?
+        .ok_or_else(|| AccessError::SecretNotFound(r.name.clone()))?;
+    let data = secret.data.unwrap_or_default();
+    data.get(&r.key)
+        .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
+        .ok_or_else(|| AccessError::KeyMissing {
+            secret: r.name.clone(),
+            key: r.key.clone(),
+        })
+}
+
+/// An S3 client for the repository, with the credentials from its Secret.
+pub async fn s3_client(
+    client: &kube::Client,
+    repo: &BackupRepository,
+) -> Result<aws_sdk_s3::Client, AccessError> {
+    let secrets: Api<Secret> =
+        Api::namespaced(client.clone(), &repo.namespace().unwrap_or_default());
+    let s3 = &repo.spec.s3;
+    let key = secret_value(&secrets, &s3.credentials.access_key_id).await?;
+    let secret = secret_value(&secrets, &s3.credentials.secret_access_key).await?;
+    Ok(crate::cli::s3_client_with(
+        &key,
+        &secret,
+        s3.endpoint.as_deref(),
+        s3.region.as_deref().unwrap_or("us-east-1"),
+        s3.force_path_style,
+        s3.checksum_mode == ChecksumMode::WhenRequired,
+    ))
+}
