@@ -18,11 +18,16 @@ use crate::common::Conditions;
     category = "stateward",
     printcolumn = r#"{"name":"Source","type":"string","jsonPath":".spec.source.backup"}"#,
     printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.target.app"}"#,
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".status.mode"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Verified","type":"boolean","jsonPath":".status.verified"}"#,
+    printcolumn = r#"{"name":"Duration","type":"string","jsonPath":".status.duration"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self == oldSelf").message("a Restore's spec is immutable: create a new Restore"))]
+#[x_kube(validation = Rule::new("!self.target.createStatefulSet || has(self.target.cloneStatefulSetName)").message("target.createStatefulSet needs target.cloneStatefulSetName"))]
 pub struct RestoreSpec {
     /// What to restore: exactly one of `backup` or `repositoryPath`.
     pub source: RestoreSource,
@@ -65,14 +70,22 @@ pub struct RestoreTarget {
     /// kept until the new data is in place).
     #[schemars(length(min = 1, max = 253))]
     pub app: String,
-    /// Clone instead: create this new StatefulSet (from the manifest's recorded spec) and
-    /// restore into its fresh volumes; the app's own data is untouched.
+    /// Clone instead: restore into fresh volumes named as this new StatefulSet's
+    /// volumeClaimTemplates would name them (`<template>-<name>-<ordinal>`); the app's own
+    /// data is untouched. At most 52 characters, so its pods' and PVCs' names (and the
+    /// `controller-revision-hash` label) stay valid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 1, max = 52),
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     )]
     pub clone_stateful_set_name: Option<String>,
+    /// With a clone, also create the StatefulSet from the spec recorded in the backup
+    /// (renamed, its selector and pod labels extended with `stateward.io/clone`, so the
+    /// source's controllers never adopt its pods). Note that a Service selecting the
+    /// source's labels also selects the clone's pods. Default: only the PVCs.
+    #[serde(default)]
+    pub create_stateful_set: bool,
 }
 
 /// Phase of a restore.
@@ -85,6 +98,49 @@ pub enum RestorePhase {
     Running,
     Completed,
     Failed,
+}
+
+/// How a restore runs (decided from the backup's method and the target).
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum RestoreMode {
+    /// The app is stopped (PVCs kept), every volume staged and verified, then swapped in,
+    /// and the app started again.
+    #[default]
+    InPlace,
+    /// Fresh volumes for a new StatefulSet name; the app is not touched.
+    Clone,
+    /// A dump streamed into the app's `restoreCommand` while it runs.
+    Exec,
+}
+
+/// One volume (or one pod's dump) of a restore.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreVolumeStatus {
+    /// The backup entry (PVC or pod name in the backup).
+    pub source: String,
+    /// The PVC written (volume restores) or the pod fed (exec restores).
+    pub target: String,
+    /// `Pending`, `Staging`, `Staged`, `Swapping`, `Completed`, `Failed`.
+    pub phase: String,
+    /// Stored and content checksums both matched.
+    #[serde(default)]
+    pub verified: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_written: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_seconds: Option<f64>,
+    /// A retry finished a swap that a crash interrupted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recovered: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// Observed state of a Restore.
@@ -107,4 +163,27 @@ pub struct RestoreStatus {
     /// When it ended (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<String>,
+    /// How long it took, e.g. `42s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<String>,
+    /// How it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<RestoreMode>,
+    /// The backup restored: its path in the repository (`<namespace>/<app>/<backup>-<uid>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_path: Option<String>,
+    /// Every volume (or dump) verified against the manifest's checksums.
+    #[serde(default)]
+    pub verified: bool,
+    /// Per volume (or per pod for exec restores).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub volumes: Vec<RestoreVolumeStatus>,
+    /// The step in progress: `Resolving`, `WaitingForLock`, `Stopping`, `Staging`,
+    /// `Swapping`, `Discarding`, `Starting`, `Done`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// The replica count the app had before an in-place restore stopped it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_replicas: Option<i32>,
 }

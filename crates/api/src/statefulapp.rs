@@ -132,9 +132,28 @@ pub struct ExecSpec {
     #[schemars(length(min = 1, max = 64))]
     pub command: Vec<String>,
     /// Command that reads a backup from standard input on restore, e.g. `[psql, -U, postgres]`.
+    /// The app keeps running; the dump is verified in full before the command sees a byte.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub restore_command: Vec<String>,
+    /// Restore by placing the dump as a file the app loads on start (redis: `dump.rdb`),
+    /// instead of a restore command: the app is stopped, the file swapped in on each
+    /// pod's volume, and the app started again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_file: Option<RestoreFile>,
+}
+
+/// Where a dump goes when it is restored as a file.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreFile {
+    /// The volumeClaimTemplate whose volume receives the file (e.g. `data`).
+    #[schemars(length(min = 1, max = 63))]
+    pub volume: String,
+    /// The file's name at the root of that volume (e.g. `dump.rdb`).
+    #[schemars(length(min = 1, max = 255), regex(pattern = r"^[^/]+$"))]
+    #[x_kube(validation = Rule::new("self != '.' && self != '..'").message("restoreFile.path must be a file name"))]
+    pub path: String,
 }
 
 /// Pre- and post-backup hooks.
@@ -577,6 +596,15 @@ pub struct RestoreStatusSection {
     /// The Restore currently running against this app.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_restore: Option<String>,
+    /// The last Restore into this app that finished, and how.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restore: Option<String>,
+    /// `Completed` or `Failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restore_phase: Option<String>,
+    /// When it finished (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restore_time: Option<String>,
 }
 
 /// Scaling section of an app's status.

@@ -17,7 +17,11 @@ use tokio_util::sync::CancellationToken;
 
 /// The controllers this binary can run; each lives in its own crate and arrives with its
 /// capability.
-const CONTROLLERS: &[&str] = &[stateward_backup::CONTROLLER, stateward_scaling::CONTROLLER];
+const CONTROLLERS: &[&str] = &[
+    stateward_backup::CONTROLLER,
+    stateward_restore::CONTROLLER,
+    stateward_scaling::CONTROLLER,
+];
 
 /// Starts the selected controllers as independent sync loops.
 fn start_controllers(
@@ -39,6 +43,16 @@ fn start_controllers(
                 set.spawn(async move {
                     stateward_backup::run(base, namespace, backup_config).await;
                     stateward_backup::CONTROLLER
+                });
+            }
+            stateward_restore::CONTROLLER => {
+                let restore_config = stateward_restore::Config {
+                    agent_image: backup_config.runs.agent_image.clone(),
+                    ..Default::default()
+                };
+                set.spawn(async move {
+                    stateward_restore::run(base, namespace, restore_config).await;
+                    stateward_restore::CONTROLLER
                 });
             }
             stateward_scaling::CONTROLLER => {

@@ -320,9 +320,12 @@ async fn pipeline(world: &mut World, ctx: &ScalingContext) -> Result<Action, Sca
     let current_lock = lock.current().await?;
 
     // 1. Stop and start for other operations.
+    // A Stop holder that is gone or finished (a Restore deleted mid-way) no longer keeps
+    // the app down: the app comes back instead of staying stopped forever.
     if let Some(record) = &current_lock
         && record.holder.uid != me.uid
         && matches!(record.intent, Intent::Stop { .. })
+        && lock.holder_alive(&record.holder).await?
     {
         return stop(
             world,

@@ -1,0 +1,945 @@
+//! The restore pipeline. Every pass reads the Restore fresh, derives where it is from its
+//! status and its Jobs (deterministic names), and takes at most one step, so a manager
+//! killed at any point resumes without repeating or skipping one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{ListParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, Resource, ResourceExt};
+use stateward_agent::restore::RestoreResult;
+use stateward_api::common::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+use stateward_api::restore::{RestoreMode, RestoreVolumeStatus};
+use stateward_api::{Restore, RestorePhase, RestoreStatus, StatefulApp};
+use stateward_runtime::lock::{Acquired, Holder, Intent, OperationLock};
+use stateward_runtime::{apply, conditions, time};
+
+use crate::plan::{self, JobStep, Plan, Refusal};
+use crate::source::{self, Source, SourceError};
+use crate::{RestoreContext, RestoreError, ResultLabels};
+
+/// How often a running restore is looked at (Job changes also wake it).
+const POLL: Duration = Duration::from_secs(3);
+const READY: &str = "Ready";
+
+/// The reconcile entry point.
+#[tracing::instrument(skip_all, fields(namespace = restore.namespace().unwrap_or_default(), restore = restore.name_any()))]
+pub async fn reconcile(
+    restore: Arc<Restore>,
+    ctx: Arc<RestoreContext>,
+) -> Result<Action, RestoreError> {
+    let timer = ctx.base.metrics.reconcile.start(crate::CONTROLLER);
+    let result = step(&restore, &ctx).await;
+    timer.finish(if result.is_ok() { "success" } else { "error" });
+    result
+}
+
+/// Transient errors back off per Restore.
+pub fn error_policy(restore: Arc<Restore>, err: &RestoreError, ctx: Arc<RestoreContext>) -> Action {
+    let key = key(&restore);
+    tracing::warn!(restore = %key, error = %err, label = err.metric_label(), "restore reconcile failed");
+    let delay = ctx
+        .base
+        .backoff
+        .on_error(&key, stateward_runtime::backoff::ErrorKind::Transient)
+        .unwrap_or(Duration::from_secs(300));
+    Action::requeue(delay)
+}
+
+fn key(restore: &Restore) -> String {
+    format!(
+        "restore/{}/{}",
+        restore.namespace().unwrap_or_default(),
+        restore.name_any()
+    )
+}
+
+fn holder(restore: &Restore) -> Holder {
+    Holder {
+        api_version: Restore::api_version(&()).to_string(),
+        kind: Restore::kind(&()).to_string(),
+        resource: Restore::plural(&()).to_string(),
+        name: restore.name_any(),
+        uid: restore.uid().unwrap_or_default(),
+    }
+}
+
+/// One pass over a Restore.
+struct Pass<'a> {
+    ctx: &'a RestoreContext,
+    restore: Restore,
+    status: RestoreStatus,
+    ns: String,
+}
+
+async fn step(cached: &Restore, ctx: &RestoreContext) -> Result<Action, RestoreError> {
+    let ns = cached.namespace().unwrap_or_default();
+    let api: Api<Restore> = Api::namespaced(ctx.base.client.clone(), &ns);
+    // Read fresh: a Job must never be created twice because the cache lagged behind our
+    // own last status write.
+    let Some(restore) = api.get_opt(&cached.name_any()).await? else {
+        return Ok(Action::await_change());
+    };
+    if restore.uid() != cached.uid() {
+        return Ok(Action::await_change());
+    }
+    ctx.base.backoff.on_success(&key(&restore));
+    let status = restore.status.clone().unwrap_or_default();
+    let mut pass = Pass {
+        ctx,
+        ns,
+        status,
+        restore,
+    };
+    if matches!(
+        pass.status.phase,
+        Some(RestorePhase::Completed | RestorePhase::Failed)
+    ) {
+        // Idempotent: a crash between the final status write and the release.
+        pass.release_lock().await?;
+        return Ok(Action::await_change());
+    }
+    if pass.restore.meta().deletion_timestamp.is_some() {
+        pass.release_lock().await?;
+        return Ok(Action::await_change());
+    }
+    let before = pass.status.clone();
+    let action = pass.drive().await?;
+    if pass.status != before {
+        pass.write_status().await?;
+    }
+    Ok(action)
+}
+
+impl Pass<'_> {
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.ctx.base.clock.now()
+    }
+
+    fn name(&self) -> String {
+        self.restore.name_any()
+    }
+
+    fn lock(&self) -> OperationLock {
+        OperationLock::new(
+            self.ctx.base.client.clone(),
+            &self.ns,
+            &self.restore.spec.target.app,
+        )
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        Api::namespaced(self.ctx.base.client.clone(), &self.ns)
+    }
+
+    fn set_ready(&mut self, status: bool, reason: &str, message: impl Into<String>) {
+        let now = self.now();
+        conditions::set(
+            &mut self.status.conditions,
+            conditions::condition(
+                READY,
+                status,
+                reason,
+                message,
+                self.restore.meta().generation,
+            ),
+            now,
+        );
+    }
+
+    async fn event(&self, type_: EventType, reason: &str, note: String) {
+        self.ctx
+            .base
+            .publish(
+                &self.restore.object_ref(&()),
+                type_,
+                reason,
+                "Restore",
+                note,
+            )
+            .await;
+    }
+
+    async fn write_status(&self) -> Result<(), RestoreError> {
+        let mut status = serde_json::to_value(&self.status)?;
+        status["observedGeneration"] = serde_json::json!(self.restore.meta().generation);
+        apply::apply_status(
+            &self.api::<Restore>(),
+            &self.name(),
+            apply::managers::RESTORE,
+            status,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn release_lock(&self) -> Result<(), RestoreError> {
+        let lock = self.lock();
+        if let Some(record) = lock.current().await?
+            && record.holder.uid == self.restore.uid().unwrap_or_default()
+        {
+            lock.release(&record.token).await?;
+            tracing::info!("released the app's operation lock");
+        }
+        Ok(())
+    }
+
+    /// The app's `status.restore` section (the restore manager's only field there).
+    async fn app_section(&self, active: bool) {
+        let mut section = serde_json::json!({
+            "activeRestore": if active { Some(self.name()) } else { None },
+        });
+        if !active {
+            section["lastRestore"] = serde_json::json!(self.name());
+            section["lastRestorePhase"] = serde_json::json!(self.status.phase);
+            section["lastRestoreTime"] = serde_json::json!(self.status.completion_time);
+        }
+        let apps: Api<StatefulApp> = self.api();
+        if let Err(e) = apply::apply_status(
+            &apps,
+            &self.restore.spec.target.app,
+            apply::managers::RESTORE,
+            serde_json::json!({"restore": section}),
+        )
+        .await
+        {
+            // The app may be gone (a clone of a deleted app's backup): not worth failing.
+            tracing::debug!(error = %e, "updating the app's restore section failed");
+        }
+    }
+
+    async fn drive(&mut self) -> Result<Action, RestoreError> {
+        let now = self.now();
+        if self.status.phase.is_none() || self.status.phase == Some(RestorePhase::Pending) {
+            self.status.phase = Some(RestorePhase::Running);
+            self.status.start_time = Some(time::rfc3339(now));
+            self.status.step = Some("Resolving".into());
+        }
+        // 1. The source.
+        let source = match source::resolve(&self.ctx.base.client, &self.restore).await {
+            Ok(source) => source,
+            Err(SourceError::Refused(refusal)) => return self.fail(refusal).await,
+            Err(SourceError::Unavailable(message)) => {
+                self.set_ready(false, "RepositoryUnavailable", message);
+                return Ok(Action::requeue(Duration::from_secs(15)));
+            }
+        };
+        self.status.backup_path = Some(source.path.clone());
+        // 2. The target app.
+        let apps: Api<StatefulApp> = self.api();
+        let target = self.restore.spec.target.app.clone();
+        let Some(app) = apps.get_opt(&target).await? else {
+            return self
+                .fail(Refusal {
+                    reason: "AppNotFound",
+                    message: format!(
+                        "StatefulApp {target} does not exist in namespace {}",
+                        self.ns
+                    ),
+                })
+                .await;
+        };
+        let claims: Vec<String> = self
+            .api::<PersistentVolumeClaim>()
+            .list_metadata(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .map(|c| c.name_any())
+            .collect();
+        // 3. The plan.
+        let plan = match plan::plan(&self.restore, &source.manifest, &app, &claims) {
+            Ok(plan) => plan,
+            Err(refusal) => return self.fail(refusal).await,
+        };
+        if self.status.mode.is_none() {
+            self.status.mode = Some(plan.mode);
+            self.status.volumes = plan
+                .items
+                .iter()
+                .map(|item| RestoreVolumeStatus {
+                    source: item.entry.name.clone(),
+                    target: item.target.clone(),
+                    phase: "Pending".into(),
+                    ..Default::default()
+                })
+                .collect();
+            self.event(
+                EventType::Normal,
+                "Started",
+                format!(
+                    "restoring {} ({} {}) into {}: {:?}",
+                    source.path,
+                    plan.items.len(),
+                    if plan.mode == RestoreMode::Exec {
+                        "dump(s)"
+                    } else {
+                        "volume(s)"
+                    },
+                    plan.items
+                        .iter()
+                        .map(|i| i.target.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    plan.mode
+                ),
+            )
+            .await;
+            self.app_section(plan.mode != RestoreMode::Clone).await;
+        }
+        match plan.mode {
+            RestoreMode::InPlace => self.in_place(&app, &source, &plan).await,
+            RestoreMode::Clone => self.clone_into(&source, &plan).await,
+            RestoreMode::Exec => self.exec(&app, &source, &plan).await,
+        }
+    }
+
+    /// Takes the app's lock; `None` when someone else holds it (the condition says who).
+    async fn take_lock(&mut self, intent: Intent) -> Result<bool, RestoreError> {
+        match self
+            .lock()
+            .acquire(holder(&self.restore), intent, None)
+            .await?
+        {
+            Acquired::Held(_) | Acquired::Nested(_) => Ok(true),
+            Acquired::Busy(record) => {
+                let message = format!(
+                    "waiting for StatefulApp {}'s operation lock, held by {} {} ({:?}); nothing has been touched",
+                    self.restore.spec.target.app,
+                    record.holder.kind,
+                    record.holder.name,
+                    record.intent
+                );
+                if self.status.step.as_deref() != Some("WaitingForLock") {
+                    self.event(EventType::Normal, "WaitingForLock", message.clone())
+                        .await;
+                }
+                self.status.step = Some("WaitingForLock".into());
+                self.set_ready(false, "LockBusy", message);
+                Ok(false)
+            }
+        }
+    }
+
+    async fn in_place(
+        &mut self,
+        app: &StatefulApp,
+        source: &Source,
+        plan: &Plan,
+    ) -> Result<Action, RestoreError> {
+        let sts_name = app.spec.stateful_set_name.clone();
+        let sts = self.api::<StatefulSet>().get_opt(&sts_name).await?;
+        if self.status.previous_replicas.is_none() {
+            let Some(sts) = &sts else {
+                return self
+                    .fail(Refusal {
+                        reason: "StatefulSetNotFound",
+                        message: format!(
+                            "StatefulSet {sts_name} of StatefulApp {} does not exist",
+                            app.name_any()
+                        ),
+                    })
+                    .await;
+            };
+            self.status.previous_replicas = sts.spec.as_ref().and_then(|s| s.replicas).or(Some(1));
+        }
+        let replicas = self.status.previous_replicas.unwrap_or(1);
+        if !self.take_lock(Intent::Stop { replicas }).await? {
+            return Ok(Action::requeue(POLL));
+        }
+        // Stopped: the scaling controller says so for this Restore, and no pod is left.
+        if matches!(
+            self.status.step.as_deref(),
+            Some("Resolving" | "WaitingForLock" | "Stopping")
+        ) {
+            let stopped_for_us = app
+                .status
+                .as_ref()
+                .and_then(|s| conditions::get(&s.conditions, "Stopped"))
+                .is_some_and(|c| {
+                    c.status == "True"
+                        && c.message
+                            .contains(&format!("stopped for Restore {};", self.name()))
+                });
+            let pods_left = self.pods_of(&sts_name).await?;
+            if !stopped_for_us || !pods_left.is_empty() {
+                if self.status.step.as_deref() != Some("Stopping") {
+                    self.event(
+                        EventType::Normal,
+                        "StoppingApp",
+                        format!("asked the scaling controller to stop StatefulApp {} ({replicas} replicas, PVCs kept)", app.name_any()),
+                    )
+                    .await;
+                }
+                self.status.step = Some("Stopping".into());
+                self.set_ready(
+                    false,
+                    "Stopping",
+                    if pods_left.is_empty() {
+                        format!("waiting for StatefulApp {} to report Stopped (is the scaling controller running?)", app.name_any())
+                    } else {
+                        format!("waiting for {} to stop", pods_left.join(", "))
+                    },
+                );
+                return Ok(Action::requeue(POLL));
+            }
+            self.status.step = Some("Staging".into());
+        }
+        self.volumes(source, plan).await
+    }
+
+    async fn pods_of(&self, sts: &str) -> Result<Vec<String>, RestoreError> {
+        let prefix = format!("{sts}-");
+        Ok(self
+            .api::<Pod>()
+            .list_metadata(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|p| {
+                p.owner_references()
+                    .iter()
+                    .any(|o| o.kind == "StatefulSet" && o.name == sts)
+                    || p.name_any()
+                        .strip_prefix(&prefix)
+                        .is_some_and(|o| o.parse::<u32>().is_ok())
+            })
+            .map(|p| p.name_any())
+            .collect())
+    }
+
+    async fn clone_into(&mut self, source: &Source, plan: &Plan) -> Result<Action, RestoreError> {
+        if matches!(self.status.step.as_deref(), Some("Resolving")) {
+            // Fresh volumes only: a PVC of that name that this Restore did not create is
+            // somebody's data, never overwritten.
+            let claims: Api<PersistentVolumeClaim> = self.api();
+            for (name, recorded) in &plan.clone_claims {
+                match claims.get_opt(name).await? {
+                    Some(existing)
+                        if existing.annotations().get(plan::RESTORED_BY_ANNOTATION)
+                            == Some(&self.name()) => {}
+                    Some(_) => {
+                        return self
+                            .fail(Refusal {
+                                reason: "TargetExists",
+                                message: format!(
+                                    "PVC {name} already exists: a clone restores only into fresh volumes (delete it, or choose another cloneStatefulSetName)"
+                                ),
+                            })
+                            .await;
+                    }
+                    None => {
+                        let body: PersistentVolumeClaim = serde_json::from_value(
+                            plan::clone_claim(name, recorded, &self.restore),
+                        )?;
+                        claims.create(&PostParams::default(), &body).await?;
+                    }
+                }
+            }
+            if let Some(clone) = &self.restore.spec.target.clone_stateful_set_name
+                && self.restore.spec.target.create_stateful_set
+                && self.api::<StatefulSet>().get_opt(clone).await?.is_some()
+            {
+                return self
+                    .fail(Refusal {
+                        reason: "TargetExists",
+                        message: format!("StatefulSet {clone} already exists"),
+                    })
+                    .await;
+            }
+            self.status.step = Some("Staging".into());
+        }
+        self.volumes(source, plan).await
+    }
+
+    /// Stage every volume; when all verified, swap every volume; on a failure before the
+    /// swap, discard every staging and fail with the first reason.
+    async fn volumes(&mut self, source: &Source, plan: &Plan) -> Result<Action, RestoreError> {
+        let step = match self.status.step.as_deref() {
+            Some("Swapping") => JobStep::Swap,
+            Some("Discarding") => JobStep::Discard,
+            _ => JobStep::Stage,
+        };
+        let states = self.run_jobs(source, plan, step).await?;
+        let (done, failed) = (
+            states.iter().all(|s| matches!(s, JobState::Succeeded(_))),
+            states.iter().find_map(|s| match s {
+                JobState::Failed(reason, message) => Some((reason.clone(), message.clone())),
+                _ => None,
+            }),
+        );
+        for (volume, state) in self.status.volumes.iter_mut().zip(&states) {
+            volume_phase(volume, step, state);
+        }
+        match step {
+            JobStep::Stage => {
+                if let Some((reason, message)) = failed {
+                    // Nothing has been swapped: throw every staging away, then fail.
+                    self.status.step = Some("Discarding".into());
+                    self.set_ready(false, "Discarding", format!("{reason}: {message}; discarding the staged data, the old data is untouched"));
+                    self.event(EventType::Warning, &reason, message).await;
+                    return Ok(Action::requeue(Duration::from_secs(1)));
+                }
+                if done {
+                    self.status.step = Some("Swapping".into());
+                    self.set_ready(
+                        false,
+                        "Swapping",
+                        "every volume verified; swapping the new data in",
+                    );
+                    self.event(
+                        EventType::Normal,
+                        "Verified",
+                        format!("all {} volume(s) staged and verified against the manifest's checksums; swapping in", states.len()),
+                    )
+                    .await;
+                    return Ok(Action::requeue(Duration::from_secs(1)));
+                }
+                self.set_ready(
+                    false,
+                    "Staging",
+                    "streaming and verifying the backup into staging directories",
+                );
+                Ok(Action::requeue(POLL))
+            }
+            JobStep::Swap => {
+                if let Some((reason, message)) = failed {
+                    // A swap is journaled: the next agent on that volume finishes it.
+                    return self
+                        .fail(Refusal {
+                            reason: "SwapFailed",
+                            message: format!("{reason}: {message} (the volume's journal finishes the swap on the next restore attempt)"),
+                        })
+                        .await;
+                }
+                if done {
+                    return self.complete(plan).await;
+                }
+                self.set_ready(false, "Swapping", "swapping the verified data in");
+                Ok(Action::requeue(POLL))
+            }
+            JobStep::Discard | JobStep::Exec => {
+                if states.iter().all(|s| !matches!(s, JobState::Running)) {
+                    // The first failed volume's "<reason>: <message>" decides.
+                    let failed = self
+                        .status
+                        .volumes
+                        .iter()
+                        .find(|v| v.phase == "Failed")
+                        .and_then(|v| v.message.clone())
+                        .unwrap_or_else(|| "AgentFailed: a volume failed".into());
+                    let (reason, message) = failed
+                        .split_once(": ")
+                        .unwrap_or(("AgentFailed", failed.as_str()));
+                    return self
+                        .fail(Refusal {
+                            reason: leak_reason(reason),
+                            message: format!("{message}; the staged data was discarded and the old data is untouched"),
+                        })
+                        .await;
+                }
+                Ok(Action::requeue(POLL))
+            }
+        }
+    }
+
+    async fn exec(
+        &mut self,
+        app: &StatefulApp,
+        source: &Source,
+        plan: &Plan,
+    ) -> Result<Action, RestoreError> {
+        for item in &plan.items {
+            let ready = self
+                .api::<Pod>()
+                .get_opt(&item.target)
+                .await?
+                .and_then(|p| p.status)
+                .and_then(|s| s.conditions)
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            if !ready && self.status.step.as_deref() == Some("Resolving") {
+                return self
+                    .fail(Refusal {
+                        reason: "TargetPodNotReady",
+                        message: format!("pod {} (the dump's pod) is not running and Ready: an exec restore streams into the running app", item.target),
+                    })
+                    .await;
+            }
+        }
+        if !self.take_lock(Intent::Write).await? {
+            return Ok(Action::requeue(POLL));
+        }
+        if self.status.step.as_deref() != Some("Restoring") {
+            let pods: Vec<String> = plan.items.iter().map(|i| i.target.clone()).collect();
+            self.ensure_exec_rbac(&app.name_any(), &pods).await?;
+            self.status.step = Some("Restoring".into());
+        }
+        let states = self.run_jobs(source, plan, JobStep::Exec).await?;
+        for (volume, state) in self.status.volumes.iter_mut().zip(&states) {
+            volume_phase(volume, JobStep::Exec, state);
+        }
+        if let Some((reason, message)) = states.iter().find_map(|s| match s {
+            JobState::Failed(reason, message) => Some((reason.clone(), message.clone())),
+            _ => None,
+        }) {
+            return self
+                .fail(Refusal {
+                    reason: leak_reason(&reason),
+                    message,
+                })
+                .await;
+        }
+        if states.iter().all(|s| matches!(s, JobState::Succeeded(_))) {
+            return self.complete(plan).await;
+        }
+        self.set_ready(
+            false,
+            "Restoring",
+            "verifying the dump, then streaming it into the restore command",
+        );
+        Ok(Action::requeue(POLL))
+    }
+
+    async fn ensure_exec_rbac(&self, app: &str, pods: &[String]) -> Result<(), RestoreError> {
+        let sa: Api<ServiceAccount> = self.api();
+        apply::apply(
+            &sa,
+            plan::AGENT_SERVICE_ACCOUNT,
+            apply::managers::RESTORE,
+            &serde_json::json!({
+                "apiVersion": "v1", "kind": "ServiceAccount",
+                "metadata": {"name": plan::AGENT_SERVICE_ACCOUNT, "labels": {MANAGED_BY_LABEL: MANAGED_BY_VALUE}},
+            }),
+        )
+        .await?;
+        let name = plan::agent_role_name(app);
+        apply::apply(
+            &self.api::<Role>(),
+            &name,
+            apply::managers::RESTORE,
+            &plan::agent_role(app, pods),
+        )
+        .await?;
+        apply::apply(
+            &self.api::<RoleBinding>(),
+            &name,
+            apply::managers::RESTORE,
+            &plan::agent_role_binding(app),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Creates the step's Jobs that do not exist yet and reads every one's state.
+    async fn run_jobs(
+        &self,
+        source: &Source,
+        plan: &Plan,
+        step: JobStep,
+    ) -> Result<Vec<JobState>, RestoreError> {
+        let jobs: Api<Job> = self.api();
+        let app_exec = self
+            .api::<StatefulApp>()
+            .get_opt(&self.restore.spec.target.app)
+            .await?
+            .and_then(|a| a.spec.backup)
+            .and_then(|b| b.exec);
+        let restore_command = app_exec
+            .as_ref()
+            .map(|e| e.restore_command.clone())
+            .unwrap_or_default();
+        let inputs = plan::JobInputs {
+            restore: &self.restore,
+            repository: &source.repository,
+            agent_image: &self.ctx.config.agent_image,
+            container: app_exec.as_ref().and_then(|e| e.container.as_deref()),
+            restore_command: &restore_command,
+            extra_env: &self.ctx.config.agent_env,
+        };
+        let mut states = Vec::new();
+        for (index, item) in plan.items.iter().enumerate() {
+            let name = plan::job_name(&self.name(), step, index);
+            let job = match jobs.get_opt(&name).await? {
+                Some(job) => job,
+                None => {
+                    let body: Job =
+                        serde_json::from_value(plan::agent_job(&inputs, item, index, step))?;
+                    match jobs.create(&PostParams::default(), &body).await {
+                        Ok(job) => job,
+                        Err(kube::Error::Api(e)) if e.code == 409 => jobs.get(&name).await?,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            };
+            states.push(self.job_state(&job).await?);
+        }
+        Ok(states)
+    }
+
+    async fn job_state(&self, job: &Job) -> Result<JobState, RestoreError> {
+        let condition = |type_: &str| {
+            job.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|c| c.iter().find(|c| c.type_ == type_ && c.status == "True"))
+                .cloned()
+        };
+        let complete = condition("Complete").is_some();
+        let failed = condition("Failed");
+        if !complete && failed.is_none() {
+            return Ok(JobState::Running);
+        }
+        // The agent's own words, from the newest terminated pod of the Job.
+        let pods = self
+            .api::<Pod>()
+            .list(&ListParams::default().labels(&format!("job-name={}", job.name_any())))
+            .await?;
+        let mut results: Vec<(i32, String)> = pods
+            .items
+            .iter()
+            .filter_map(|p| {
+                let t = p
+                    .status
+                    .as_ref()?
+                    .container_statuses
+                    .as_ref()?
+                    .first()?
+                    .state
+                    .as_ref()?
+                    .terminated
+                    .clone()?;
+                Some((t.exit_code, t.message.unwrap_or_default()))
+            })
+            .collect();
+        results.sort_by_key(|(code, _)| *code != 0);
+        let parsed = |text: &str| serde_json::from_str::<RestoreResult>(text).ok();
+        if complete {
+            let result = results
+                .iter()
+                .find(|(code, _)| *code == 0)
+                .and_then(|(_, text)| parsed(text))
+                .unwrap_or_default();
+            return Ok(JobState::Succeeded(result));
+        }
+        let (reason, message) = results
+            .iter()
+            .rev()
+            .find_map(|(_, text)| {
+                parsed(text).and_then(|r| Some((r.reason?, r.error.unwrap_or_default())))
+            })
+            .unwrap_or_else(|| {
+                let c = failed.unwrap_or_default();
+                (
+                    "AgentFailed".to_string(),
+                    format!(
+                        "{}: {}",
+                        c.reason.unwrap_or_default(),
+                        c.message.unwrap_or_default()
+                    ),
+                )
+            });
+        Ok(JobState::Failed(reason, message))
+    }
+
+    async fn complete(&mut self, plan: &Plan) -> Result<Action, RestoreError> {
+        let now = self.now();
+        if plan.mode == RestoreMode::Clone
+            && self.restore.spec.target.create_stateful_set
+            && let Some(clone) = self.restore.spec.target.clone_stateful_set_name.clone()
+            && let Ok(source) = source::resolve(&self.ctx.base.client, &self.restore).await
+        {
+            let replicas = plan
+                .clone_claims
+                .keys()
+                .filter_map(|c| c.rsplit('-').next()?.parse::<i32>().ok())
+                .max()
+                .map(|m| m + 1)
+                .unwrap_or(1);
+            let body: StatefulSet = serde_json::from_value(plan::clone_stateful_set(
+                &source.manifest.stateful_set,
+                &clone,
+                replicas,
+                &self.restore,
+            ))?;
+            match self
+                .api::<StatefulSet>()
+                .create(&PostParams::default(), &body)
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.status.phase = Some(RestorePhase::Completed);
+        self.status.step = Some("Done".into());
+        self.status.verified = self.status.volumes.iter().all(|v| v.verified);
+        let seconds = self.finish_times(now);
+        let message = match plan.mode {
+            RestoreMode::InPlace => format!(
+                "{} volume(s) restored and verified; StatefulApp {} comes back at {} replica(s)",
+                plan.items.len(),
+                self.restore.spec.target.app,
+                self.status.previous_replicas.unwrap_or(1)
+            ),
+            RestoreMode::Clone => format!(
+                "{} clone volume(s) restored and verified{}",
+                plan.items.len(),
+                if self.restore.spec.target.create_stateful_set {
+                    "; StatefulSet created"
+                } else {
+                    ""
+                }
+            ),
+            RestoreMode::Exec => format!(
+                "{} dump(s) verified and loaded by the restore command",
+                plan.items.len()
+            ),
+        };
+        self.set_ready(true, "Completed", message.clone());
+        self.write_status().await?;
+        self.release_lock().await?;
+        self.app_section(false).await;
+        self.ctx
+            .metrics
+            .runs
+            .get_or_create(&ResultLabels {
+                result: "completed".into(),
+            })
+            .inc();
+        self.ctx.metrics.duration.observe(seconds);
+        self.event(
+            EventType::Normal,
+            "Completed",
+            format!(
+                "{message} in {}",
+                self.status.duration.clone().unwrap_or_default()
+            ),
+        )
+        .await;
+        Ok(Action::await_change())
+    }
+
+    fn finish_times(&mut self, now: chrono::DateTime<chrono::Utc>) -> f64 {
+        self.status.completion_time = Some(time::rfc3339(now));
+        let started = self
+            .status
+            .start_time
+            .as_deref()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .unwrap_or(now);
+        let seconds = (now - started).num_milliseconds().max(0) as f64 / 1000.0;
+        self.status.duration = Some(format!("{}s", seconds.round() as i64));
+        seconds
+    }
+
+    /// Ends the restore as Failed: condition, Warning event, metric, lock released (an
+    /// in-place app comes back with its old data).
+    async fn fail(&mut self, refusal: Refusal) -> Result<Action, RestoreError> {
+        let now = self.now();
+        self.status.phase = Some(RestorePhase::Failed);
+        self.status.step = Some("Done".into());
+        self.status.verified = false;
+        if self.status.start_time.is_none() {
+            self.status.start_time = Some(time::rfc3339(now));
+        }
+        let seconds = self.finish_times(now);
+        self.set_ready(false, refusal.reason, refusal.message.clone());
+        self.write_status().await?;
+        self.release_lock().await?;
+        self.app_section(false).await;
+        self.ctx
+            .metrics
+            .runs
+            .get_or_create(&ResultLabels {
+                result: "failed".into(),
+            })
+            .inc();
+        self.ctx.metrics.duration.observe(seconds);
+        self.event(EventType::Warning, refusal.reason, refusal.message)
+            .await;
+        Ok(Action::await_change())
+    }
+}
+
+/// An agent Job's state.
+#[derive(Debug, Clone)]
+enum JobState {
+    Running,
+    Succeeded(RestoreResult),
+    Failed(String, String),
+}
+
+fn volume_phase(volume: &mut RestoreVolumeStatus, step: JobStep, state: &JobState) {
+    match state {
+        JobState::Running => {
+            volume.phase = match step {
+                JobStep::Stage => "Staging",
+                JobStep::Swap => "Swapping",
+                JobStep::Discard => "Discarding",
+                JobStep::Exec => "Restoring",
+            }
+            .into();
+        }
+        JobState::Succeeded(result) => {
+            match step {
+                JobStep::Stage => volume.phase = "Staged".into(),
+                JobStep::Swap | JobStep::Exec => volume.phase = "Completed".into(),
+                JobStep::Discard => {
+                    if volume.phase != "Failed" {
+                        volume.phase = "Discarded".into();
+                    }
+                    return;
+                }
+            }
+            volume.verified = result.verified;
+            volume.bytes_written = i64::try_from(result.bytes_written).ok();
+            volume.files = (result.files > 0)
+                .then(|| i64::try_from(result.files).ok())
+                .flatten();
+            volume.sha256 = (!result.sha256.is_empty()).then(|| result.sha256.clone());
+            volume.duration_seconds = Some((result.duration_seconds * 1000.0).round() / 1000.0);
+            volume.recovered |= result.recovered;
+            volume.message = None;
+        }
+        JobState::Failed(reason, message) => {
+            if step == JobStep::Discard {
+                return;
+            }
+            volume.phase = "Failed".into();
+            volume.verified = false;
+            volume.message = Some(format!("{reason}: {message}"));
+        }
+    }
+}
+
+/// Condition reasons are `&'static str` in [`Refusal`]; agent reasons are a known set.
+fn leak_reason(reason: &str) -> &'static str {
+    match reason {
+        "ChecksumMismatch" => "ChecksumMismatch",
+        "ArchiveRefused" => "ArchiveRefused",
+        "NotEnoughSpace" => "NotEnoughSpace",
+        "StorageError" => "StorageError",
+        "StagingLost" => "StagingLost",
+        "RestoreCommandFailed" => "RestoreCommandFailed",
+        "NoIdentity" => "NoIdentity",
+        "NoCredentials" => "NoCredentials",
+        "ExecFailed" => "ExecFailed",
+        "WriteFailed" => "WriteFailed",
+        "VolumeMissing" => "VolumeMissing",
+        _ => "AgentFailed",
+    }
+}
