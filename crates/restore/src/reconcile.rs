@@ -884,6 +884,10 @@ enum JobState {
 }
 
 fn volume_phase(volume: &mut RestoreVolumeStatus, step: JobStep, state: &JobState) {
+    // A failed volume stays Failed with its reason while the others are discarded.
+    if step == JobStep::Discard && volume.phase == "Failed" {
+        return;
+    }
     match state {
         JobState::Running => {
             volume.phase = match step {
