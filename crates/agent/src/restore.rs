@@ -96,6 +96,14 @@ pub struct RestoreVolumeArgs {
     /// unpacking an archive (e.g. `dump.rdb` for redis).
     #[arg(long)]
     pub as_file: Option<PathBuf>,
+    /// With `--as-file`: another name at the volume root removed in the same swap
+    /// (repeatable).
+    #[arg(long)]
+    pub also_remove: Vec<String>,
+    /// With `--as-file`: a small file written next to it, `PATH=CONTENT` (repeatable),
+    /// e.g. the AOF manifest that makes redis load the dump as its AOF base.
+    #[arg(long)]
+    pub extra_file: Vec<String>,
     /// `all` (default): stage, verify and swap in. A restore of several volumes runs
     /// `stage` on every volume first and `swap` only when all verified, so a bad object
     /// on one volume never leaves the app with some volumes new and some old; `discard`
@@ -304,8 +312,9 @@ async fn swap(
     }
     let restore_id = args.restore_id.clone();
     let replace_everything = args.as_file.is_none();
+    let also = args.also_remove.clone();
     tokio::task::spawn_blocking(move || {
-        work.swap_in(&restore_id, recorded, replace_everything, None)
+        work.swap_in(&restore_id, recorded, replace_everything, &also, None)
     })
     .await
     .map_err(|_| Failure::transient("SwapFailed", "the swap task was lost"))?
@@ -344,8 +353,20 @@ async fn stage(args: &RestoreVolumeArgs, work: &Workdir) -> Result<RestoreResult
         .map_err(|e| Failure::transient("WriteFailed", e.to_string()))?;
     let identity = args.stored.identity()?;
     let expected_content = args.stored.content_sha256.clone().unwrap_or_default();
-    let as_file = args.as_file.clone();
     let keep_ownership = nix::unistd::geteuid().is_root();
+    let as_file = args.as_file.clone();
+    let extra_files = args.extra_file.clone();
+    // Files placed from a dump belong to whoever owns the volume root (the app's user
+    // through fsGroup, typically), so the app can read and rewrite them.
+    let owner = std::fs::metadata(&args.target)
+        .ok()
+        .map(|m| {
+            (
+                std::os::unix::fs::MetadataExt::uid(&m),
+                std::os::unix::fs::MetadataExt::gid(&m),
+            )
+        })
+        .filter(|_| keep_ownership);
     let client = args
         .stored
         .connection
@@ -376,29 +397,8 @@ async fn stage(args: &RestoreVolumeArgs, work: &Workdir) -> Result<RestoreResult
                     (stats, content)
                 }
                 Some(path) => {
-                    // One name at the volume root: the swap replaces exactly that entry.
-                    let rel = match crate::extract::inside(path)
-                        .map_err(|e| ReadBackError::Refused(e.to_string()))?
-                    {
-                        Some(rel) if rel.components().count() == 1 => rel,
-                        _ => {
-                            return Err(ReadBackError::Refused(
-                                "--as-file must be one file name at the volume root".into(),
-                            ));
-                        }
-                    };
-                    let target = staging.join(&rel);
-                    if let Some(parent) = target.parent() {
-                        std::fs::create_dir_all(parent)
-                            .map_err(|e| ReadBackError::Consume(e.to_string()))?;
-                    }
                     let mut content = content;
-                    let mut file = std::fs::File::create(&target)
-                        .map_err(|e| ReadBackError::Consume(e.to_string()))?;
-                    let bytes = std::io::copy(&mut content, &mut file)
-                        .map_err(|e| ReadBackError::Consume(format!("decoding the dump: {e}")))?;
-                    file.sync_all()
-                        .map_err(|e| ReadBackError::Consume(e.to_string()))?;
+                    let bytes = place_file(&staging, path, &mut content, &extra_files, owner)?;
                     (
                         crate::extract::ExtractStats {
                             files: 1,
@@ -456,6 +456,57 @@ async fn stage(args: &RestoreVolumeArgs, work: &Workdir) -> Result<RestoreResult
     work.mark_staged(&args.restore_id, recorded)
         .map_err(|e| Failure::transient("WriteFailed", e.to_string()))?;
     Ok(result)
+}
+
+/// Writes the dump at `path` (relative, possibly nested: its top-level entry is what the
+/// swap replaces) and the extra files, owned by `owner`.
+fn place_file(
+    staging: &std::path::Path,
+    path: &std::path::Path,
+    content: &mut impl Read,
+    extra_files: &[String],
+    owner: Option<(u32, u32)>,
+) -> Result<u64, ReadBackError> {
+    let consume = |e: std::io::Error| ReadBackError::Consume(e.to_string());
+    let place = |rel: &std::path::Path| -> Result<PathBuf, ReadBackError> {
+        let rel = crate::extract::inside(rel)
+            .map_err(|e| ReadBackError::Refused(e.to_string()))?
+            .ok_or_else(|| ReadBackError::Refused("a restore file names the volume root".into()))?;
+        let mut at = staging.to_path_buf();
+        let parts: Vec<_> = rel.components().collect();
+        for part in &parts[..parts.len().saturating_sub(1)] {
+            at.push(part);
+            if !at.exists() {
+                std::fs::create_dir(&at).map_err(consume)?;
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(&at, Some(uid), Some(gid)).map_err(consume)?;
+                }
+            }
+        }
+        Ok(staging.join(rel))
+    };
+    let target = place(path)?;
+    let mut file = std::fs::File::create(&target).map_err(consume)?;
+    let bytes = std::io::copy(content, &mut file)
+        .map_err(|e| ReadBackError::Consume(format!("decoding the dump: {e}")))?;
+    file.sync_all().map_err(consume)?;
+    let mut written = vec![target];
+    for extra in extra_files {
+        let Some((rel, text)) = extra.split_once('=') else {
+            return Err(ReadBackError::Refused(format!(
+                "--extra-file {extra:?} is not PATH=CONTENT"
+            )));
+        };
+        let at = place(std::path::Path::new(rel))?;
+        std::fs::write(&at, text).map_err(consume)?;
+        written.push(at);
+    }
+    if let Some((uid, gid)) = owner {
+        for path in &written {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(consume)?;
+        }
+    }
+    Ok(bytes)
 }
 
 /// How much of the restore command's output is kept for the error message.

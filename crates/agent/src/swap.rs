@@ -173,13 +173,15 @@ impl Workdir {
 
     /// Swaps the verified staging in. With `replace_everything` every old top-level entry
     /// goes (a volume restore: the volume becomes exactly the backup); without, only the
-    /// names staged are replaced (a dump placed as one file). `crash_after` (tests) stops
-    /// after that many renames, as a crash would.
+    /// names staged and those in `also` are replaced (a dump placed as one file, and what
+    /// the app would load instead of it). `crash_after` (tests) stops after that many
+    /// renames, as a crash would.
     pub fn swap_in(
         &self,
         restore: &str,
         result: serde_json::Value,
         replace_everything: bool,
+        also: &[String],
         crash_after: Option<usize>,
     ) -> std::io::Result<()> {
         let new: Vec<String> = names(&self.staging())?
@@ -189,7 +191,7 @@ impl Workdir {
         let old: Vec<String> = names(&self.root)?
             .into_iter()
             .filter(|n| n != RESTORE_WORKDIR && n != LOST_FOUND)
-            .filter(|n| replace_everything || new.contains(n))
+            .filter(|n| replace_everything || new.contains(n) || also.contains(n))
             .collect();
         let journal = Journal {
             version: 1,
@@ -360,8 +362,14 @@ mod tests {
             fill(&volume);
             let work = Workdir::new(&volume);
             stage(&work);
-            work.swap_in("r1", serde_json::json!({"ok": 1}), true, Some(crash_after))
-                .unwrap();
+            work.swap_in(
+                "r1",
+                serde_json::json!({"ok": 1}),
+                true,
+                &[],
+                Some(crash_after),
+            )
+            .unwrap();
             let journal = Workdir::new(&volume).recover().unwrap();
             // After the last rename the journal is gone: the swap was complete (a retry
             // then redoes the restore, which is idempotent).
@@ -397,7 +405,7 @@ mod tests {
         let work = Workdir::new(&volume);
         stage(&work);
         std::fs::create_dir_all(work.staging().join("lost+found")).unwrap();
-        work.swap_in("r2", serde_json::Value::Null, true, None)
+        work.swap_in("r2", serde_json::Value::Null, true, &[], None)
             .unwrap();
         assert_eq!(tree(&volume), expected_new());
         assert!(!volume.join(RESTORE_WORKDIR).exists());

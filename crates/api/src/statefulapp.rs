@@ -143,6 +143,18 @@ pub struct ExecSpec {
     pub restore_file: Option<RestoreFile>,
 }
 
+/// A small file written with a restored dump.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreFileContent {
+    /// Path relative to the volume, under the same top-level entry as `restoreFile.path`.
+    #[schemars(length(min = 1, max = 255), regex(pattern = r"^[^/]+(/[^/]+)*$"))]
+    pub path: String,
+    /// The file's content.
+    #[schemars(length(max = 4096))]
+    pub content: String,
+}
+
 /// Where a dump goes when it is restored as a file.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -150,10 +162,23 @@ pub struct RestoreFile {
     /// The volumeClaimTemplate whose volume receives the file (e.g. `data`).
     #[schemars(length(min = 1, max = 63))]
     pub volume: String,
-    /// The file's name at the root of that volume (e.g. `dump.rdb`).
-    #[schemars(length(min = 1, max = 255), regex(pattern = r"^[^/]+$"))]
-    #[x_kube(validation = Rule::new("self != '.' && self != '..'").message("restoreFile.path must be a file name"))]
+    /// The file's path, relative to that volume (e.g. `dump.rdb`; for redis with AOF,
+    /// `appendonlydir/appendonly.aof.1.base.rdb`). The swap replaces its top-level entry
+    /// as a whole.
+    #[schemars(length(min = 1, max = 255), regex(pattern = r"^[^/]+(/[^/]+)*$"))]
+    #[x_kube(validation = Rule::new("!self.split('/').exists(p, p == '.' || p == '..')").message("restoreFile.path must stay inside the volume"))]
     pub path: String,
+    /// Small files written beside it, in the same swap (redis with AOF: the manifest
+    /// `appendonlydir/appendonly.aof.manifest` naming the restored file as the AOF base).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub files: Vec<RestoreFileContent>,
+    /// Other names at the volume root that go in the same swap, so the app cannot load
+    /// them instead of the restored file (redis with AOF: `appendonlydir`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("self.all(n, !n.contains('/') && n != '.' && n != '..' && n != 'lost+found')").message("restoreFile.alsoRemove holds names at the volume root"))]
+    pub also_remove: Vec<String>,
 }
 
 /// Pre- and post-backup hooks.

@@ -47,6 +47,10 @@ pub struct Item {
     pub target: String,
     /// For a dump placed as a file: the file name.
     pub as_file: Option<String>,
+    /// With `as_file`: other names at the volume root replaced in the same swap.
+    pub also_remove: Vec<String>,
+    /// With `as_file`: small files written beside it (`path=content`).
+    pub extra_files: Vec<String>,
 }
 
 /// The restore's shape.
@@ -113,6 +117,8 @@ pub fn plan(
                     entry: entry.clone(),
                     target: entry.pod.clone(),
                     as_file: None,
+                    also_remove: Vec::new(),
+                    extra_files: Vec::new(),
                 })
                 .collect();
             return Ok(Plan {
@@ -172,6 +178,12 @@ pub fn plan(
                 entry: entry.clone(),
                 target: claim,
                 as_file: Some(file.path.clone()),
+                also_remove: file.also_remove.clone(),
+                extra_files: file
+                    .files
+                    .iter()
+                    .map(|f| format!("{}={}", f.path, f.content))
+                    .collect(),
             });
         }
         return Ok(Plan {
@@ -229,6 +241,8 @@ pub fn plan(
             entry: entry.clone(),
             target,
             as_file: None,
+            also_remove: Vec::new(),
+            extra_files: Vec::new(),
         });
     }
     Ok(Plan {
@@ -397,6 +411,12 @@ pub fn agent_job(inputs: &JobInputs<'_>, item: &Item, index: usize, step: JobSte
     }
     if let (JobStep::Stage | JobStep::Swap | JobStep::Discard, Some(file)) = (step, &item.as_file) {
         args.extend(["--as-file".into(), file.clone()]);
+        for name in &item.also_remove {
+            args.extend(["--also-remove".into(), name.clone()]);
+        }
+        for extra in &item.extra_files {
+            args.extend(["--extra-file".into(), extra.clone()]);
+        }
     } else if step != JobStep::Exec
         && let Some(files) = entry.files
     {

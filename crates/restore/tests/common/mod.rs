@@ -100,8 +100,13 @@ impl World {
 
     /// Creates a Backup of `app` and waits for it to complete.
     pub async fn backup(&self, name: &str, app: &str) -> Result<Backup> {
+        self.backup_with(name, &format!("{{ app: {app} }}")).await
+    }
+
+    /// Creates a Backup with this spec (flow YAML) and waits for it to complete.
+    pub async fn backup_with(&self, name: &str, spec: &str) -> Result<Backup> {
         self.apply(&format!(
-            "apiVersion: stateward.io/v1alpha1\nkind: Backup\nmetadata: {{ name: {name} }}\nspec: {{ app: {app} }}"
+            "apiVersion: stateward.io/v1alpha1\nkind: Backup\nmetadata: {{ name: {name} }}\nspec: {spec}"
         ))
         .await?;
         let backups: Api<Backup> = self.api();
