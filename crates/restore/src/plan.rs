@@ -714,8 +714,10 @@ mod tests {
         );
         let env = &job["spec"]["template"]["spec"]["containers"][0]["env"];
         assert_eq!(env[0]["name"], "AWS_ACCESS_KEY_ID");
-        assert_eq!(env[0]["valueFrom"]["secretKeyRef"]["name"], "s", "credentials only by reference");
-        assert!(env[0].get("value").is_none());
+        assert_eq!(
+            env[0]["valueFrom"]["secretKeyRef"]["name"], "s",
+            "credentials only by reference"
         );
+        assert!(env[0].get("value").is_none());
     }
 }
