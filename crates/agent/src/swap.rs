@@ -334,6 +334,11 @@ mod tests {
         std::fs::write(volume.join("db/table"), "old table").unwrap();
         std::fs::write(volume.join("same"), "old same").unwrap();
         std::fs::write(volume.join("only-old"), "gone after").unwrap();
+        std::fs::write(
+            volume.join("who"),
+            "removed by a single-file swap that lists it",
+        )
+        .unwrap();
     }
 
     fn stage(work: &Workdir) {
@@ -356,8 +361,8 @@ mod tests {
 
     #[test]
     fn a_crash_after_any_rename_rolls_forward_to_exactly_the_new_data() {
-        // 3 old entries + 3 new ones = 6 renames; crash after each count, then recover.
-        for crash_after in 0..=6 {
+        // 4 old entries + 3 new ones = 7 renames; crash after each count, then recover.
+        for crash_after in 0..=7 {
             let volume = scratch("crash");
             fill(&volume);
             let work = Workdir::new(&volume);
@@ -373,7 +378,7 @@ mod tests {
             let journal = Workdir::new(&volume).recover().unwrap();
             // After the last rename the journal is gone: the swap was complete (a retry
             // then redoes the restore, which is idempotent).
-            let expected = (crash_after < 6).then(|| "r1".to_string());
+            let expected = (crash_after < 7).then(|| "r1".to_string());
             assert_eq!(
                 journal.map(|j| j.restore),
                 expected,
@@ -419,7 +424,7 @@ mod tests {
         let work = Workdir::new(&volume);
         let staging = work.prepare().unwrap();
         std::fs::write(staging.join("same"), "new same").unwrap();
-        work.swap_in("r3", serde_json::Value::Null, false, None)
+        work.swap_in("r3", serde_json::Value::Null, false, &["who".into()], None)
             .unwrap();
         assert_eq!(
             std::fs::read_to_string(volume.join("same")).unwrap(),
@@ -427,7 +432,12 @@ mod tests {
         );
         assert_eq!(
             std::fs::read_to_string(volume.join("only-old")).unwrap(),
-            "gone after"
+            "gone after",
+            "names neither staged nor listed stay"
+        );
+        assert!(
+            !volume.join("who").exists(),
+            "a listed name goes in the same swap"
         );
         assert_eq!(
             std::fs::read_to_string(volume.join("db/table")).unwrap(),
