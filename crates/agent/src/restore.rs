@@ -232,10 +232,6 @@ pub async fn restore_exec(args: RestoreExecArgs) -> i32 {
     report(restore_exec_inner(&args).await)
 }
 
-/// A test-only pause right before the swap (after the journal would be written), so a
-/// test can kill the agent at the worst moment. Unset in every real deployment.
-const PAUSE_BEFORE_SWAP_ENV: &str = "STATEWARD_TEST_PAUSE_BEFORE_SWAP_SECONDS";
-
 async fn restore_volume_inner(args: &RestoreVolumeArgs) -> Result<RestoreResult, Failure> {
     let started = std::time::Instant::now();
     if !args.target.is_dir() {
@@ -303,13 +299,6 @@ async fn swap(
     work: Workdir,
     recorded: serde_json::Value,
 ) -> Result<(), Failure> {
-    if let Some(seconds) = std::env::var(PAUSE_BEFORE_SWAP_ENV)
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-    {
-        eprintln!("pausing {seconds}s before the swap ({PAUSE_BEFORE_SWAP_ENV})");
-        tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
-    }
     let restore_id = args.restore_id.clone();
     let replace_everything = args.as_file.is_none();
     let also = args.also_remove.clone();

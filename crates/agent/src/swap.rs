@@ -221,12 +221,19 @@ impl Workdir {
         let old_dir = self.dir().join(OLD);
         std::fs::create_dir_all(&old_dir).map_err(|e| io("creating", &old_dir, e))?;
         let mut renames = 0usize;
+        let pause = mid_swap_pause();
         let mut step = |from: &Path, to: &Path| -> std::io::Result<bool> {
             if crash_after.is_some_and(|limit| renames >= limit) {
                 return Ok(false);
             }
             std::fs::rename(from, to).map_err(|e| io("moving", from, e))?;
             renames += 1;
+            if renames == 1
+                && let Some(pause) = pause
+            {
+                eprintln!("pausing {pause:?} in the middle of the swap ({PAUSE_MID_SWAP_ENV})");
+                std::thread::sleep(pause);
+            }
             Ok(true)
         };
         for name in &journal.old {
@@ -257,6 +264,19 @@ impl Workdir {
             .map_err(|e| io("removing", &self.journal_path(), e))?;
         sync_dir(&self.dir())
     }
+}
+
+/// Test-only fault injection: a pause right after the first rename of a swap, when the
+/// volume is half old and half new, so a test can kill the agent at the worst moment.
+/// Unset in every real deployment.
+pub const PAUSE_MID_SWAP_ENV: &str = "STATEWARD_TEST_PAUSE_MID_SWAP_SECONDS";
+
+fn mid_swap_pause() -> Option<std::time::Duration> {
+    std::env::var(PAUSE_MID_SWAP_ENV)
+        .ok()?
+        .parse::<u64>()
+        .ok()
+        .map(std::time::Duration::from_secs)
 }
 
 /// fsyncs every file and directory below `dir`.

@@ -540,3 +540,98 @@ async fn a_redis_rdb_is_placed_as_dump_rdb_and_its_keys_return_after_the_restart
     );
     world.finish().await
 }
+
+/// Pids of local processes whose command line holds every one of `parts` (the local node
+/// runs pods as processes on this machine).
+fn pids_with(parts: &[&str]) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if parts.iter().all(|p| args.iter().any(|a| a == p)) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn an_agent_killed_in_the_middle_of_the_swap_is_retried_and_its_journal_finishes_it()
+-> Result<()> {
+    let config = stateward_restore::Config {
+        agent_env: vec![(
+            stateward_agent::swap::PAUSE_MID_SWAP_ENV.into(),
+            "15".into(),
+        )],
+        ..Default::default()
+    };
+    let world = World::with_restore_config("rst-kill", config).await?;
+    world.apply(&writer("kl", 1, "32Mi")).await?;
+    world.apply(&app("kl", "kl", "")).await?;
+    world.wait_ready("kl", 1).await?;
+    let before = world.fingerprint("kl-0", "/data").await?;
+    world.backup("kl-b1", "kl").await?;
+    world.sh("kl-0", DAMAGE).await?;
+    world
+        .apply("apiVersion: stateward.io/v1alpha1\nkind: Restore\nmetadata: { name: kl-r1 }\nspec:\n  source: { backup: kl-b1 }\n  target: { app: kl }")
+        .await?;
+    // The swap agent pauses after its first rename: the volume is half old, half new.
+    let pods: Api<Pod> = world.api();
+    let restores: Api<stateward_api::Restore> = world.api();
+    let pid = stateward_testkit::harness::wait_for(
+        "the swap agent paused mid-swap",
+        3 * MINUTE,
+        || async {
+            let uid = restores.get("kl-r1").await?.uid().unwrap_or_default();
+            let list = pods
+                .list(&kube::api::ListParams::default().labels("stateward.io/restore=kl-r1"))
+                .await?;
+            for pod in list
+                .items
+                .iter()
+                .filter(|p| p.name_any().contains("-swap-"))
+            {
+                let log = pods
+                    .logs(&pod.name_any(), &Default::default())
+                    .await
+                    .unwrap_or_default();
+                if log.contains("in the middle of the swap") {
+                    return Ok(pids_with(&["restore-volume", "swap", uid.as_str()])
+                        .first()
+                        .copied());
+                }
+            }
+            Ok(None)
+        },
+    )
+    .await?;
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()?;
+    ensure!(killed.success(), "kill -9 {pid}");
+    println!("killed the swap agent (pid {pid}) in the middle of the swap");
+
+    let restore = world.wait_restore("kl-r1").await?;
+    ensure!(
+        phase(&restore) == Some(RestorePhase::Completed),
+        "{:?}",
+        ready(&restore)
+    );
+    let volumes = restore.status.clone().unwrap_or_default().volumes;
+    ensure!(
+        volumes.first().is_some_and(|v| v.recovered && v.verified),
+        "the retry finished the journaled swap: {volumes:?}"
+    );
+    world.wait_ready("kl", 1).await?;
+    let after = world.fingerprint("kl-0", "/data").await?;
+    ensure!(after == before, "never a mixed volume:\n{before}\n{after}");
+    world.finish().await
+}
