@@ -1,6 +1,10 @@
 //! `cargo xtask bench backup`: the agent against restic on the same data and the same S3
 //! server, plus the local bound (`tar | zstd -1 > /dev/null`) and the agent's peak RSS at
-//! two data sizes. It prints figures; it asserts nothing (these machines are noisy).
+//! two data sizes. `cargo xtask bench restore`: the same data set restored by the agent
+//! (`restore-volume`: download, both checksums, unpack into staging, journaled swap) and
+//! by restic (`restore latest`), each into an empty directory, then compared with the
+//! source (`diff -r`, not timed). They print figures; they assert nothing (these
+//! machines are noisy).
 //!
 //! Measured per run: wall time, MB/s of source data, CPU seconds (user + system of the
 //! process and its children, from `getrusage`), and peak RSS (the process's `VmHWM`,
@@ -304,5 +308,151 @@ pub fn backup(args: BackupBench) -> Result<()> {
         "\nxtask bench: data sets stay in {} for the next run (delete to free the disk)",
         work.display()
     );
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RestoreBench {
+    /// Size of the data set in MiB.
+    #[arg(long, default_value_t = 2048)]
+    size_mib: u64,
+}
+
+/// The agent's backup summary (its stdout), which the restore needs as the manifest would
+/// give it.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AgentSummary {
+    files: u64,
+    bytes_read: u64,
+    sha256: String,
+    segments: u32,
+    #[serde(default)]
+    content_sha256: String,
+}
+
+pub fn restore(args: RestoreBench) -> Result<()> {
+    crate::deps::ensure()?;
+    let env = testenv::up()?;
+    println!("xtask bench: building the release agent");
+    let agent = release_agent()?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let work = testenv::target_dir().join("bench");
+    let size = args.size_mib * MIB;
+    let data = work.join(format!("data-{}m", args.size_mib));
+    println!(
+        "xtask bench: data set of {} MiB in {}",
+        args.size_mib,
+        data.display()
+    );
+    generate(&data, size)?;
+    runtime.block_on(empty_bucket(&env, "bench"))?;
+
+    println!("xtask bench: backing the data set up with the agent and with restic (not timed)");
+    let key = "agent/data.tar.zst";
+    let out = agent_cmd(&agent, &env, &data, key)
+        .output()
+        .context("running the agent backup")?;
+    if !out.status.success() {
+        bail!(
+            "the agent backup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let summary: AgentSummary = serde_json::from_slice(
+        out.stdout
+            .split(|b| *b == b'\n')
+            .find(|l| l.starts_with(b"{"))
+            .unwrap_or_default(),
+    )
+    .context("reading the agent's backup summary")?;
+    let repo = format!("s3:{}/bench/restic", env.s3_endpoint);
+    let restic = |args: &[&str]| {
+        let mut cmd = Command::new("restic");
+        cmd.env("AWS_ACCESS_KEY_ID", &env.s3_access_key)
+            .env("AWS_SECRET_ACCESS_KEY", &env.s3_secret_key)
+            .env("RESTIC_PASSWORD", "bench")
+            .env("RESTIC_CACHE_DIR", work.join("restic-cache"))
+            .args(["-r", &repo, "--quiet"])
+            .args(args);
+        cmd
+    };
+    measure("restic init", &mut restic(&["init"]))?;
+    measure("restic backup", restic(&["backup"]).arg(&data))?;
+
+    let agent_target = work.join("restore-agent");
+    let restic_target = work.join("restore-restic");
+    for dir in [&agent_target, &restic_target] {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+    }
+    println!(
+        "\nrestore of {} MiB (40% small files, half compressible; {} files), {} cores, into an empty directory",
+        args.size_mib,
+        summary.files,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    let mut agent_restore = Command::new(&agent);
+    agent_restore
+        .args(["agent", "restore-volume", "--target"])
+        .arg(&agent_target)
+        .args([
+            "--restore-id",
+            "bench",
+            "--bytes",
+            &summary.bytes_read.to_string(),
+        ])
+        .args(["--files", &summary.files.to_string()])
+        .args(["--key", key, "--segments", &summary.segments.to_string()])
+        .args(["--sha256", &summary.sha256])
+        .args([
+            "--bucket",
+            "bench",
+            "--endpoint",
+            &env.s3_endpoint,
+            "--force-path-style",
+        ])
+        .env("AWS_ACCESS_KEY_ID", &env.s3_access_key)
+        .env("AWS_SECRET_ACCESS_KEY", &env.s3_secret_key)
+        .env("RUST_LOG", "warn");
+    if !summary.content_sha256.is_empty() {
+        agent_restore.args(["--content-sha256", &summary.content_sha256]);
+    }
+    let agent_run = measure("the agent restore", &mut agent_restore)?;
+    print_row("stateward agent", size, &agent_run);
+    let restic_run = measure(
+        "restic restore",
+        restic(&["restore", "latest", "--target"]).arg(&restic_target),
+    )?;
+    print_row("restic restore", size, &restic_run);
+    println!(
+        "  agent / restic: {:.2}x the throughput, {:.2}x the CPU, {:.2}x the peak RSS",
+        restic_run.seconds / agent_run.seconds,
+        agent_run.cpu_seconds / restic_run.cpu_seconds.max(1e-9),
+        agent_run.peak_rss_mib / restic_run.peak_rss_mib.max(1e-9)
+    );
+    // Both restores must be the data set, or the figures mean nothing.
+    let restic_tree = restic_target.join(data.strip_prefix("/").unwrap_or(&data));
+    for (name, tree) in [("agent", agent_target.clone()), ("restic", restic_tree)] {
+        let status = Command::new("diff")
+            .arg("-rq")
+            .arg(&data)
+            .arg(&tree)
+            .status()?;
+        if !status.success() {
+            bail!(
+                "the {name} restore differs from the data set (diff -rq {} {})",
+                data.display(),
+                tree.display()
+            );
+        }
+        println!("  {name}: identical to the data set (diff -rq)");
+    }
+    for dir in [&agent_target, &restic_target] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    runtime.block_on(empty_bucket(&env, "bench"))?;
     Ok(())
 }

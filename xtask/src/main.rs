@@ -63,6 +63,9 @@ enum BenchKind {
     /// The backup agent against restic (and the local tar | zstd bound) on the same data
     /// and S3 server; the agent's peak RSS at 1 and 4 GiB.
     Backup(bench::BackupBench),
+    /// The backup bench's data set restored by the agent (stream, verify, unpack, swap)
+    /// and by restic from the same S3 server.
+    Restore(bench::RestoreBench),
 }
 
 #[derive(Subcommand)]
@@ -99,6 +102,7 @@ fn main() -> Result<()> {
         Command::Demo => demo::run(),
         Command::Bench { which } => match which {
             BenchKind::Backup(args) => bench::backup(args),
+            BenchKind::Restore(args) => bench::restore(args),
         },
         Command::Tools => {
             let tools = tools::ensure_all()?;
