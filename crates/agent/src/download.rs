@@ -125,11 +125,90 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
+/// Bytes handed from the decoding thread to the unpacking one per message.
+const PIPELINE_CHUNK: usize = 1 << 20;
+
+/// A two-stage pipeline: a thread decodes and hashes (`inner`) ahead of the reader, which
+/// unpacks; on 2 cores that overlaps decompression and hashing with file writes. Memory:
+/// at most 4 chunks in flight.
+pub struct Pipelined {
+    rx: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    current: Vec<u8>,
+    at: usize,
+    worker: Option<std::thread::JoinHandle<std::io::Result<(String, u64)>>>,
+}
+
+impl Pipelined {
+    pub fn new<R: Read + Send + 'static>(mut inner: HashingReader<R>) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        let worker = std::thread::spawn(move || {
+            loop {
+                let mut chunk = vec![0u8; PIPELINE_CHUNK];
+                let mut filled = 0;
+                while filled < chunk.len() {
+                    match inner.read(&mut chunk[filled..]) {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            let message = e.to_string();
+                            let _ = tx.send(Err(e));
+                            return Err(std::io::Error::other(message));
+                        }
+                    }
+                }
+                if filled == 0 {
+                    return inner.finish();
+                }
+                chunk.truncate(filled);
+                if tx.send(Ok(chunk)).is_err() {
+                    // The reader gave up (it failed); its error is the one reported.
+                    return Err(std::io::Error::other("the reader stopped"));
+                }
+            }
+        });
+        Self {
+            rx,
+            current: Vec::new(),
+            at: 0,
+            worker: Some(worker),
+        }
+    }
+
+    /// Reads to the end, then gives the decoding thread's digest and byte count.
+    pub fn finish(mut self) -> std::io::Result<(String, u64)> {
+        std::io::copy(&mut self, &mut std::io::sink())?;
+        match self.worker.take().map(|w| w.join()) {
+            Some(Ok(result)) => result,
+            _ => Err(std::io::Error::other("the decoding thread was lost")),
+        }
+    }
+}
+
+impl Read for Pipelined {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.current.len() {
+            match self.rx.recv() {
+                Ok(Ok(chunk)) => {
+                    self.current = chunk;
+                    self.at = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
 /// The plaintext of a stored stream: decrypted when `identity` is given (age), as is.
-pub fn decrypted<'a, R: Read + 'a>(
+pub fn decrypted<'a, R: Read + Send + 'a>(
     reader: R,
     identity: Option<&age::x25519::Identity>,
-) -> std::io::Result<Box<dyn Read + 'a>> {
+) -> std::io::Result<Box<dyn Read + Send + 'a>> {
     match identity {
         None => Ok(Box::new(reader)),
         Some(identity) => {

@@ -370,7 +370,7 @@ async fn stage(args: &RestoreVolumeArgs, work: &Workdir) -> Result<RestoreResult
                 .map_err(|e| ReadBackError::Consume(e.to_string()))?;
             let decoder = zstd::stream::read::Decoder::new(plain)
                 .map_err(|e| ReadBackError::Consume(format!("zstd: {e}")))?;
-            let content = HashingReader::new(decoder);
+            let content = crate::download::Pipelined::new(HashingReader::new(decoder));
             let (stats, content) = match &as_file {
                 None => {
                     let (stats, content) =
