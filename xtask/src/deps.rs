@@ -20,6 +20,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("/usr/bin/zstd", "zstd"),
     // `age -d` / `age-keygen`: the tests decrypt backups by hand, as users would.
     ("/usr/bin/age", "age"),
+    // A real Prometheus scrapes the manager in the monitoring tests; promtool checks and
+    // unit-tests the alert rules Stateward generates.
+    ("/usr/bin/prometheus", "prometheus"),
+    ("/usr/bin/promtool", "prometheus"),
 ];
 
 /// Installs the missing packages with apt-get (we run as root on dev machines and in CI).

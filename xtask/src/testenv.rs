@@ -55,6 +55,10 @@ pub struct Env {
     pub kubernetes_version: String,
     /// The pinned helm binary (for chart tests).
     pub helm: PathBuf,
+    /// The Prometheus Operator's CRD manifests, generated from its pinned types (for the
+    /// monitoring tests, which install them).
+    #[serde(default)]
+    pub prometheus_crds: PathBuf,
 }
 
 pub fn state_dir() -> PathBuf {
@@ -212,6 +216,7 @@ pub fn up() -> Result<Env> {
         ca_cert: pki.ca_cert.clone(),
         kubernetes_version: tools::KUBERNETES_VERSION.into(),
         helm: tool("helm"),
+        prometheus_crds: tools::prometheus_crds(&tool("controller-gen"))?,
     };
 
     let logs = dir.join("logs");

@@ -62,7 +62,49 @@ const TOOLS: &[GoTool] = &[
         binaries: &[("helm", "helm.sh/helm/v3/cmd/helm")],
         ldflags: plain_ldflags,
     },
+    GoTool {
+        module: "promcrds",
+        binaries: &[(
+            "controller-gen",
+            "sigs.k8s.io/controller-tools/cmd/controller-gen",
+        )],
+        ldflags: plain_ldflags,
+    },
 ];
+
+/// The Prometheus Operator's CRD manifests, generated from its pinned API types (the
+/// `tools/promcrds` module) with controller-gen as upstream generates them, into the
+/// tool's cache folder (`crds/`). Never committed: the monitoring tests install them.
+pub fn prometheus_crds(controller_gen: &Path) -> Result<PathBuf> {
+    let dir = controller_gen
+        .parent()
+        .context("controller-gen has no folder")?
+        .join("crds");
+    if dir
+        .join("monitoring.coreos.com_prometheusrules.yaml")
+        .is_file()
+    {
+        return Ok(dir);
+    }
+    let staging = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging)?;
+    let status = Command::new(controller_gen)
+        .current_dir(crate::repo_root().join("tools").join("promcrds"))
+        .env("GOTOOLCHAIN", "local")
+        .env("GOFLAGS", "-mod=mod")
+        .arg("crd:crdVersions=v1")
+        .arg("paths=github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1")
+        .arg(format!("output:crd:dir={}", staging.display()))
+        .status()
+        .context("running controller-gen")?;
+    if !status.success() {
+        bail!("controller-gen failed to generate the Prometheus Operator CRDs (see above)");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&staging, &dir)?;
+    Ok(dir)
+}
 
 /// Where built binaries are cached: `$STATEWARD_CACHE_DIR`, else `~/.cache/stateward`.
 pub fn cache_dir() -> PathBuf {

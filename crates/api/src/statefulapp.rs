@@ -721,6 +721,34 @@ pub struct HealthStatusSection {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 100))]
     pub unready_pods: Vec<UnreadyPod>,
+    /// Age of the newest successful backup, in seconds (when there is one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup_age_seconds: Option<i64>,
+    /// The age beyond which the newest backup counts as too old (`monitoring.backupMaxAge`,
+    /// or twice the most frequent schedule's longest gap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_max_age_seconds: Option<i64>,
+    /// Capacity of each of the app's PVCs, as the claims report it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub volumes: Vec<VolumeHealth>,
+    /// Whether Stateward manages a PodMonitor and a PrometheusRule for the app.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitoring_objects: Option<String>,
+}
+
+/// A PVC of the app.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeHealth {
+    /// PVC name.
+    pub name: String,
+    /// Capacity (`status.capacity.storage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<String>,
+    /// `Bound`, `Pending`, `Lost`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
 }
 
 /// A pod that is not ready.

@@ -34,6 +34,8 @@ use super::{BLOCKED, STEADY, STEP, ScalingContext, ScalingError, World, holder, 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VolumeLabels {
     pub namespace: String,
+    /// The StatefulApp (so alerts aggregate per app, like every other per-app series).
+    pub app: String,
     pub persistentvolumeclaim: String,
 }
 
@@ -336,6 +338,7 @@ async fn auto_expand(
             };
             let labels = VolumeLabels {
                 namespace: world.ns(),
+                app: world.app.name_any(),
                 persistentvolumeclaim: claim.clone(),
             };
             ctx.volume_used.get_or_create(&labels).set(used as i64);

@@ -32,6 +32,9 @@ pub struct TestEnv {
     /// The pinned helm binary.
     #[serde(default)]
     pub helm: PathBuf,
+    /// The Prometheus Operator's CRD manifests (generated from its pinned API types).
+    #[serde(default)]
+    pub prometheus_crds: PathBuf,
 }
 
 /// A connection to the local cluster.

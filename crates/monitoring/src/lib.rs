@@ -1,0 +1,456 @@
+//! The monitoring controller: per StatefulApp, `status.health` and the `Healthy` condition
+//! (with an event when it flips), the per-app gauges on `/metrics`, and — when the
+//! Prometheus Operator's CRDs exist and `spec.monitoring` asks for them — a PodMonitor for
+//! the app's metrics port and a PrometheusRule with Stateward's default alerts.
+//!
+//! The CRDs are discovered, never assumed: looked up again every `discovery_ttl`, so
+//! installing the Prometheus Operator after Stateward starts is picked up without a
+//! restart; while they are absent the `MonitoringObjects` condition says so, quietly
+//! (no error loop, no Warning storm).
+//!
+//! The pipeline: fetch (StatefulSet, its pods and PVCs) → assess (pure, `health.rs`) →
+//! build the monitoring objects (pure, `objects.rs`) → apply → status, gauges, events.
+
+pub mod health;
+pub mod objects;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams};
+use kube::core::GroupVersionKind;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Resource, ResourceExt};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use stateward_api::StatefulApp;
+use stateward_runtime::{Context, apply, conditions};
+
+/// The controller's name (metrics label, event reporter, `--controllers`).
+pub const CONTROLLER: &str = "monitoring";
+
+const HEALTHY: &str = "Healthy";
+const MONITORING_OBJECTS: &str = "MonitoringObjects";
+
+/// Operator settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How often an app's health is assessed again (a pod that stops being ready shows
+    /// within this, plus the kubelet's probe period).
+    pub recheck: Duration,
+    /// How long a lookup of the Prometheus Operator CRDs is trusted.
+    pub discovery_ttl: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            recheck: Duration::from_secs(10),
+            discovery_ttl: Duration::from_secs(20),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppLabels {
+    pub namespace: String,
+    pub app: String,
+}
+
+/// The per-app gauges (exported by the leader only: a standby runs no controller).
+#[derive(Clone, Default)]
+pub struct AppGauges {
+    pub desired: Family<AppLabels, Gauge>,
+    pub ready: Family<AppLabels, Gauge>,
+    pub healthy: Family<AppLabels, Gauge>,
+}
+
+impl AppGauges {
+    pub fn register(metrics: &stateward_runtime::metrics::Metrics) -> Self {
+        let gauges = Self::default();
+        metrics.register(
+            "app_desired_replicas",
+            "Replicas the app's StatefulSet wants",
+            gauges.desired.clone(),
+        );
+        metrics.register(
+            "app_ready_replicas",
+            "Ready replicas of the app",
+            gauges.ready.clone(),
+        );
+        metrics.register(
+            "app_healthy",
+            "1 when the app's Healthy condition is True (all replicas ready, newest backup young enough)",
+            gauges.healthy.clone(),
+        );
+        gauges
+    }
+}
+
+/// What discovery found of the Prometheus Operator's kinds.
+#[derive(Clone, Debug, Default)]
+pub struct Found {
+    pub pod_monitor: Option<ApiResource>,
+    pub prometheus_rule: Option<ApiResource>,
+}
+
+/// Everything a reconcile needs.
+pub struct MonitoringContext {
+    pub base: Context,
+    pub config: Config,
+    pub gauges: AppGauges,
+    discovered: Mutex<Option<(Instant, Found)>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MonitoringError {
+    #[error("Kubernetes API")]
+    Kube(#[from] kube::Error),
+    #[error("encoding an object: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+impl MonitoringError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Kube(_) => "kube",
+            Self::Encode(_) => "encode",
+        }
+    }
+}
+
+/// Runs the monitoring controller until shutdown.
+pub async fn run(base: Context, namespace: Option<String>, config: Config) {
+    let ctx = Arc::new(MonitoringContext {
+        gauges: AppGauges::register(&base.metrics),
+        base: base.clone(),
+        config,
+        discovered: Mutex::new(None),
+    });
+    let apps: Api<StatefulApp> = match &namespace {
+        Some(ns) => Api::namespaced(base.client.clone(), ns),
+        None => Api::all(base.client.clone()),
+    };
+    Controller::new(apps, watcher::Config::default().any_semantic())
+        .graceful_shutdown_on(base.shutdown.clone().cancelled_owned())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+/// Transient errors back off per app.
+pub fn error_policy(
+    app: Arc<StatefulApp>,
+    err: &MonitoringError,
+    ctx: Arc<MonitoringContext>,
+) -> Action {
+    let key = format!(
+        "monitoring/{}/{}",
+        app.namespace().unwrap_or_default(),
+        app.name_any()
+    );
+    tracing::warn!(app = %key, error = %err, label = err.metric_label(), "monitoring reconcile failed");
+    let delay = ctx
+        .base
+        .backoff
+        .on_error(&key, stateward_runtime::backoff::ErrorKind::Transient)
+        .unwrap_or(Duration::from_secs(300));
+    Action::requeue(delay)
+}
+
+/// The reconcile entry point.
+#[tracing::instrument(skip_all, fields(namespace = app.namespace().unwrap_or_default(), app = app.name_any()))]
+pub async fn reconcile(
+    app: Arc<StatefulApp>,
+    ctx: Arc<MonitoringContext>,
+) -> Result<Action, MonitoringError> {
+    let timer = ctx.base.metrics.reconcile.start(CONTROLLER);
+    let result = step(&app, &ctx).await;
+    timer.finish(if result.is_ok() { "success" } else { "error" });
+    result
+}
+
+async fn step(app: &StatefulApp, ctx: &MonitoringContext) -> Result<Action, MonitoringError> {
+    let ns = app.namespace().unwrap_or_default();
+    let name = app.name_any();
+    let labels = AppLabels {
+        namespace: ns.clone(),
+        app: name.clone(),
+    };
+    if app.meta().deletion_timestamp.is_some() {
+        for family in [&ctx.gauges.desired, &ctx.gauges.ready, &ctx.gauges.healthy] {
+            family.remove(&labels);
+        }
+        return Ok(Action::await_change());
+    }
+    ctx.base
+        .backoff
+        .on_success(&format!("monitoring/{ns}/{name}"));
+    let now = ctx.base.clock.now();
+    // 1. Fetch.
+    let sts = Api::<StatefulSet>::namespaced(ctx.base.client.clone(), &ns)
+        .get_opt(&app.spec.stateful_set_name)
+        .await?;
+    let selector = sts
+        .as_ref()
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.selector.match_labels.clone())
+        .unwrap_or_default();
+    let (pods, claims) = match &sts {
+        Some(sts) => {
+            let sts_name = sts.name_any();
+            let label_selector = selector
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let pods: Vec<Pod> = Api::<Pod>::namespaced(ctx.base.client.clone(), &ns)
+                .list(&ListParams::default().labels(&label_selector))
+                .await?
+                .items
+                .into_iter()
+                .filter(|p| {
+                    p.owner_references()
+                        .iter()
+                        .any(|o| o.kind == "StatefulSet" && o.name == sts_name)
+                })
+                .collect();
+            let templates: Vec<String> = sts
+                .spec
+                .as_ref()
+                .and_then(|s| s.volume_claim_templates.as_ref())
+                .map(|t| t.iter().filter_map(|t| t.metadata.name.clone()).collect())
+                .unwrap_or_default();
+            let claims: Vec<PersistentVolumeClaim> =
+                Api::<PersistentVolumeClaim>::namespaced(ctx.base.client.clone(), &ns)
+                    .list(&ListParams::default())
+                    .await?
+                    .items
+                    .into_iter()
+                    .filter(|c| {
+                        let claim = c.name_any();
+                        templates.iter().any(|t| {
+                            claim
+                                .strip_prefix(&format!("{t}-{sts_name}-"))
+                                .is_some_and(|o| o.parse::<u32>().is_ok())
+                        })
+                    })
+                    .collect();
+            (pods, claims)
+        }
+        None => (Vec::new(), Vec::new()),
+    };
+    // 2. Assess.
+    let (mut section, verdict) = health::assess(app, sts.as_ref(), &pods, &claims, now);
+    // 3. The monitoring objects.
+    let (objects_ok, objects_reason, objects_message) =
+        monitoring_objects(app, &ns, &selector, ctx).await?;
+    section.monitoring_objects = Some(objects_reason.to_string());
+    // 4. Status, gauges, events.
+    let mut current = app
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let was = conditions::get(&current, HEALTHY).map(|c| c.status.clone());
+    let generation = app.meta().generation;
+    conditions::set(
+        &mut current,
+        conditions::condition(
+            HEALTHY,
+            verdict.healthy,
+            verdict.reason,
+            verdict.message.clone(),
+            generation,
+        ),
+        now,
+    );
+    conditions::set(
+        &mut current,
+        conditions::condition(
+            MONITORING_OBJECTS,
+            objects_ok,
+            objects_reason,
+            objects_message,
+            generation,
+        ),
+        now,
+    );
+    let ours: Vec<_> = current
+        .into_iter()
+        .filter(|c| c.type_ == HEALTHY || c.type_ == MONITORING_OBJECTS)
+        .collect();
+    let apps: Api<StatefulApp> = Api::namespaced(ctx.base.client.clone(), &ns);
+    apply::apply_status(
+        &apps,
+        &name,
+        apply::managers::MONITORING,
+        serde_json::json!({"health": section, "conditions": ours}),
+    )
+    .await?;
+    ctx.gauges
+        .desired
+        .get_or_create(&labels)
+        .set(i64::from(section.desired_replicas));
+    ctx.gauges
+        .ready
+        .get_or_create(&labels)
+        .set(i64::from(section.ready_replicas));
+    ctx.gauges
+        .healthy
+        .get_or_create(&labels)
+        .set(i64::from(verdict.healthy));
+    let now_status = if verdict.healthy { "True" } else { "False" };
+    if was.as_deref() != Some(now_status) && was.is_some() {
+        let (type_, reason) = if verdict.healthy {
+            (EventType::Normal, "Healthy")
+        } else {
+            (EventType::Warning, "Unhealthy")
+        };
+        ctx.base
+            .publish(
+                &app.object_ref(&()),
+                type_,
+                reason,
+                "Assess",
+                verdict.message.clone(),
+            )
+            .await;
+    }
+    Ok(Action::requeue(ctx.config.recheck))
+}
+
+/// Looks up (or reuses a fresh lookup of) the Prometheus Operator's kinds.
+async fn discover(ctx: &MonitoringContext) -> Found {
+    if let Ok(cache) = ctx.discovered.lock()
+        && let Some((at, found)) = cache.as_ref()
+        && at.elapsed() < ctx.config.discovery_ttl
+    {
+        return found.clone();
+    }
+    let mut found = Found::default();
+    match kube::discovery::Discovery::new(ctx.base.client.clone())
+        .filter(&["monitoring.coreos.com"])
+        .run()
+        .await
+    {
+        Ok(discovery) => {
+            for (kind, slot) in [
+                ("PodMonitor", &mut found.pod_monitor),
+                ("PrometheusRule", &mut found.prometheus_rule),
+            ] {
+                *slot = discovery
+                    .resolve_gvk(&GroupVersionKind::gvk("monitoring.coreos.com", "v1", kind))
+                    .map(|(resource, _)| resource);
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "discovering monitoring.coreos.com failed"),
+    }
+    if let Ok(mut cache) = ctx.discovered.lock() {
+        *cache = Some((Instant::now(), found.clone()));
+    }
+    found
+}
+
+/// Applies (or removes) the app's PodMonitor and PrometheusRule; the condition's
+/// status, reason and message.
+async fn monitoring_objects(
+    app: &StatefulApp,
+    ns: &str,
+    selector: &std::collections::BTreeMap<String, String>,
+    ctx: &MonitoringContext,
+) -> Result<(bool, &'static str, String), MonitoringError> {
+    let policy = app.spec.monitoring.clone().unwrap_or_default();
+    let want_monitor = policy.service_monitor && policy.metrics_port.is_some();
+    let want_rules = policy.alert_rules;
+    let found = discover(ctx).await;
+    let name = objects::object_name(&app.name_any());
+    let mut made = Vec::new();
+    for (want, resource, body, kind) in [
+        (
+            want_monitor,
+            &found.pod_monitor,
+            objects::pod_monitor(app, selector),
+            "PodMonitor",
+        ),
+        (
+            want_rules,
+            &found.prometheus_rule,
+            Some(objects::prometheus_rule(
+                app,
+                ns,
+                health::max_backup_age(app, ctx.base.clock.now()),
+            )),
+            "PrometheusRule",
+        ),
+    ] {
+        let Some(resource) = resource else { continue };
+        let api: Api<DynamicObject> = Api::namespaced_with(ctx.base.client.clone(), ns, resource);
+        match (want, body) {
+            (true, Some(body)) => {
+                apply::apply(&api, &name, apply::managers::MONITORING, &body).await?;
+                made.push(kind);
+            }
+            _ => {
+                // Turned off (or no metrics port): an object we made earlier goes.
+                if let Some(existing) = api.get_opt(&name).await?
+                    && existing
+                        .labels()
+                        .get(stateward_api::common::MANAGED_BY_LABEL)
+                        .map(String::as_str)
+                        == Some(stateward_api::common::MANAGED_BY_VALUE)
+                {
+                    api.delete(&name, &DeleteParams::default()).await?;
+                }
+            }
+        }
+    }
+    if !want_monitor && !want_rules {
+        return Ok((
+            false,
+            "Disabled",
+            "spec.monitoring turns both the monitor and the alert rules off".into(),
+        ));
+    }
+    if found.pod_monitor.is_none() && found.prometheus_rule.is_none() {
+        return Ok((
+            false,
+            "PrometheusOperatorMissing",
+            "the Prometheus Operator's CRDs (monitoring.coreos.com PodMonitor, PrometheusRule) are not installed; Stateward creates the app's monitor and rules when they appear".into(),
+        ));
+    }
+    let mut notes = Vec::new();
+    if want_monitor && found.pod_monitor.is_none() {
+        notes.push("the PodMonitor CRD is not installed");
+    }
+    if want_rules && found.prometheus_rule.is_none() {
+        notes.push("the PrometheusRule CRD is not installed");
+    }
+    if policy.service_monitor && policy.metrics_port.is_none() {
+        notes.push("no spec.monitoring.metricsPort, so no PodMonitor");
+    }
+    let message = if made.is_empty() {
+        "nothing to create".to_string()
+    } else {
+        format!("{} {name} applied", made.join(" and "))
+    };
+    Ok((
+        !made.is_empty(),
+        if made.is_empty() {
+            "NothingToCreate"
+        } else {
+            "Applied"
+        },
+        if notes.is_empty() {
+            message
+        } else {
+            format!("{message}; {}", notes.join("; "))
+        },
+    ))
+}
