@@ -21,6 +21,7 @@ const CONTROLLERS: &[&str] = &[
     stateward_backup::CONTROLLER,
     stateward_restore::CONTROLLER,
     stateward_scaling::CONTROLLER,
+    stateward_monitoring::CONTROLLER,
 ];
 
 /// Starts the selected controllers as independent sync loops.
@@ -53,6 +54,12 @@ fn start_controllers(
                 set.spawn(async move {
                     stateward_restore::run(base, namespace, restore_config).await;
                     stateward_restore::CONTROLLER
+                });
+            }
+            stateward_monitoring::CONTROLLER => {
+                set.spawn(async move {
+                    stateward_monitoring::run(base, namespace, Default::default()).await;
+                    stateward_monitoring::CONTROLLER
                 });
             }
             stateward_scaling::CONTROLLER => {
@@ -296,6 +303,19 @@ async fn run(args: RunArgs) -> Result<()> {
         "1 while this replica is the leader (or runs without leader election)",
         leader_gauge.clone(),
     );
+    let build_info =
+        prometheus_client::metrics::family::Family::<Vec<(String, String)>, Gauge>::default();
+    metrics.register(
+        "build_info",
+        "Always 1; the labels say which build runs",
+        build_info.clone(),
+    );
+    build_info
+        .get_or_create(&vec![(
+            "version".to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        )])
+        .set(1);
     let readiness = Readiness::default();
     let listener = admin::bind(args.admin_addr)
         .await

@@ -169,11 +169,37 @@ pub fn assess(
                     human(max.as_secs())
                 ),
             },
-            None => Verdict {
-                healthy: false,
-                reason: "NoBackup",
-                message: "no successful backup yet".into(),
-            },
+            None => {
+                // A new app has until the maximum age for its first backup.
+                let created = app
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| stateward_runtime::time::to_chrono(t))
+                    .unwrap_or(now);
+                let age = (now - created).num_seconds().max(0) as u64;
+                if age > max.as_secs() {
+                    Verdict {
+                        healthy: false,
+                        reason: "NoBackup",
+                        message: format!(
+                            "no successful backup in the {} since the app was created (allowed {})",
+                            human(age),
+                            human(max.as_secs())
+                        ),
+                    }
+                } else {
+                    Verdict {
+                        healthy: true,
+                        reason: "Healthy",
+                        message: format!(
+                            "all {} replicas ready; no backup yet, the first is due within {}",
+                            section.desired_replicas,
+                            human(max.as_secs() - age)
+                        ),
+                    }
+                }
+            }
             Some(age) => Verdict {
                 healthy: true,
                 reason: "Healthy",
