@@ -175,7 +175,7 @@ pub fn assess(
                     .metadata
                     .creation_timestamp
                     .as_ref()
-                    .map(|t| stateward_runtime::time::to_chrono(t))
+                    .map(stateward_runtime::time::to_chrono)
                     .unwrap_or(now);
                 let age = (now - created).num_seconds().max(0) as u64;
                 if age > max.as_secs() {
