@@ -147,6 +147,10 @@ fn chart_checks(helm: &std::path::Path) -> Result<()> {
             "--set",
             "metrics.serviceMonitor.enabled=true",
             "--set",
+            "metrics.prometheusRule.enabled=true",
+            "--set",
+            "metrics.grafanaDashboard.enabled=true",
+            "--set",
             "replicaCount=2",
         ],
     ];
