@@ -133,6 +133,7 @@ pub async fn run(base: Context, namespace: Option<String>, config: Config) {
         config,
         discovered: Mutex::new(None),
     });
+    base.metrics.reconcile.init(CONTROLLER);
     let apps: Api<StatefulApp> = match &namespace {
         Some(ns) => Api::namespaced(base.client.clone(), ns),
         None => Api::all(base.client.clone()),
