@@ -185,7 +185,13 @@ spec:
 apiVersion: stateward.io/v1alpha1
 kind: StatefulApp
 metadata: {{ name: ok }}
-spec: {{ statefulSetName: ok, backup: {{ repository: repo }} }}
+spec:
+  statefulSetName: ok
+  backup:
+    repository: repo
+    schedules: [{{ name: nightly, cron: "0 3 * * *", retention: {{ keepLast: 3 }} }}]
+  # Auto-expansion measures the volume, so its usage gauges exist.
+  scaling: {{ storage: {{ autoExpand: {{ thresholdPercent: 90, incrementPercent: 50, maxSize: 32Mi }} }} }}
 ---
 apiVersion: stateward.io/v1alpha1
 kind: StatefulApp
@@ -203,6 +209,8 @@ spec: {{ statefulSetName: does-not-exist, backup: {{ repository: repo }} }}
     )?;
     manager.wait_ready().await?;
     let prometheus = Prometheus::start(manager.port)?;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = cluster.api(&ns.name);
+    stateward_testkit::harness::wait_pod_ready(&pods, "ok-0", 2 * MINUTE).await?;
     apply_yaml(
         &cluster.client,
         &ns.name,
@@ -264,9 +272,19 @@ spec: {{ statefulSetName: does-not-exist, backup: {{ repository: repo }} }}
     );
 
     // The dashboard: valid JSON, and every metric its queries name is registered.
-    let (status, scrape) = manager.get("/metrics").await?;
-    ensure!(status == 200);
-    let registered = exposed_names(&scrape);
+    // Families without a series are not exposed; wait until the app's schedule and
+    // volume gauges have theirs.
+    let registered = wait_for("the schedule and volume series", MINUTE, || async {
+        let (status, scrape) = manager.get("/metrics").await?;
+        ensure!(status == 200);
+        let names = exposed_names(&scrape);
+        Ok(
+            (names.contains("stateward_backup_next_run_timestamp_seconds")
+                && names.contains("stateward_volume_used_bytes"))
+            .then_some(names),
+        )
+    })
+    .await?;
     for expected in [
         "stateward_build_info",
         "stateward_app_healthy",

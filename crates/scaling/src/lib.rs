@@ -93,6 +93,16 @@ pub async fn run(base: Context, namespace: Option<String>) {
         "Scale operations that ended, by direction (up, down, stop, start) and result",
         operations.clone(),
     );
+    // Every direction and result exists from the start, so rate() and increase() work
+    // before the first operation (and dashboards never show "no data").
+    for direction in ["up", "down", "stop", "start"] {
+        for result in ["succeeded", "failed"] {
+            let _ = operations.get_or_create(&OperationLabels {
+                direction: direction.into(),
+                result: result.into(),
+            });
+        }
+    }
     let volume_used = Family::<storage::VolumeLabels, Gauge>::default();
     let volume_capacity = Family::<storage::VolumeLabels, Gauge>::default();
     base.metrics.register(
