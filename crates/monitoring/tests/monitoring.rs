@@ -181,6 +181,20 @@ spec:
         )),
         "{text}"
     );
+    let events: Api<k8s_openapi::api::events::v1::Event> = cluster.api(&ns.name);
+    let unhealthy = wait_for("an Unhealthy Warning event", MINUTE, || async {
+        Ok(events
+            .list(&Default::default())
+            .await?
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("Unhealthy") && e.type_.as_deref() == Some("Warning")
+            })
+            .and_then(|e| e.note))
+    })
+    .await?;
+    ensure!(unhealthy.contains("mon-1"), "{unhealthy}");
 
     // 3. The Prometheus Operator's CRDs arrive: the objects follow, without a restart.
     let dir = &cluster.env.prometheus_crds;
