@@ -54,6 +54,14 @@ pub struct BackupSpec {
     /// manifest is written and the Backup ends Failed with reason `Cancelled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel: Option<bool>,
+    /// Import instead of run: the path of a backup already in the repository, below its
+    /// prefix (`<namespace>/<app>/<backup>-<uid>`, e.g. one made in another cluster or
+    /// whose Backup object was deleted). Nothing runs: the Backup is completed from the
+    /// backup's manifest, and can then be restored, listed and retained like any other.
+    /// Another namespace's path needs the repository's `allowRestoreFromNamespaces`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^[^/]+/[^/]+/[^/]+$"))]
+    pub import_path: Option<String>,
 }
 
 /// What happens to stored data when a Backup object is deleted.

@@ -159,6 +159,53 @@ async fn a_clone_from_a_repository_path_fills_fresh_volumes_and_never_touches_th
         "the clone's selector is its own"
     );
 
+    // The same backup imported as a Backup object again: completed from its manifest,
+    // nothing runs; another namespace's path is refused.
+    world
+        .apply(&format!(
+            "apiVersion: stateward.io/v1alpha1\nkind: Backup\nmetadata: {{ name: src-imported }}\nspec: {{ app: src, repository: repo, importPath: {path} }}\n---\napiVersion: stateward.io/v1alpha1\nkind: Backup\nmetadata: {{ name: foreign-import }}\nspec: {{ app: src, repository: repo, importPath: other-team/db/db-1-abc }}"
+        ))
+        .await?;
+    let imported = stateward_testkit::harness::wait_for("the import", MINUTE, || async {
+        Ok(backups
+            .get("src-imported")
+            .await?
+            .status
+            .filter(|s| s.phase.is_some()))
+    })
+    .await?;
+    ensure!(
+        imported.phase == Some(stateward_api::BackupPhase::Completed),
+        "{imported:?}"
+    );
+    ensure!(
+        imported.volumes.len() == 2 && imported.stored_bytes.unwrap_or(0) > 0,
+        "{imported:?}"
+    );
+    ensure!(
+        imported
+            .location
+            .as_deref()
+            .is_some_and(|l| l.ends_with(&path)),
+        "{:?}",
+        imported.location
+    );
+    let foreign = stateward_testkit::harness::wait_for("the foreign import", MINUTE, || async {
+        Ok(backups
+            .get("foreign-import")
+            .await?
+            .status
+            .filter(|s| s.phase.is_some()))
+    })
+    .await?;
+    ensure!(
+        foreign
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Failed" && c.reason == "CrossNamespaceRefused"),
+        "{foreign:?}"
+    );
+
     // Another namespace's path without the repository's permission: refused.
     let refused = world
         .restore(

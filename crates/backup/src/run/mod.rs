@@ -14,6 +14,7 @@
 //!    objects, then `Failed`. The lock is released last.
 
 pub mod delete;
+mod import;
 pub mod plan;
 pub mod store;
 
@@ -257,7 +258,10 @@ async fn step(cached: &Backup, ctx: &RunContext) -> Result<Action, RunError> {
     match backup.status.as_ref().and_then(|s| s.phase) {
         Some(BackupPhase::Completed | BackupPhase::Failed) => Ok(Action::await_change()),
         Some(BackupPhase::Running) => running(&backup, ctx).await,
-        _ => start(&backup, ctx).await,
+        _ => match backup.spec.import_path.clone() {
+            Some(path) => import::import(&backup, &path, ctx).await,
+            None => start(&backup, ctx).await,
+        },
     }
 }
 

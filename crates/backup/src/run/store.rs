@@ -54,6 +54,36 @@ impl Store {
         }
     }
 
+    /// The manifest under `prefix`, if the backup exists there.
+    pub async fn manifest(&self, prefix: &str) -> Result<Option<Manifest>, RunError> {
+        let key = format!("{prefix}/{MANIFEST}");
+        match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await
+        {
+            Ok(object) => {
+                let body = object
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|e| RunError::Store(format!("reading {key}: {e}")))?
+                    .into_bytes();
+                serde_json::from_slice(&body)
+                    .map(Some)
+                    .map_err(|e| RunError::Store(format!("{key} is not a manifest: {e}")))
+            }
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+            Err(e) => Err(RunError::Store(format!(
+                "reading {key}: {}",
+                DisplayErrorContext(&e)
+            ))),
+        }
+    }
+
     /// Whether `<prefix>/manifest.json` exists (the backup is committed).
     pub async fn has_manifest(&self, prefix: &str) -> Result<bool, RunError> {
         let key = format!("{prefix}/{MANIFEST}");

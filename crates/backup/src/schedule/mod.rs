@@ -508,6 +508,7 @@ async fn create_backup(
             deletion_policy: DeletionPolicy::Delete,
             active_deadline_seconds: schedule.active_deadline_seconds,
             cancel: None,
+            import_path: None,
         },
     );
     let meta = backup.meta_mut();
