@@ -27,41 +27,26 @@ impl Store {
 
     /// The agent's full result for a data object, if it wrote one.
     pub async fn result(&self, result_key: &str) -> Result<Option<AgentResult>, RunError> {
-        match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(result_key)
-            .send()
-            .await
-        {
-            Ok(object) => {
-                let body = object
-                    .body
-                    .collect()
-                    .await
-                    .map_err(|e| RunError::Store(format!("reading {result_key}: {e}")))?
-                    .into_bytes();
-                serde_json::from_slice(&body)
-                    .map(Some)
-                    .map_err(|e| RunError::Store(format!("{result_key} is not a result: {e}")))
-            }
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
-            Err(e) => Err(RunError::Store(format!(
-                "reading {result_key}: {}",
-                DisplayErrorContext(&e)
-            ))),
-        }
+        self.json(result_key, "a result").await
     }
 
     /// The manifest under `prefix`, if the backup exists there.
     pub async fn manifest(&self, prefix: &str) -> Result<Option<Manifest>, RunError> {
-        let key = format!("{prefix}/{MANIFEST}");
+        self.json(&format!("{prefix}/{MANIFEST}"), "a manifest")
+            .await
+    }
+
+    /// A JSON object of the repository, `None` when it does not exist.
+    async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        what: &str,
+    ) -> Result<Option<T>, RunError> {
         match self
             .client
             .get_object()
             .bucket(&self.bucket)
-            .key(&key)
+            .key(key)
             .send()
             .await
         {
@@ -74,7 +59,7 @@ impl Store {
                     .into_bytes();
                 serde_json::from_slice(&body)
                     .map(Some)
-                    .map_err(|e| RunError::Store(format!("{key} is not a manifest: {e}")))
+                    .map_err(|e| RunError::Store(format!("{key} is not {what}: {e}")))
             }
             Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
             Err(e) => Err(RunError::Store(format!(
