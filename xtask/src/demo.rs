@@ -154,6 +154,12 @@ pub fn run() -> Result<()> {
         println!("  postgres SELECT note FROM demo -> {}", note.trim());
         anyhow::ensure!(note.trim() == "hello from stateward", "postgres did not come back: {note}");
 
+        say("the monitoring controller's view: both apps Healthy again");
+        for app in ["redis", "postgres"] {
+            let message = wait_healthy(&client, app).await?;
+            println!("  StatefulApp {app}: Healthy=True ({message})");
+        }
+
         say("what a user sees (kubectl get statefulapps,backuprepositories,backups,restores -n stateward-demo)");
         for plural in ["statefulapps", "backuprepositories", "backups", "restores"] {
             print_table(&client, plural).await?;
@@ -187,6 +193,31 @@ fn chrono_suffix() -> String {
 }
 
 /// Waits for a Backup to end; prints its volumes; fails unless it Completed.
+/// Waits for the app's `Healthy` condition (the monitoring controller re-assesses every
+/// 10 s); returns its message.
+async fn wait_healthy(client: &Client, name: &str) -> Result<String> {
+    let api: Api<stateward_api::StatefulApp> = Api::namespaced(client.clone(), NAMESPACE);
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let app = api.get(name).await?;
+        let healthy = app
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Healthy"))
+            .map(|c| (c.status == "True", c.message.clone()));
+        match healthy {
+            Some((true, message)) => return Ok(message),
+            Some((false, message)) if Instant::now() > deadline => {
+                anyhow::bail!("StatefulApp {name} is not Healthy: {message}")
+            }
+            None if Instant::now() > deadline => {
+                anyhow::bail!("StatefulApp {name} has no Healthy condition")
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_secs(2)).await,
+        }
+    }
+}
+
 async fn wait_restore(client: &Client, name: &str) -> Result<stateward_api::Restore> {
     let api: Api<stateward_api::Restore> = Api::namespaced(client.clone(), NAMESPACE);
     let deadline = Instant::now() + std::time::Duration::from_secs(600);
