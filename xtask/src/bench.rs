@@ -210,6 +210,20 @@ async fn empty_bucket(env: &Env, bucket: &str) -> Result<()> {
     }
 }
 
+/// restic against the bench bucket's repository, with its credentials.
+fn restic(env: &Env, work: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new("restic");
+    cmd.env("AWS_ACCESS_KEY_ID", &env.s3_access_key)
+        .env("AWS_SECRET_ACCESS_KEY", &env.s3_secret_key)
+        .env("RESTIC_PASSWORD", "bench")
+        .env("RESTIC_CACHE_DIR", work.join("restic-cache"))
+        .arg("-r")
+        .arg(format!("s3:{}/bench/restic", env.s3_endpoint))
+        .arg("--quiet")
+        .args(args);
+    cmd
+}
+
 fn agent_cmd(agent: &Path, env: &Env, source: &Path, key: &str) -> Command {
     let mut cmd = Command::new(agent);
     cmd.args(["agent", "backup-volume", "--source"])
@@ -266,22 +280,8 @@ pub fn backup(args: BackupBench) -> Result<()> {
         &mut agent_cmd(&agent, &env, &data, "agent/data.tar.zst"),
     )?;
     print_row("stateward agent", size, &agent_run);
-    let repo = format!("s3:{}/bench/restic", env.s3_endpoint);
-    let restic_env = |cmd: &mut Command| {
-        cmd.env("AWS_ACCESS_KEY_ID", &env.s3_access_key)
-            .env("AWS_SECRET_ACCESS_KEY", &env.s3_secret_key)
-            .env("RESTIC_PASSWORD", "bench")
-            .env("RESTIC_CACHE_DIR", work.join("restic-cache"))
-            .args(["-r", &repo, "--quiet"]);
-    };
-    let mut init = Command::new("restic");
-    restic_env(&mut init);
-    init.arg("init");
-    measure("restic init", &mut init)?;
-    let mut restic = Command::new("restic");
-    restic_env(&mut restic);
-    restic.arg("backup").arg(&data);
-    let restic_run = measure("restic backup", &mut restic)?;
+    measure("restic init", &mut restic(&env, &work, &["init"]))?;
+    let restic_run = measure("restic backup", restic(&env, &work, &["backup"]).arg(&data))?;
     print_row("restic backup", size, &restic_run);
     println!(
         "  agent / restic: {:.2}x the throughput, {:.2}x the CPU, {:.2}x the peak RSS",
@@ -366,17 +366,7 @@ pub fn restore(args: RestoreBench) -> Result<()> {
             .unwrap_or_default(),
     )
     .context("reading the agent's backup summary")?;
-    let repo = format!("s3:{}/bench/restic", env.s3_endpoint);
-    let restic = |args: &[&str]| {
-        let mut cmd = Command::new("restic");
-        cmd.env("AWS_ACCESS_KEY_ID", &env.s3_access_key)
-            .env("AWS_SECRET_ACCESS_KEY", &env.s3_secret_key)
-            .env("RESTIC_PASSWORD", "bench")
-            .env("RESTIC_CACHE_DIR", work.join("restic-cache"))
-            .args(["-r", &repo, "--quiet"])
-            .args(args);
-        cmd
-    };
+    let restic = |args: &[&str]| restic(&env, &work, args);
     measure("restic init", &mut restic(&["init"]))?;
     measure("restic backup", restic(&["backup"]).arg(&data))?;
 

@@ -38,6 +38,39 @@ pub struct BackupRepositorySpec {
     pub allow_restore_from_namespaces: Vec<String>,
 }
 
+impl BackupRepositorySpec {
+    /// Whether a Restore or an import in `namespace` may read the backup at `path`
+    /// (`<namespace>/<app>/<backup>-<uid>`): its own namespace's, or one the repository
+    /// lists in `allowRestoreFromNamespaces`. `Err` carries the sentence for the user.
+    pub fn readable_from(
+        &self,
+        namespace: &str,
+        path: &str,
+        repository: &str,
+    ) -> Result<(), String> {
+        let owner = path.split('/').next().unwrap_or_default();
+        if owner == namespace
+            || self
+                .allow_restore_from_namespaces
+                .iter()
+                .any(|n| n == owner)
+        {
+            return Ok(());
+        }
+        Err(format!(
+            "the path {path} belongs to namespace {owner}; BackupRepository {repository} does not list it in spec.allowRestoreFromNamespaces"
+        ))
+    }
+
+    /// The full key prefix of `path` in the bucket (the repository's prefix, then `path`).
+    pub fn key_prefix(&self, path: &str) -> String {
+        match self.s3.prefix.as_deref().map(|p| p.trim_end_matches('/')) {
+            Some(p) if !p.is_empty() => format!("{p}/{path}"),
+            _ => path.to_string(),
+        }
+    }
+}
+
 /// How the SDK computes request checksums.
 #[derive(
     schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,

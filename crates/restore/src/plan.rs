@@ -60,6 +60,9 @@ pub struct Plan {
     pub items: Vec<Item>,
     /// Clone PVCs to create (name → recorded PVC it copies).
     pub clone_claims: BTreeMap<String, Value>,
+    /// The app's exec container and restore command (exec restores).
+    pub container: Option<String>,
+    pub restore_command: Vec<String>,
 }
 
 /// `<template>-<sts>-<ordinal>` split into (template, ordinal), for a PVC name of `sts`.
@@ -95,6 +98,8 @@ pub fn plan(
 ) -> Result<Plan, Refusal> {
     let clone = restore.spec.target.clone_stateful_set_name.as_deref();
     let exec: Option<&ExecSpec> = app.spec.backup.as_ref().and_then(|b| b.exec.as_ref());
+    let container = exec.and_then(|e| e.container.clone());
+    let restore_command = exec.map(|e| e.restore_command.clone()).unwrap_or_default();
     let recorded_sts = manifest
         .stateful_set
         .pointer("/metadata/name")
@@ -108,8 +113,7 @@ pub fn plan(
     let is_dump = manifest.method == "Exec";
     if is_dump {
         let file = exec.and_then(|e| e.restore_file.as_ref());
-        let command = exec.map(|e| e.restore_command.clone()).unwrap_or_default();
-        if clone.is_none() && file.is_none() && !command.is_empty() {
+        if clone.is_none() && file.is_none() && !restore_command.is_empty() {
             let items = manifest
                 .entries
                 .iter()
@@ -125,6 +129,8 @@ pub fn plan(
                 mode: RestoreMode::Exec,
                 items,
                 clone_claims: BTreeMap::new(),
+                container: container.clone(),
+                restore_command: restore_command.clone(),
             });
         }
         let Some(file) = file else {
@@ -194,6 +200,8 @@ pub fn plan(
             },
             items,
             clone_claims,
+            container: container.clone(),
+            restore_command: restore_command.clone(),
         });
     }
     // Volume backups.
@@ -253,6 +261,8 @@ pub fn plan(
         },
         items,
         clone_claims,
+        container: container.clone(),
+        restore_command: restore_command.clone(),
     })
 }
 

@@ -525,7 +525,7 @@ impl Pass<'_> {
                         .await;
                 }
                 if done {
-                    return self.complete(plan).await;
+                    return self.complete(source, plan).await;
                 }
                 self.set_ready(false, "Swapping", "swapping the verified data in");
                 Ok(Action::requeue(POLL))
@@ -602,7 +602,7 @@ impl Pass<'_> {
                 .await;
         }
         if states.iter().all(|s| matches!(s, JobState::Succeeded(_))) {
-            return self.complete(plan).await;
+            return self.complete(source, plan).await;
         }
         self.set_ready(
             false,
@@ -650,22 +650,12 @@ impl Pass<'_> {
         step: JobStep,
     ) -> Result<Vec<JobState>, RestoreError> {
         let jobs: Api<Job> = self.api();
-        let app_exec = self
-            .api::<StatefulApp>()
-            .get_opt(&self.restore.spec.target.app)
-            .await?
-            .and_then(|a| a.spec.backup)
-            .and_then(|b| b.exec);
-        let restore_command = app_exec
-            .as_ref()
-            .map(|e| e.restore_command.clone())
-            .unwrap_or_default();
         let inputs = plan::JobInputs {
             restore: &self.restore,
             repository: &source.repository,
             agent_image: &self.ctx.config.agent_image,
-            container: app_exec.as_ref().and_then(|e| e.container.as_deref()),
-            restore_command: &restore_command,
+            container: plan.container.as_deref(),
+            restore_command: &plan.restore_command,
             extra_env: &self.ctx.config.agent_env,
         };
         let mut states = Vec::new();
@@ -753,12 +743,11 @@ impl Pass<'_> {
         Ok(JobState::Failed(reason, message))
     }
 
-    async fn complete(&mut self, plan: &Plan) -> Result<Action, RestoreError> {
+    async fn complete(&mut self, source: &Source, plan: &Plan) -> Result<Action, RestoreError> {
         let now = self.now();
         if plan.mode == RestoreMode::Clone
             && self.restore.spec.target.create_stateful_set
             && let Some(clone) = self.restore.spec.target.clone_stateful_set_name.clone()
-            && let Ok(source) = source::resolve(&self.ctx.base.client, &self.restore).await
         {
             let replicas = plan
                 .clone_claims

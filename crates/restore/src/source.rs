@@ -34,13 +34,6 @@ fn refused(reason: &'static str, message: impl Into<String>) -> SourceError {
     })
 }
 
-fn join(prefix: Option<&str>, path: &str) -> String {
-    match prefix.map(|p| p.trim_end_matches('/')) {
-        Some(p) if !p.is_empty() => format!("{p}/{path}"),
-        _ => path.to_string(),
-    }
-}
-
 /// Resolves the Restore's source.
 pub async fn resolve(client: &kube::Client, restore: &Restore) -> Result<Source, SourceError> {
     let ns = restore.namespace().unwrap_or_default();
@@ -81,7 +74,7 @@ pub async fn resolve(client: &kube::Client, restore: &Restore) -> Result<Source,
                 )
             })?;
             let path = location
-                .strip_prefix(&join(repo.spec.s3.prefix.as_deref(), ""))
+                .strip_prefix(&repo.spec.key_prefix(""))
                 .unwrap_or(&location)
                 .to_string();
             (repo, location, path)
@@ -100,25 +93,12 @@ pub async fn resolve(client: &kube::Client, restore: &Restore) -> Result<Source,
                         ),
                     )
                 })?;
-            let owner = rp.path.split('/').next().unwrap_or_default();
-            if owner != ns
-                && !repo
-                    .spec
-                    .allow_restore_from_namespaces
-                    .iter()
-                    .any(|n| n == owner)
-            {
-                return Err(refused(
-                    "CrossNamespaceRefused",
-                    format!(
-                        "the path {} belongs to namespace {owner}; BackupRepository {} does not list it in spec.allowRestoreFromNamespaces",
-                        rp.path, rp.repository
-                    ),
-                ));
+            if let Err(message) = repo.spec.readable_from(&ns, &rp.path, &rp.repository) {
+                return Err(refused("CrossNamespaceRefused", message));
             }
             (
                 repo.clone(),
-                join(repo.spec.s3.prefix.as_deref(), &rp.path),
+                repo.spec.key_prefix(&rp.path),
                 rp.path.clone(),
             )
         }

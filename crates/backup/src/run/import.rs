@@ -43,19 +43,10 @@ pub async fn import(backup: &Backup, path: &str, ctx: &RunContext) -> Result<Act
                 format!("BackupRepository {repository} not found in namespace {ns}"),
             )));
         };
-        let owner = path.split('/').next().unwrap_or_default();
-        if owner != ns && !repo.spec.allow_restore_from_namespaces.iter().any(|n| n == owner) {
-            return Ok(Err(refuse(
-                "CrossNamespaceRefused",
-                format!(
-                    "the path {path} belongs to namespace {owner}; BackupRepository {repository} does not list it in spec.allowRestoreFromNamespaces"
-                ),
-            )));
+        if let Err(message) = repo.spec.readable_from(&ns, path, &repository) {
+            return Ok(Err(refuse("CrossNamespaceRefused", message)));
         }
-        let prefix = match repo.spec.s3.prefix.as_deref().map(|p| p.trim_end_matches('/')) {
-            Some(p) if !p.is_empty() => format!("{p}/{path}"),
-            _ => path.to_string(),
-        };
+        let prefix = repo.spec.key_prefix(path);
         let store = match Store::open(&ctx.base.client, &repo).await {
             Ok(store) => store,
             Err(e) => return Ok(Err(refuse("RepositoryUnusable", e.to_string()))),
