@@ -27,6 +27,9 @@ pub const KEEP_LABEL: &str = "stateward.io/keep";
 /// Finalizer on a Backup with `deletionPolicy: Delete`: removed once its stored objects
 /// are gone (or, when the repository cannot be reached, orphaned after a bounded wait).
 pub const DATA_FINALIZER: &str = "stateward.io/delete-data";
+/// On a StatefulSet the scaling controller stopped for another operation: the replica
+/// count it comes back to (read by the restore controller too).
+pub const STOPPED_REPLICAS_ANNOTATION: &str = "stateward.io/stopped-replicas";
 /// Finalizer on a StatefulApp with `backupsOnDelete: Delete`: removed once its Backups
 /// are deleted.
 pub const BACKUPS_FINALIZER: &str = "stateward.io/delete-backups";

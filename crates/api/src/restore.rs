@@ -33,6 +33,11 @@ pub struct RestoreSpec {
     pub source: RestoreSource,
     /// Where to restore it.
     pub target: RestoreTarget,
+    /// Only plan: resolve the source, map every backed-up volume (or dump) onto the
+    /// target, check free space, and write that plan into `status.plan`. Nothing is
+    /// stopped, created or written, and the Restore ends `Completed` with reason `DryRun`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// The backup to restore.
@@ -81,11 +86,22 @@ pub struct RestoreTarget {
     )]
     pub clone_stateful_set_name: Option<String>,
     /// With a clone, also create the StatefulSet from the spec recorded in the backup
-    /// (renamed, its selector and pod labels extended with `stateward.io/clone`, so the
-    /// source's controllers never adopt its pods). Note that a Service selecting the
-    /// source's labels also selects the clone's pods. Default: only the PVCs.
+    /// (renamed; its selector is only `stateward.io/clone: <name>` and its pods carry only
+    /// that label, so neither the source's StatefulSet nor its Services select them; see
+    /// `keepAppLabels`). Default: only the PVCs.
     #[serde(default)]
     pub create_stateful_set: bool,
+    /// Restore a backup of another app (or of another StatefulSet) into this one — a
+    /// disaster-recovery restore into a renamed app. Without it such a restore is refused
+    /// with `AppMismatch`. Either way only the target's own claims are written: backed-up
+    /// volumes map by volumeClaimTemplate name and ordinal onto the target StatefulSet.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_other_app: bool,
+    /// With `createStatefulSet`: keep the source's pod labels on the clone's pods. By
+    /// default a clone's pods carry only Stateward's clone labels, so no Service of the
+    /// source app selects them and clients never reach the clone by accident.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_app_labels: bool,
 }
 
 /// Phase of a restore.
@@ -186,4 +202,48 @@ pub struct RestoreStatus {
     /// The replica count the app had before an in-place restore stopped it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_replicas: Option<i32>,
+    /// What the restore does (or, with `dryRun`, would do): written before anything is
+    /// touched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<RestorePlanStatus>,
+}
+
+/// The plan of a restore, as a user checks it before (or instead of) running it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RestorePlanStatus {
+    /// How it runs.
+    pub mode: RestoreMode,
+    /// The StatefulSet stopped for the restore (in-place volume restores), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stops: Option<String>,
+    /// One row per backed-up volume or dump.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub writes: Vec<PlannedWrite>,
+    /// Bytes to unpack, over all rows.
+    #[serde(default)]
+    pub bytes: i64,
+    /// Whether every target volume has room (only known for existing PVCs, from their
+    /// capacity; `Unknown` otherwise — the agent checks real free space before staging).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub space: Option<String>,
+    /// Backed-up volumes that are not restored, and target claims left as they are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub notes: Vec<String>,
+}
+
+/// One volume (or dump) of a plan.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedWrite {
+    /// The backup's entry (the PVC or pod it came from).
+    pub source: String,
+    /// Its data object in the repository.
+    pub object: String,
+    /// The PVC written (new for a clone) or the pod fed (exec).
+    pub target: String,
+    /// Bytes to unpack.
+    pub bytes: i64,
 }

@@ -22,6 +22,8 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use kube::Api;
+use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -140,8 +142,13 @@ pub async fn run(base: Context, namespace: Option<String>, config: Config) {
             plan::AGENT_COMPONENT
         ))
         .any_semantic();
+    // Agent Jobs map to their Restore by label, not owner: swap Jobs are unowned.
+    let to_restore = |job: Job| {
+        let name = job.labels().get(plan::RESTORE_LABEL)?.clone();
+        Some(ObjectRef::<Restore>::new(&name).within(&job.namespace()?))
+    };
     Controller::new(restores, watcher::Config::default().any_semantic())
-        .owns(jobs, agent_jobs)
+        .watches(jobs, agent_jobs, to_restore)
         .graceful_shutdown_on(base.shutdown.clone().cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))

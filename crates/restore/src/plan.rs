@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use stateward_agent::manifest::{Entry, Manifest};
 use stateward_api::common::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use stateward_api::repository::BackupRepository;
-use stateward_api::restore::RestoreMode;
+use stateward_api::restore::{PlannedWrite, RestoreMode, RestorePlanStatus};
 use stateward_api::statefulapp::ExecSpec;
 use stateward_api::{Restore, StatefulApp};
 use stateward_runtime::names;
@@ -63,6 +63,8 @@ pub struct Plan {
     /// The app's exec container and restore command (exec restores).
     pub container: Option<String>,
     pub restore_command: Vec<String>,
+    /// The target's claims the backup has nothing for (they stay as they are).
+    pub untouched: Vec<String>,
 }
 
 /// `<template>-<sts>-<ordinal>` split into (template, ordinal), for a PVC name of `sts`.
@@ -89,49 +91,248 @@ pub fn template_names(sts: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Decides the mode and the items.
+/// The target StatefulSet as the mapping sees it (read live, never from the manifest).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TargetSet {
+    /// The StatefulApp restored into.
+    pub app: String,
+    /// Its StatefulSet.
+    pub name: String,
+    /// The StatefulSet's volumeClaimTemplate names.
+    pub templates: Vec<String>,
+    /// The replica count the app runs at (and comes back to after an in-place restore).
+    pub replicas: u32,
+}
+
+impl TargetSet {
+    /// From the live StatefulSet of `app` (`replicas` overrides the spec's count: an
+    /// in-place restore records it before the app is stopped).
+    pub fn of(
+        app: &str,
+        sts: &k8s_openapi::api::apps::v1::StatefulSet,
+        replicas: Option<i32>,
+    ) -> Self {
+        let spec = sts.spec.as_ref();
+        Self {
+            app: app.to_string(),
+            name: sts.metadata.name.clone().unwrap_or_default(),
+            templates: spec
+                .and_then(|s| s.volume_claim_templates.as_ref())
+                .map(|ts| ts.iter().filter_map(|t| t.metadata.name.clone()).collect())
+                .unwrap_or_default(),
+            replicas: replicas
+                .or_else(|| spec.and_then(|s| s.replicas))
+                .unwrap_or(1)
+                .max(0) as u32,
+        }
+    }
+}
+
+/// Refuses a backup of another app or StatefulSet unless the Restore allows it.
+pub fn check_same_app(
+    manifest: &Manifest,
+    target: &TargetSet,
+    allowed: bool,
+) -> Result<(), Refusal> {
+    let recorded = recorded_set(manifest).unwrap_or(&manifest.app);
+    if allowed || (manifest.app == target.app && recorded == target.name) {
+        return Ok(());
+    }
+    Err(refuse(
+        "AppMismatch",
+        format!(
+            "the backup is of StatefulApp {} (StatefulSet {recorded}) in namespace {}, the target is StatefulApp {} (StatefulSet {}): set spec.target.allowOtherApp: true to restore it into {} anyway (only {}'s own claims are written)",
+            manifest.app, manifest.namespace, target.app, target.name, target.app, target.name
+        ),
+    ))
+}
+
+fn recorded_set(manifest: &Manifest) -> Option<&str> {
+    manifest
+        .stateful_set
+        .pointer("/metadata/name")
+        .and_then(|n| n.as_str())
+}
+
+/// A backed-up volume mapped onto one of the target's claims.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mapping {
+    pub entry: Entry,
+    /// `<template>-<target sts>-<ordinal>`.
+    pub claim: String,
+}
+
+/// Maps every volume of a backup onto the target StatefulSet's own claims: the entry's
+/// template and ordinal (parsed against the *recorded* StatefulSet's name and templates)
+/// name the target's claim `<template>-<target>-<ordinal>`. A claim named in the manifest
+/// is never written as such. Refused: an entry not named after a recorded template, a
+/// template the target lacks, an ordinal the target does not run, two entries onto one
+/// claim, a claim that does not exist. Returned beside the mappings: what stays as it is.
+pub fn map_volumes(
+    manifest: &Manifest,
+    target: &TargetSet,
+    existing_claims: &[String],
+) -> Result<(Vec<Mapping>, Vec<String>), Refusal> {
+    let recorded = recorded_set(manifest).unwrap_or(&manifest.app).to_string();
+    let templates = template_names(&manifest.stateful_set);
+    let mut mapped: Vec<Mapping> = Vec::new();
+    for entry in &manifest.entries {
+        let (template, ordinal) = claim_parts(&entry.name, &recorded, &templates).ok_or_else(|| {
+            refuse(
+                "UnknownVolume",
+                format!("the backup's PVC {} is not named after a volumeClaimTemplate of its StatefulSet {recorded}", entry.name),
+            )
+        })?;
+        let claim = target_claim(target, template, ordinal, &entry.name)?;
+        if mapped.iter().any(|m| m.claim == claim) {
+            return Err(refuse(
+                "DuplicateVolume",
+                format!(
+                    "the backup lists two volumes for PVC {claim}: the manifest is inconsistent"
+                ),
+            ));
+        }
+        if !existing_claims.contains(&claim) {
+            return Err(refuse(
+                "TargetVolumeMissing",
+                format!(
+                    "PVC {claim} (for the backup's {}) does not exist: start StatefulSet {} at {} replica(s) once so it creates its claims, or restore into a clone",
+                    entry.name,
+                    target.name,
+                    ordinal + 1
+                ),
+            ));
+        }
+        mapped.push(Mapping {
+            entry: entry.clone(),
+            claim,
+        });
+    }
+    let mut untouched = Vec::new();
+    for template in &target.templates {
+        for ordinal in 0..target.replicas {
+            let claim = format!("{template}-{}-{ordinal}", target.name);
+            if !mapped.iter().any(|m| m.claim == claim) {
+                untouched.push(format!(
+                    "PVC {claim} is not in the backup and stays as it is"
+                ));
+            }
+        }
+    }
+    Ok((mapped, untouched))
+}
+
+/// The target's claim for a recorded template and ordinal, or why there is none.
+fn target_claim(
+    target: &TargetSet,
+    template: &str,
+    ordinal: u32,
+    what: &str,
+) -> Result<String, Refusal> {
+    if !target.templates.iter().any(|t| t == template) {
+        return Err(refuse(
+            "TemplateMismatch",
+            format!(
+                "the backup's {what} belongs to volumeClaimTemplate {template}, which StatefulSet {} does not have (its templates: {}): a restore writes only claims of the target's own templates",
+                target.name,
+                if target.templates.is_empty() {
+                    "none".to_string()
+                } else {
+                    target.templates.join(", ")
+                }
+            ),
+        ));
+    }
+    if ordinal >= target.replicas {
+        return Err(refuse(
+            "TooFewReplicas",
+            format!(
+                "the backup's {what} is ordinal {ordinal}, but StatefulSet {} runs {} replica(s): scale it to at least {} first, or restore into a clone",
+                target.name,
+                target.replicas,
+                ordinal + 1
+            ),
+        ));
+    }
+    Ok(format!("{template}-{}-{ordinal}", target.name))
+}
+
+/// The ordinal of a dump's pod, parsed against the recorded StatefulSet's name.
+fn dump_ordinal(entry: &Entry, recorded: &str) -> Result<u32, Refusal> {
+    entry
+        .pod
+        .strip_prefix(&format!("{recorded}-"))
+        .and_then(|o| o.parse::<u32>().ok())
+        .ok_or_else(|| {
+            refuse(
+                "UnknownPod",
+                format!("dump of pod {} is not a pod of {recorded}", entry.pod),
+            )
+        })
+}
+
+fn item(entry: &Entry, target: String) -> Item {
+    Item {
+        entry: entry.clone(),
+        target,
+        as_file: None,
+        also_remove: Vec::new(),
+        extra_files: Vec::new(),
+    }
+}
+
+/// Decides the mode and the items: the backup must be of the target app (or the Restore
+/// allows another), and every item writes only the target's own claims or pods.
 pub fn plan(
     restore: &Restore,
     manifest: &Manifest,
     app: &StatefulApp,
+    target: &TargetSet,
     existing_claims: &[String],
 ) -> Result<Plan, Refusal> {
     let clone = restore.spec.target.clone_stateful_set_name.as_deref();
     let exec: Option<&ExecSpec> = app.spec.backup.as_ref().and_then(|b| b.exec.as_ref());
     let container = exec.and_then(|e| e.container.clone());
     let restore_command = exec.map(|e| e.restore_command.clone()).unwrap_or_default();
-    let recorded_sts = manifest
-        .stateful_set
-        .pointer("/metadata/name")
-        .and_then(|n| n.as_str())
-        .unwrap_or(&app.spec.stateful_set_name)
-        .to_string();
-    let templates = template_names(&manifest.stateful_set);
     if manifest.entries.is_empty() {
         return Err(refuse("EmptyBackup", "the backup's manifest lists no data"));
     }
-    let is_dump = manifest.method == "Exec";
-    if is_dump {
+    check_same_app(manifest, target, restore.spec.target.allow_other_app)?;
+    let recorded_sts = recorded_set(manifest).unwrap_or(&manifest.app).to_string();
+    let templates = template_names(&manifest.stateful_set);
+    let mode = if clone.is_some() {
+        RestoreMode::Clone
+    } else {
+        RestoreMode::InPlace
+    };
+    let mut out = Plan {
+        mode,
+        items: Vec::new(),
+        clone_claims: BTreeMap::new(),
+        container,
+        restore_command,
+        untouched: Vec::new(),
+    };
+    if manifest.method == "Exec" {
         let file = exec.and_then(|e| e.restore_file.as_ref());
-        if clone.is_none() && file.is_none() && !restore_command.is_empty() {
-            let items = manifest
-                .entries
-                .iter()
-                .map(|entry| Item {
-                    entry: entry.clone(),
-                    target: entry.pod.clone(),
-                    as_file: None,
-                    also_remove: Vec::new(),
-                    extra_files: Vec::new(),
-                })
-                .collect();
-            return Ok(Plan {
-                mode: RestoreMode::Exec,
-                items,
-                clone_claims: BTreeMap::new(),
-                container: container.clone(),
-                restore_command: restore_command.clone(),
-            });
+        if clone.is_none() && file.is_none() && !out.restore_command.is_empty() {
+            // Streamed into the running app: only into the target StatefulSet's own pods.
+            out.mode = RestoreMode::Exec;
+            for entry in &manifest.entries {
+                let ordinal = dump_ordinal(entry, &recorded_sts)?;
+                if ordinal >= target.replicas {
+                    return Err(refuse(
+                        "TooFewReplicas",
+                        format!(
+                            "the backup's dump of pod {} is ordinal {ordinal}, but StatefulSet {} runs {} replica(s)",
+                            entry.pod, target.name, target.replicas
+                        ),
+                    ));
+                }
+                out.items
+                    .push(item(entry, format!("{}-{ordinal}", target.name)));
+            }
+            return Ok(out);
         }
         let Some(file) = file else {
             return Err(refuse(
@@ -142,47 +343,46 @@ pub fn plan(
                 ),
             ));
         };
-        let sts = clone.unwrap_or(&app.spec.stateful_set_name);
-        let mut items = Vec::new();
-        let mut clone_claims = BTreeMap::new();
         for entry in &manifest.entries {
-            let ordinal = entry
-                .pod
-                .strip_prefix(&format!("{recorded_sts}-"))
-                .and_then(|o| o.parse::<u32>().ok())
-                .ok_or_else(|| {
-                    refuse(
-                        "UnknownPod",
-                        format!("dump of pod {} is not a pod of {recorded_sts}", entry.pod),
-                    )
-                })?;
-            let claim = format!("{}-{sts}-{ordinal}", file.volume);
-            if clone.is_some() {
-                let source = format!("{}-{recorded_sts}-{ordinal}", file.volume);
-                let recorded = recorded_claim(manifest, &source)
-                    .or_else(|| template_claim(manifest, &file.volume))
-                    .ok_or_else(|| {
-                        refuse(
-                            "NoRecordedVolume",
+            let ordinal = dump_ordinal(entry, &recorded_sts)?;
+            let claim = match clone {
+                Some(clone) => {
+                    let claim = format!("{}-{clone}-{ordinal}", file.volume);
+                    let source = format!("{}-{recorded_sts}-{ordinal}", file.volume);
+                    let recorded = recorded_claim(manifest, &source)
+                        .or_else(|| template_claim(manifest, &file.volume))
+                        .ok_or_else(|| {
+                            refuse(
+                                "NoRecordedVolume",
+                                format!(
+                                    "the backup records no PVC {source} or template {} to create the clone's volume from",
+                                    file.volume
+                                ),
+                            )
+                        })?;
+                    out.clone_claims.insert(claim.clone(), recorded);
+                    claim
+                }
+                None => {
+                    let claim = target_claim(
+                        target,
+                        &file.volume,
+                        ordinal,
+                        &format!("dump of pod {}", entry.pod),
+                    )?;
+                    if !existing_claims.contains(&claim) {
+                        return Err(refuse(
+                            "TargetVolumeMissing",
                             format!(
-                                "the backup records no PVC {source} or template {} to create the clone's volume from",
-                                file.volume
+                                "PVC {claim} (volume {} of pod {}-{ordinal}) does not exist",
+                                file.volume, target.name
                             ),
-                        )
-                    })?;
-                clone_claims.insert(claim.clone(), recorded);
-            } else if !existing_claims.contains(&claim) {
-                return Err(refuse(
-                    "TargetVolumeMissing",
-                    format!(
-                        "PVC {claim} (volume {} of pod {}) does not exist",
-                        file.volume, entry.pod
-                    ),
-                ));
-            }
-            items.push(Item {
-                entry: entry.clone(),
-                target: claim,
+                        ));
+                    }
+                    claim
+                }
+            };
+            out.items.push(Item {
                 as_file: Some(file.path.clone()),
                 also_remove: file.also_remove.clone(),
                 extra_files: file
@@ -190,80 +390,112 @@ pub fn plan(
                     .iter()
                     .map(|f| format!("{}={}", f.path, f.content))
                     .collect(),
+                ..item(entry, claim)
             });
         }
-        return Ok(Plan {
-            mode: if clone.is_some() {
-                RestoreMode::Clone
-            } else {
-                RestoreMode::InPlace
-            },
-            items,
-            clone_claims,
-            container: container.clone(),
-            restore_command: restore_command.clone(),
-        });
+        return Ok(out);
     }
-    // Volume backups.
-    let mut items = Vec::new();
-    let mut clone_claims = BTreeMap::new();
+    let Some(clone) = clone else {
+        let (mapped, untouched) = map_volumes(manifest, target, existing_claims)?;
+        out.items = mapped
+            .into_iter()
+            .map(|m| item(&m.entry, m.claim))
+            .collect();
+        out.untouched = untouched;
+        return Ok(out);
+    };
     for entry in &manifest.entries {
-        let target = match clone {
-            None => {
-                if !existing_claims.contains(&entry.name) {
-                    return Err(refuse(
-                        "TargetVolumeMissing",
-                        format!(
-                            "PVC {} does not exist (the app has fewer replicas than the backup: scale it up first, or restore into a clone)",
-                            entry.name
-                        ),
-                    ));
-                }
-                entry.name.clone()
-            }
-            Some(clone) => {
-                let (template, ordinal) = claim_parts(&entry.name, &recorded_sts, &templates)
-                    .ok_or_else(|| {
-                        refuse(
-                            "UnknownVolume",
-                            format!(
-                                "PVC {} is not named after a volumeClaimTemplate of {recorded_sts}",
-                                entry.name
-                            ),
-                        )
-                    })?;
-                let name = format!("{template}-{clone}-{ordinal}");
-                let recorded = recorded_claim(manifest, &entry.name)
-                    .or_else(|| template_claim(manifest, template))
-                    .ok_or_else(|| {
-                        refuse(
-                            "NoRecordedVolume",
-                            format!("the backup records no spec for PVC {}", entry.name),
-                        )
-                    })?;
-                clone_claims.insert(name.clone(), recorded);
-                name
-            }
-        };
-        items.push(Item {
-            entry: entry.clone(),
-            target,
-            as_file: None,
-            also_remove: Vec::new(),
-            extra_files: Vec::new(),
-        });
+        let (template, ordinal) =
+            claim_parts(&entry.name, &recorded_sts, &templates).ok_or_else(|| {
+                refuse(
+                    "UnknownVolume",
+                    format!(
+                        "PVC {} is not named after a volumeClaimTemplate of {recorded_sts}",
+                        entry.name
+                    ),
+                )
+            })?;
+        let name = format!("{template}-{clone}-{ordinal}");
+        let recorded = recorded_claim(manifest, &entry.name)
+            .or_else(|| template_claim(manifest, template))
+            .ok_or_else(|| {
+                refuse(
+                    "NoRecordedVolume",
+                    format!("the backup records no spec for PVC {}", entry.name),
+                )
+            })?;
+        if out.clone_claims.insert(name.clone(), recorded).is_some() {
+            return Err(refuse(
+                "DuplicateVolume",
+                format!(
+                    "the backup lists two volumes for PVC {name}: the manifest is inconsistent"
+                ),
+            ));
+        }
+        out.items.push(item(entry, name));
     }
-    Ok(Plan {
-        mode: if clone.is_some() {
-            RestoreMode::Clone
-        } else {
-            RestoreMode::InPlace
-        },
-        items,
-        clone_claims,
-        container: container.clone(),
-        restore_command: restore_command.clone(),
-    })
+    Ok(out)
+}
+
+/// The plan as the user reads it in `status.plan` (before anything is touched, and as
+/// the whole answer of a dry run). The space verdict compares each existing PVC's
+/// capacity with what the agent will need; the agent still measures real free space
+/// before it unpacks, and stops unpacking past the manifest's byte count.
+pub fn summary(
+    plan: &Plan,
+    target: &TargetSet,
+    claims: &[k8s_openapi::api::core::v1::PersistentVolumeClaim],
+) -> RestorePlanStatus {
+    let mut notes = plan.untouched.clone();
+    let mut verdicts = Vec::new();
+    let writes: Vec<PlannedWrite> = plan
+        .items
+        .iter()
+        .map(|item| {
+            let bytes = item.entry.bytes_read;
+            if plan.mode == RestoreMode::InPlace {
+                let capacity = claims
+                    .iter()
+                    .find(|c| c.metadata.name.as_deref() == Some(item.target.as_str()))
+                    .and_then(|c| c.status.as_ref()?.capacity.as_ref()?.get("storage").cloned())
+                    .and_then(|q| stateward_runtime::quantity::quantity_bytes(&q.0));
+                let needed = stateward_agent::swap::space_needed(bytes, item.entry.files.unwrap_or(0));
+                verdicts.push(match capacity {
+                    Some(capacity) if capacity >= needed => "Fits",
+                    Some(capacity) => {
+                        notes.push(format!(
+                            "PVC {} holds {capacity} bytes; staging {} needs {needed} beside the old data: expand it first",
+                            item.target, item.entry.name
+                        ));
+                        "TooSmall"
+                    }
+                    None => "Unknown",
+                });
+            }
+            PlannedWrite {
+                source: item.entry.name.clone(),
+                object: item.entry.key.clone(),
+                target: item.target.clone(),
+                bytes: i64::try_from(bytes).unwrap_or(i64::MAX),
+            }
+        })
+        .collect();
+    let space = ["TooSmall", "Unknown", "Fits"]
+        .into_iter()
+        .find(|v| verdicts.contains(v))
+        .map(String::from);
+    notes.truncate(256);
+    RestorePlanStatus {
+        mode: plan.mode,
+        stops: (plan.mode == RestoreMode::InPlace).then(|| target.name.clone()),
+        bytes: writes
+            .iter()
+            .map(|w| w.bytes)
+            .fold(0i64, i64::saturating_add),
+        writes,
+        space,
+        notes,
+    }
 }
 
 fn recorded_claim(manifest: &Manifest, name: &str) -> Option<Value> {
@@ -318,9 +550,12 @@ pub fn clone_claim(name: &str, recorded: &Value, restore: &Restore) -> Value {
     })
 }
 
-/// The clone StatefulSet: the recorded spec under the new name, with `replicas` and the
-/// clone label added to its selector and pod labels (so the source's StatefulSet never
-/// selects the clone's pods, nor the clone the source's).
+/// The clone StatefulSet: the recorded spec under the new name with `replicas`. Its
+/// selector is only Stateward's clone label, and its pods carry only that label (plus
+/// `managed-by`) unless the Restore keeps the app's labels: no Service, PodMonitor or
+/// NetworkPolicy of the source app selects a clone pod, and the source's StatefulSet never
+/// adopts one. `serviceName` names the clone itself, so clone pods get no DNS name under
+/// the source's governing Service.
 pub fn clone_stateful_set(recorded: &Value, name: &str, replicas: i32, restore: &Restore) -> Value {
     let mut sts = stateward_agent::manifest::trimmed(recorded);
     sts["metadata"]["name"] = json!(name);
@@ -330,8 +565,13 @@ pub fn clone_stateful_set(recorded: &Value, name: &str, replicas: i32, restore: 
         annotations[RESTORED_BY_ANNOTATION] = json!(restore_name(restore));
     }
     sts["spec"]["replicas"] = json!(replicas);
-    sts["spec"]["selector"]["matchLabels"][CLONE_LABEL] = json!(name);
-    sts["spec"]["template"]["metadata"]["labels"][CLONE_LABEL] = json!(name);
+    sts["spec"]["serviceName"] = json!(name);
+    sts["spec"]["selector"] = json!({"matchLabels": {CLONE_LABEL: name}});
+    let labels = &mut sts["spec"]["template"]["metadata"]["labels"];
+    if !restore.spec.target.keep_app_labels || !labels.is_object() {
+        *labels = json!({MANAGED_BY_LABEL: MANAGED_BY_VALUE});
+    }
+    labels[CLONE_LABEL] = json!(name);
     if let Some(spec) = sts.get_mut("spec").and_then(|s| s.as_object_mut()) {
         spec.remove("status");
     }
@@ -495,20 +735,28 @@ pub fn agent_job(inputs: &JobInputs<'_>, item: &Item, index: usize, step: JobSte
         spec["volumes"] =
             json!([{"name": "target", "persistentVolumeClaim": {"claimName": item.target}}]);
     }
+    // A swap Job is owned by nobody: a foreground deletion of the Restore (which deletes
+    // owned dependents first) must never kill a swap half-way. The Restore's finalizer
+    // deletes it once the Restore has ended.
+    let owners = if step == JobStep::Swap {
+        json!([])
+    } else {
+        json!([{
+            "apiVersion": "stateward.io/v1alpha1",
+            "kind": "Restore",
+            "name": name,
+            "uid": restore.metadata.uid.clone().unwrap_or_default(),
+            "controller": true,
+            "blockOwnerDeletion": true,
+        }])
+    };
     json!({
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
             "name": job_name(&name, step, index),
             "labels": labels,
-            "ownerReferences": [{
-                "apiVersion": "stateward.io/v1alpha1",
-                "kind": "Restore",
-                "name": name,
-                "uid": restore.metadata.uid.clone().unwrap_or_default(),
-                "controller": true,
-                "blockOwnerDeletion": true,
-            }],
+            "ownerReferences": owners,
         },
         "spec": {
             // A crash of the agent (or its node) is retried: every step is idempotent
@@ -582,11 +830,190 @@ mod tests {
         .unwrap()
     }
 
+    fn target(app: &str, sts: &str, templates: &[&str], replicas: u32) -> TargetSet {
+        TargetSet {
+            app: app.into(),
+            name: sts.into(),
+            templates: templates.iter().map(|t| t.to_string()).collect(),
+            replicas,
+        }
+    }
+
+    fn db() -> TargetSet {
+        target("db", "db", &["data"], 2)
+    }
+
+    #[test]
+    fn volumes_map_onto_the_targets_own_claims() {
+        let two = manifest("Volume", &[("data-db-0", "db-0"), ("data-db-1", "db-1")]);
+        let one = manifest("Volume", &[("data-db-0", "db-0")]);
+        let odd = manifest("Volume", &[("other-db-0", "db-0")]);
+        let twice = manifest("Volume", &[("data-db-0", "db-0"), ("data-db-0", "db-0")]);
+        let claims = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let web_claims = claims(&["data-web-0", "data-web-1", "data-web-2", "data-db-0"]);
+        // (manifest, target, existing claims) → Ok(claims written) or Err(reason)
+        type Row<'a> = (
+            &'a str,
+            &'a Manifest,
+            TargetSet,
+            Vec<String>,
+            Result<Vec<&'a str>, &'a str>,
+        );
+        let table: Vec<Row> = vec![
+            (
+                "same app",
+                &two,
+                db(),
+                claims(&["data-db-0", "data-db-1"]),
+                Ok(vec!["data-db-0", "data-db-1"]),
+            ),
+            (
+                "renamed app: the target's claims, never db's",
+                &two,
+                target("web", "web", &["data"], 3),
+                web_claims.clone(),
+                Ok(vec!["data-web-0", "data-web-1"]),
+            ),
+            (
+                "fewer ordinals than replicas: the rest stay",
+                &one,
+                target("web", "web", &["data"], 3),
+                web_claims.clone(),
+                Ok(vec!["data-web-0"]),
+            ),
+            (
+                "more ordinals than replicas",
+                &two,
+                target("web", "web", &["data"], 1),
+                web_claims.clone(),
+                Err("TooFewReplicas"),
+            ),
+            (
+                "a template the target lacks",
+                &two,
+                target("web", "web", &["pgdata"], 2),
+                claims(&["pgdata-web-0", "pgdata-web-1"]),
+                Err("TemplateMismatch"),
+            ),
+            (
+                "a claim not named after a recorded template",
+                &odd,
+                db(),
+                claims(&["data-db-0"]),
+                Err("UnknownVolume"),
+            ),
+            (
+                "two entries onto one claim",
+                &twice,
+                db(),
+                claims(&["data-db-0"]),
+                Err("DuplicateVolume"),
+            ),
+            (
+                "the claim does not exist",
+                &two,
+                db(),
+                claims(&["data-db-0"]),
+                Err("TargetVolumeMissing"),
+            ),
+            (
+                "no templates at all",
+                &one,
+                target("web", "web", &[], 1),
+                web_claims.clone(),
+                Err("TemplateMismatch"),
+            ),
+        ];
+        for (why, manifest, target, existing, expected) in table {
+            let got = map_volumes(manifest, &target, &existing)
+                .map(|(m, _)| m.into_iter().map(|m| m.claim).collect::<Vec<_>>())
+                .map_err(|r| r.reason);
+            let expected = expected.map(|v| v.into_iter().map(String::from).collect::<Vec<_>>());
+            assert_eq!(got, expected, "{why}");
+        }
+        let (_, untouched) =
+            map_volumes(&one, &target("web", "web", &["data"], 3), &web_claims).unwrap();
+        assert_eq!(
+            untouched.len(),
+            2,
+            "data-web-1 and data-web-2 are named: {untouched:?}"
+        );
+    }
+
+    #[test]
+    fn a_backup_of_another_app_is_refused_unless_allowed() {
+        let m = manifest("Volume", &[("data-db-0", "db-0")]);
+        let web = target("web", "web", &["data"], 1);
+        let claims = vec!["data-web-0".to_string(), "data-db-0".to_string()];
+        let refused = plan(&restore("{app: web}"), &m, &app(""), &web, &claims).unwrap_err();
+        assert_eq!(refused.reason, "AppMismatch");
+        assert!(
+            refused.message.contains("StatefulApp db")
+                && refused.message.contains("StatefulApp web"),
+            "{refused:?}"
+        );
+        let allowed = plan(
+            &restore("{app: web, allowOtherApp: true}"),
+            &m,
+            &app(""),
+            &web,
+            &claims,
+        )
+        .unwrap();
+        assert_eq!(
+            allowed
+                .items
+                .iter()
+                .map(|i| i.target.as_str())
+                .collect::<Vec<_>>(),
+            ["data-web-0"]
+        );
+        // Same app name, another StatefulSet: still another app's data.
+        let other_sts = target("db", "db-v2", &["data"], 1);
+        let refused = plan(
+            &restore("{app: db}"),
+            &m,
+            &app(""),
+            &other_sts,
+            &["data-db-v2-0".into()],
+        )
+        .unwrap_err();
+        assert_eq!(refused.reason, "AppMismatch");
+    }
+
+    #[test]
+    fn dumps_go_only_to_the_target_statefulsets_pods() {
+        let m = manifest("Exec", &[("db-0", "db-0")]);
+        let exec = app(", method: Exec, exec: {command: [dump], restoreCommand: [load]}");
+        let web = target("web", "web", &["data"], 1);
+        let p = plan(
+            &restore("{app: web, allowOtherApp: true}"),
+            &m,
+            &exec,
+            &web,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            (p.mode, p.items[0].target.as_str()),
+            (RestoreMode::Exec, "web-0")
+        );
+        let none = plan(
+            &restore("{app: web, allowOtherApp: true}"),
+            &m,
+            &exec,
+            &target("web", "web", &["data"], 0),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(none.reason, "TooFewReplicas");
+    }
+
     #[test]
     fn in_place_writes_the_recorded_claims_and_refuses_missing_ones() {
         let m = manifest("Volume", &[("data-db-0", "db-0"), ("data-db-1", "db-1")]);
         let claims = vec!["data-db-0".to_string(), "data-db-1".to_string()];
-        let p = plan(&restore("{app: db}"), &m, &app(""), &claims).unwrap();
+        let p = plan(&restore("{app: db}"), &m, &app(""), &db(), &claims).unwrap();
         assert_eq!(p.mode, RestoreMode::InPlace);
         assert_eq!(
             p.items
@@ -595,7 +1022,7 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["data-db-0", "data-db-1"]
         );
-        let refused = plan(&restore("{app: db}"), &m, &app(""), &claims[..1]).unwrap_err();
+        let refused = plan(&restore("{app: db}"), &m, &app(""), &db(), &claims[..1]).unwrap_err();
         assert_eq!(refused.reason, "TargetVolumeMissing");
         assert!(refused.message.contains("data-db-1"), "{refused:?}");
     }
@@ -604,7 +1031,7 @@ mod tests {
     fn a_clone_names_claims_as_its_templates_would_and_copies_only_safe_spec_fields() {
         let m = manifest("Volume", &[("data-db-0", "db-0"), ("data-db-1", "db-1")]);
         let r = restore("{app: db, cloneStatefulSetName: db-copy, createStatefulSet: true}");
-        let p = plan(&r, &m, &app(""), &[]).unwrap();
+        let p = plan(&r, &m, &app(""), &db(), &[]).unwrap();
         assert_eq!(p.mode, RestoreMode::Clone);
         assert_eq!(
             p.clone_claims.keys().collect::<Vec<_>>(),
@@ -633,17 +1060,35 @@ mod tests {
             "db-copy"
         );
         assert_eq!(
-            sts["spec"]["template"]["metadata"]["labels"][CLONE_LABEL],
-            "db-copy"
+            sts["spec"]["template"]["metadata"]["labels"],
+            json!({CLONE_LABEL: "db-copy", MANAGED_BY_LABEL: MANAGED_BY_VALUE}),
+            "no label a Service of the app selects"
         );
+        assert_eq!(
+            sts["spec"]["selector"],
+            json!({"matchLabels": {CLONE_LABEL: "db-copy"}})
+        );
+        assert_eq!(sts["spec"]["serviceName"], "db-copy");
         assert_eq!(sts["spec"]["replicas"], 2);
+        let kept = restore(
+            "{app: db, cloneStatefulSetName: db-copy, createStatefulSet: true, keepAppLabels: true}",
+        );
+        let sts = clone_stateful_set(&m.stateful_set, "db-copy", 2, &kept);
+        assert_eq!(
+            sts["spec"]["template"]["metadata"]["labels"]["app"], "db",
+            "kept on request"
+        );
+        assert_eq!(
+            sts["spec"]["selector"],
+            json!({"matchLabels": {CLONE_LABEL: "db-copy"}})
+        );
     }
 
     #[test]
     fn dumps_stream_into_the_restore_command_or_land_as_a_file() {
         let m = manifest("Exec", &[("db-0", "db-0")]);
         let exec = app(", method: Exec, exec: {command: [dump], restoreCommand: [load]}");
-        let p = plan(&restore("{app: db}"), &m, &exec, &[]).unwrap();
+        let p = plan(&restore("{app: db}"), &m, &exec, &db(), &[]).unwrap();
         assert_eq!(
             (p.mode, p.items[0].target.as_str()),
             (RestoreMode::Exec, "db-0")
@@ -651,7 +1096,14 @@ mod tests {
         let file = app(
             ", method: Exec, exec: {command: [dump], restoreFile: {volume: data, path: dump.rdb}}",
         );
-        let p = plan(&restore("{app: db}"), &m, &file, &["data-db-0".into()]).unwrap();
+        let p = plan(
+            &restore("{app: db}"),
+            &m,
+            &file,
+            &db(),
+            &["data-db-0".into()],
+        )
+        .unwrap();
         assert_eq!(p.mode, RestoreMode::InPlace);
         assert_eq!(p.items[0].target, "data-db-0");
         assert_eq!(p.items[0].as_file.as_deref(), Some("dump.rdb"));
@@ -659,6 +1111,7 @@ mod tests {
             &restore("{app: db}"),
             &m,
             &app(", method: Exec, exec: {command: [dump]}"),
+            &db(),
             &[],
         )
         .unwrap_err();

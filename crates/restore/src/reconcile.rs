@@ -23,10 +23,14 @@ use stateward_runtime::{apply, conditions, time};
 use crate::plan::{self, JobStep, Plan, Refusal};
 use crate::source::{self, Source, SourceError};
 use crate::{RestoreContext, RestoreError, ResultLabels};
+use stateward_api::common::STOPPED_REPLICAS_ANNOTATION;
 
 /// How often a running restore is looked at (Job changes also wake it).
 const POLL: Duration = Duration::from_secs(3);
 const READY: &str = "Ready";
+/// Held from the first step that touches anything until the restore has ended (and a
+/// begun swap has finished), so deletion cannot cut a swap short.
+pub const FINALIZER: &str = "restores.stateward.io";
 
 /// The reconcile entry point.
 #[tracing::instrument(skip_all, fields(namespace = restore.namespace().unwrap_or_default(), restore = restore.name_any()))]
@@ -97,17 +101,36 @@ async fn step(cached: &Restore, ctx: &RestoreContext) -> Result<Action, RestoreE
         status,
         restore,
     };
+    let deleting = pass.restore.meta().deletion_timestamp.is_some();
     if matches!(
         pass.status.phase,
         Some(RestorePhase::Completed | RestorePhase::Failed)
     ) {
         // Idempotent: a crash between the final status write and the release.
         pass.release_lock().await?;
+        if deleting {
+            pass.finish_deletion().await?;
+        }
         return Ok(Action::await_change());
     }
-    if pass.restore.meta().deletion_timestamp.is_some() {
-        pass.release_lock().await?;
-        return Ok(Action::await_change());
+    if deleting {
+        match pass.status.step.as_deref() {
+            // Nothing on a volume yet: the app comes back as it was.
+            None | Some("Resolving" | "WaitingForLock" | "Stopping") => {
+                pass.fail(Refusal {
+                    reason: "Deleted",
+                    message: "the Restore was deleted before it touched any volume".into(),
+                })
+                .await?;
+                pass.finish_deletion().await?;
+                return Ok(Action::await_change());
+            }
+            // Staged data is thrown away first; the failure then brings the app back.
+            Some("Staging") => pass.status.step = Some("Discarding".into()),
+            // A swap that began is finished (the finalizer keeps its Job alive), and a
+            // dump being loaded cannot be taken back: both run to their end.
+            _ => {}
+        }
     }
     let before = pass.status.clone();
     let action = pass.drive().await?;
@@ -185,15 +208,115 @@ impl Pass<'_> {
         Ok(())
     }
 
+    /// Releases the app's lock — unless a swap began and did not complete: then the lock
+    /// stays (its holder finished, so another in-place Restore may take it over and
+    /// finish the journals) and the scaling controller keeps the app stopped.
     async fn release_lock(&self) -> Result<(), RestoreError> {
         let lock = self.lock();
         if let Some(record) = lock.current().await?
             && record.holder.uid == self.restore.uid().unwrap_or_default()
         {
+            if record.incomplete_swap.is_some()
+                && self.status.phase != Some(RestorePhase::Completed)
+            {
+                tracing::warn!("keeping the app's operation lock: a swap is incomplete");
+                return Ok(());
+            }
             lock.release(&record.token).await?;
             tracing::info!("released the app's operation lock");
         }
         Ok(())
+    }
+
+    /// Whether this Restore's lock carries an incomplete swap (its own or inherited).
+    async fn swap_incomplete(&self) -> Result<Option<String>, RestoreError> {
+        Ok(self
+            .lock()
+            .current()
+            .await?
+            .filter(|r| r.holder.uid == self.restore.uid().unwrap_or_default())
+            .and_then(|r| r.incomplete_swap))
+    }
+
+    /// Marks the lock before the first swap Job: from here on the app stays stopped
+    /// whatever happens to this Restore, until a swap completes.
+    async fn mark_swap_begun(&self) -> Result<(), RestoreError> {
+        let lock = self.lock();
+        let Some(record) = lock
+            .current()
+            .await?
+            .filter(|r| r.holder.uid == self.restore.uid().unwrap_or_default())
+        else {
+            return Err(RestoreError::Lock(
+                stateward_runtime::lock::LockError::NotHeld,
+            ));
+        };
+        let note = format!(
+            "Restore {} began swapping backup {} into the app's volumes at {}",
+            self.name(),
+            self.status.backup_path.clone().unwrap_or_default(),
+            time::rfc3339(self.now())
+        );
+        lock.mark_incomplete_swap(&record.token, &note).await?;
+        Ok(())
+    }
+
+    /// Adds the Restore's finalizer (before anything is created), so that deleting it
+    /// mid-way lets it discard its staging or finish its swap first.
+    async fn ensure_finalizer(&self) -> Result<(), RestoreError> {
+        if self.restore.finalizers().iter().any(|f| f == FINALIZER) {
+            return Ok(());
+        }
+        let mut finalizers = self.restore.finalizers().to_vec();
+        finalizers.push(FINALIZER.to_string());
+        self.set_finalizers(finalizers).await
+    }
+
+    /// The end of a deleted Restore: its unowned swap Jobs go, then the finalizer.
+    async fn finish_deletion(&self) -> Result<(), RestoreError> {
+        let jobs: Api<Job> = self.api();
+        let selector = format!(
+            "{}={}",
+            plan::RESTORE_UID_LABEL,
+            self.restore.uid().unwrap_or_default()
+        );
+        jobs.delete_collection(
+            &kube::api::DeleteParams::background(),
+            &ListParams::default().labels(&selector),
+        )
+        .await?;
+        let finalizers: Vec<String> = self
+            .restore
+            .finalizers()
+            .iter()
+            .filter(|f| *f != FINALIZER)
+            .cloned()
+            .collect();
+        if finalizers.len() != self.restore.finalizers().len() {
+            self.set_finalizers(finalizers).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the finalizer list at the resourceVersion read, so a concurrent edit of the
+    /// list is never lost (a conflict retries with back-off).
+    async fn set_finalizers(&self, finalizers: Vec<String>) -> Result<(), RestoreError> {
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": self.restore.resource_version(), "finalizers": finalizers},
+        });
+        match self
+            .api::<Restore>()
+            .patch(
+                &self.name(),
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The app's `status.restore` section (the restore manager's only field there).
@@ -251,19 +374,55 @@ impl Pass<'_> {
                 })
                 .await;
         };
-        let claims: Vec<String> = self
+        let claims = self
             .api::<PersistentVolumeClaim>()
-            .list_metadata(&ListParams::default())
+            .list(&ListParams::default())
             .await?
-            .items
-            .into_iter()
-            .map(|c| c.name_any())
-            .collect();
-        // 3. The plan.
-        let plan = match plan::plan(&self.restore, &source.manifest, &app, &claims) {
+            .items;
+        let claim_names: Vec<String> = claims.iter().map(|c| c.name_any()).collect();
+        // 3. The target StatefulSet, read live: a restore writes only its claims.
+        let sts_name = app.spec.stateful_set_name.clone();
+        let sts = self.api::<StatefulSet>().get_opt(&sts_name).await?;
+        let clone = self.restore.spec.target.clone_stateful_set_name.is_some();
+        let target_set = match &sts {
+            Some(sts) => plan::TargetSet::of(&target, sts, self.replicas_to_come_back(sts)),
+            None if clone => plan::TargetSet {
+                app: target.clone(),
+                name: sts_name.clone(),
+                ..Default::default()
+            },
+            None => {
+                return self
+                    .fail(Refusal {
+                        reason: "StatefulSetNotFound",
+                        message: format!(
+                            "StatefulSet {sts_name} of StatefulApp {target} does not exist"
+                        ),
+                    })
+                    .await;
+            }
+        };
+        if self.status.previous_replicas.is_none() && !clone {
+            self.status.previous_replicas = Some(target_set.replicas as i32);
+        }
+        // 4. The plan.
+        let plan = match plan::plan(
+            &self.restore,
+            &source.manifest,
+            &app,
+            &target_set,
+            &claim_names,
+        ) {
             Ok(plan) => plan,
             Err(refusal) => return self.fail(refusal).await,
         };
+        if self.status.plan.is_none() {
+            self.status.plan = Some(plan::summary(&plan, &target_set, &claims));
+        }
+        if self.restore.spec.dry_run {
+            return self.dry_run(&plan).await;
+        }
+        self.ensure_finalizer().await?;
         if self.status.mode.is_none() {
             self.status.mode = Some(plan.mode);
             self.status.volumes = plan
@@ -306,6 +465,37 @@ impl Pass<'_> {
         }
     }
 
+    /// The replica count an in-place restore brings the app back to: recorded once; the
+    /// count the scaling controller saved if the app is already stopped (a restore taking
+    /// over an incomplete swap); else the StatefulSet's.
+    fn replicas_to_come_back(&self, sts: &StatefulSet) -> Option<i32> {
+        self.status.previous_replicas.or_else(|| {
+            sts.annotations()
+                .get(STOPPED_REPLICAS_ANNOTATION)
+                .and_then(|r| r.parse().ok())
+        })
+    }
+
+    /// `dryRun`: the plan is in status; nothing else happens.
+    async fn dry_run(&mut self, plan: &Plan) -> Result<Action, RestoreError> {
+        let now = self.now();
+        self.status.mode = Some(plan.mode);
+        self.status.phase = Some(RestorePhase::Completed);
+        self.status.step = Some("Done".into());
+        self.finish_times(now);
+        let writes = plan.items.len();
+        self.set_ready(
+            true,
+            "DryRun",
+            format!(
+                "dry run: {writes} {} would be restored ({:?}); nothing was stopped, created or written (status.plan)",
+                if plan.mode == RestoreMode::Exec { "dump(s)" } else { "volume(s)" },
+                plan.mode
+            ),
+        );
+        Ok(Action::await_change())
+    }
+
     /// Takes the app's lock; `None` when someone else holds it (the condition says who).
     async fn take_lock(&mut self, intent: Intent) -> Result<bool, RestoreError> {
         match self
@@ -340,21 +530,6 @@ impl Pass<'_> {
         plan: &Plan,
     ) -> Result<Action, RestoreError> {
         let sts_name = app.spec.stateful_set_name.clone();
-        let sts = self.api::<StatefulSet>().get_opt(&sts_name).await?;
-        if self.status.previous_replicas.is_none() {
-            let Some(sts) = &sts else {
-                return self
-                    .fail(Refusal {
-                        reason: "StatefulSetNotFound",
-                        message: format!(
-                            "StatefulSet {sts_name} of StatefulApp {} does not exist",
-                            app.name_any()
-                        ),
-                    })
-                    .await;
-            };
-            self.status.previous_replicas = sts.spec.as_ref().and_then(|s| s.replicas).or(Some(1));
-        }
         let replicas = self.status.previous_replicas.unwrap_or(1);
         if !self.take_lock(Intent::Stop { replicas }).await? {
             return Ok(Action::requeue(POLL));
@@ -493,6 +668,12 @@ impl Pass<'_> {
                     return Ok(Action::requeue(Duration::from_secs(1)));
                 }
                 if done {
+                    // The point of no return: from the first rename on, the app's volumes
+                    // may mix old and new data, so the lock says so before any swap Job
+                    // exists, and the app stays down until every journal finished.
+                    if plan.mode == RestoreMode::InPlace {
+                        self.mark_swap_begun().await?;
+                    }
                     self.status.step = Some("Swapping".into());
                     self.set_ready(
                         false,
@@ -516,11 +697,21 @@ impl Pass<'_> {
             }
             JobStep::Swap => {
                 if let Some((reason, message)) = failed {
-                    // A swap is journaled: the next agent on that volume finishes it.
+                    // A swap is journaled: the next agent on that volume finishes it. The
+                    // app stays stopped (the lock keeps the mark) until one does.
+                    let finish = match plan.mode {
+                        RestoreMode::InPlace => format!(
+                            "StatefulApp {} stays stopped: its volumes may mix old and new data. Fix the cause, then create a new Restore of this app (in place, any backup): its agents finish this swap's journal first, then restore",
+                            self.restore.spec.target.app
+                        ),
+                        _ => "the clone's volumes are incomplete: delete them and restore the clone again".into(),
+                    };
                     return self
                         .fail(Refusal {
-                            reason: "SwapFailed",
-                            message: format!("{reason}: {message} (the volume's journal finishes the swap on the next restore attempt)"),
+                            reason: "SwapIncomplete",
+                            message: format!(
+                                "the swap began and did not finish ({reason}: {message}). {finish}"
+                            ),
                         })
                         .await;
                 }
@@ -539,7 +730,13 @@ impl Pass<'_> {
                         .iter()
                         .find(|v| v.phase == "Failed")
                         .and_then(|v| v.message.clone())
-                        .unwrap_or_else(|| "AgentFailed: a volume failed".into());
+                        .unwrap_or_else(|| {
+                            if self.restore.meta().deletion_timestamp.is_some() {
+                                "Deleted: the Restore was deleted before its swap".into()
+                            } else {
+                                "AgentFailed: a volume failed".into()
+                            }
+                        });
                     let (reason, message) = failed
                         .split_once(": ")
                         .unwrap_or(("AgentFailed", failed.as_str()));
@@ -561,11 +758,23 @@ impl Pass<'_> {
         source: &Source,
         plan: &Plan,
     ) -> Result<Action, RestoreError> {
+        let sts_name = app.spec.stateful_set_name.clone();
         for item in &plan.items {
-            let ready = self
-                .api::<Pod>()
-                .get_opt(&item.target)
-                .await?
+            let pod = self.api::<Pod>().get_opt(&item.target).await?;
+            let owned = pod.as_ref().is_some_and(|p| {
+                p.owner_references().iter().any(|o| {
+                    o.kind == "StatefulSet" && o.name == sts_name && o.controller == Some(true)
+                })
+            });
+            if pod.is_some() && !owned && self.status.step.as_deref() == Some("Resolving") {
+                return self
+                    .fail(Refusal {
+                        reason: "TargetPodNotOwned",
+                        message: format!("pod {} is not a pod of StatefulSet {sts_name}: an exec restore streams only into the target's own pods", item.target),
+                    })
+                    .await;
+            }
+            let ready = pod
                 .and_then(|p| p.status)
                 .and_then(|s| s.conditions)
                 .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
@@ -836,9 +1045,20 @@ impl Pass<'_> {
     }
 
     /// Ends the restore as Failed: condition, Warning event, metric, lock released (an
-    /// in-place app comes back with its old data).
-    async fn fail(&mut self, refusal: Refusal) -> Result<Action, RestoreError> {
+    /// in-place app comes back with its old data) — except after a swap began, where the
+    /// lock stays and the app stays stopped.
+    async fn fail(&mut self, mut refusal: Refusal) -> Result<Action, RestoreError> {
         let now = self.now();
+        if refusal.reason != "SwapIncomplete"
+            && let Some(note) = self.swap_incomplete().await?
+        {
+            // A take-over of an incomplete swap failed before its own swap: the app
+            // still must not come back on what the earlier swap left.
+            refusal.message = format!(
+                "{} — StatefulApp {} stays stopped: an earlier swap is incomplete ({note}); create a new Restore once the cause is fixed",
+                refusal.message, self.restore.spec.target.app
+            );
+        }
         self.status.phase = Some(RestorePhase::Failed);
         self.status.step = Some("Done".into());
         self.status.verified = false;
@@ -933,6 +1153,7 @@ fn leak_reason(reason: &str) -> &'static str {
         "ExecFailed" => "ExecFailed",
         "WriteFailed" => "WriteFailed",
         "VolumeMissing" => "VolumeMissing",
+        "Deleted" => "Deleted",
         _ => "AgentFailed",
     }
 }

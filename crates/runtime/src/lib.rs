@@ -10,6 +10,7 @@ pub mod hooks;
 pub mod lock;
 pub mod metrics;
 pub mod names;
+pub mod quantity;
 pub mod schedule;
 pub mod telemetry;
 pub mod time;

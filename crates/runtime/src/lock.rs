@@ -8,7 +8,11 @@
 //! object), an intent (e.g. `Stop` with the replica count to come back to) and a token.
 //! A nested operation (the backup a scale-down asks for first) presents its parent's
 //! token and runs under the parent's lock instead of deadlocking on it. A lock whose
-//! holder object is gone (or finished) is recovered by the next acquirer.
+//! holder object is gone (or finished) is recovered by the next acquirer — except a lock
+//! whose record says a restore's swap began and did not finish (`incompleteSwap`): the
+//! app's volumes may hold a mix of old and new data, so the app stays stopped and only
+//! another in-place Restore (whose agents finish the volume's journal first) may take
+//! the lock over; it inherits the mark until its own swap completes.
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -65,6 +69,10 @@ pub struct LockRecord {
     /// Presented by nested operations to run under this lock.
     pub token: String,
     pub acquired_at: DateTime<Utc>,
+    /// Set by a restore before its first swap rename: which restore began swapping and
+    /// what the user must do. While set, the app stays stopped whoever holds the lock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incomplete_swap: Option<String>,
 }
 
 /// The outcome of an acquisition.
@@ -86,6 +94,8 @@ pub enum LockError {
     Record(#[from] serde_json::Error),
     #[error("lost a race for the operation lock {attempts} times in a row")]
     Contention { attempts: u32 },
+    #[error("the operation lock is not held by this operation")]
+    NotHeld,
 }
 
 /// What to do, given the current record (pure: unit-tested).
@@ -100,17 +110,31 @@ enum Decision {
 fn decide(
     current: Option<&LockRecord>,
     holder: &Holder,
+    intent: &Intent,
     parent_token: Option<&str>,
     holder_alive: bool,
 ) -> Decision {
     match current {
         None => Decision::Take,
         Some(record) if record.holder.uid == holder.uid => Decision::AlreadyHeld,
+        Some(record) if record.incomplete_swap.is_some() => {
+            // Mixed data on the volumes: nothing may read or reshape it, and only a
+            // restore that stops the app (and so finishes the journals) may take over.
+            let restore = holder.kind == RESTORE_KIND && matches!(intent, Intent::Stop { .. });
+            if restore && !holder_alive {
+                Decision::Take
+            } else {
+                Decision::Busy
+            }
+        }
         Some(record) if parent_token == Some(record.token.as_str()) => Decision::Nested,
         Some(_) if !holder_alive => Decision::Take,
         Some(_) => Decision::Busy,
     }
 }
+
+/// The holder kind that may take over a lock marked `incomplete_swap`.
+const RESTORE_KIND: &str = "Restore";
 
 /// The lock of one app.
 #[derive(Clone)]
@@ -208,7 +232,7 @@ impl OperationLock {
                 }
                 _ => true,
             };
-            match decide(current.as_ref(), &holder, parent_token, alive) {
+            match decide(current.as_ref(), &holder, &intent, parent_token, alive) {
                 Decision::AlreadyHeld => {
                     return Ok(Acquired::Held(
                         current.unwrap_or_else(|| unreachable_record(&holder)),
@@ -234,6 +258,8 @@ impl OperationLock {
                 intent: intent.clone(),
                 token: new_token(),
                 acquired_at: Utc::now(),
+                // A take-over inherits the mark: only a completed swap clears it.
+                incomplete_swap: current.as_ref().and_then(|c| c.incomplete_swap.clone()),
             };
             let mut lease = existing.unwrap_or_else(|| Lease {
                 metadata: kube::api::ObjectMeta {
@@ -281,6 +307,41 @@ impl OperationLock {
         Err(LockError::Contention { attempts: ATTEMPTS })
     }
 
+    /// Marks the lock held by `token` with an incomplete swap (see the module doc), before
+    /// the first rename of a restore's swap. Idempotent.
+    pub async fn mark_incomplete_swap(&self, token: &str, note: &str) -> Result<(), LockError> {
+        for _ in 0..5 {
+            let Some(mut lease) = self.api().get_opt(&self.lease_name).await? else {
+                return Err(LockError::NotHeld);
+            };
+            let Some(mut record) = Self::record_of(&lease)?.filter(|r| r.token == token) else {
+                return Err(LockError::NotHeld);
+            };
+            if record.incomplete_swap.is_some() {
+                return Ok(());
+            }
+            record.incomplete_swap = Some(note.to_string());
+            lease
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(
+                    RECORD_ANNOTATION.to_string(),
+                    serde_json::to_string(&record)?,
+                );
+            match self
+                .api()
+                .replace(&self.lease_name, &PostParams::default(), &lease)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(kube::Error::Api(status)) if status.code == 409 => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(LockError::Contention { attempts: 5 })
+    }
+
     /// Releases the lock if `token` still holds it (deleting the Lease with a
     /// resourceVersion precondition). Releasing a lock one does not hold is a no-op.
     pub async fn release(&self, token: &str) -> Result<bool, LockError> {
@@ -314,6 +375,7 @@ fn unreachable_record(holder: &Holder) -> LockRecord {
         intent: Intent::Read,
         token: String::new(),
         acquired_at: Utc::now(),
+        incomplete_swap: None,
     }
 }
 
@@ -343,34 +405,151 @@ mod tests {
             intent: Intent::Stop { replicas: 3 },
             token: token.into(),
             acquired_at: Utc::now(),
+            incomplete_swap: None,
+        }
+    }
+
+    fn swapping(uid: &str) -> LockRecord {
+        LockRecord {
+            incomplete_swap: Some("Restore r began swapping".into()),
+            ..record(uid, "t")
         }
     }
 
     #[test]
     fn decisions() {
         let mine = holder("1");
-        assert_eq!(decide(None, &mine, None, true), Decision::Take);
-        assert_eq!(
-            decide(Some(&record("1", "t")), &mine, None, true),
-            Decision::AlreadyHeld
-        );
-        assert_eq!(
-            decide(Some(&record("2", "t")), &mine, Some("t"), true),
-            Decision::Nested
-        );
-        assert_eq!(
-            decide(Some(&record("2", "t")), &mine, Some("other"), true),
-            Decision::Busy
-        );
-        assert_eq!(
-            decide(Some(&record("2", "t")), &mine, None, true),
-            Decision::Busy
-        );
-        assert_eq!(
-            decide(Some(&record("2", "t")), &mine, None, false),
-            Decision::Take,
-            "a dead holder is recovered"
-        );
+        let restore = Holder {
+            kind: "Restore".into(),
+            ..holder("1")
+        };
+        let stop = Intent::Stop { replicas: 2 };
+        // (current, acquirer, intent, parent token, current holder alive) → decision
+        let table: Vec<(
+            Option<LockRecord>,
+            &Holder,
+            &Intent,
+            Option<&str>,
+            bool,
+            Decision,
+            &str,
+        )> = vec![
+            (
+                None,
+                &mine,
+                &Intent::Read,
+                None,
+                true,
+                Decision::Take,
+                "free",
+            ),
+            (
+                Some(record("1", "t")),
+                &mine,
+                &Intent::Read,
+                None,
+                true,
+                Decision::AlreadyHeld,
+                "ours",
+            ),
+            (
+                Some(record("2", "t")),
+                &mine,
+                &Intent::Read,
+                Some("t"),
+                true,
+                Decision::Nested,
+                "parent's token",
+            ),
+            (
+                Some(record("2", "t")),
+                &mine,
+                &Intent::Read,
+                Some("other"),
+                true,
+                Decision::Busy,
+                "wrong token",
+            ),
+            (
+                Some(record("2", "t")),
+                &mine,
+                &Intent::Read,
+                None,
+                true,
+                Decision::Busy,
+                "held",
+            ),
+            (
+                Some(record("2", "t")),
+                &mine,
+                &Intent::Read,
+                None,
+                false,
+                Decision::Take,
+                "a dead holder is recovered",
+            ),
+            (
+                Some(swapping("2")),
+                &mine,
+                &Intent::Read,
+                None,
+                false,
+                Decision::Busy,
+                "no backup of mixed data",
+            ),
+            (
+                Some(swapping("2")),
+                &mine,
+                &Intent::Read,
+                Some("t"),
+                false,
+                Decision::Busy,
+                "not even nested",
+            ),
+            (
+                Some(swapping("2")),
+                &restore,
+                &Intent::Write,
+                None,
+                false,
+                Decision::Busy,
+                "a restore that does not stop the app",
+            ),
+            (
+                Some(swapping("2")),
+                &restore,
+                &stop,
+                None,
+                true,
+                Decision::Busy,
+                "the swapping restore still runs",
+            ),
+            (
+                Some(swapping("2")),
+                &restore,
+                &stop,
+                None,
+                false,
+                Decision::Take,
+                "a new in-place restore takes over",
+            ),
+            (
+                Some(swapping("1")),
+                &restore,
+                &stop,
+                None,
+                true,
+                Decision::AlreadyHeld,
+                "the swapping restore itself",
+            ),
+        ];
+        for (current, who, intent, token, alive, expected, why) in table {
+            assert_eq!(
+                decide(current.as_ref(), who, intent, token, alive),
+                expected,
+                "{why}"
+            );
+        }
     }
 
     #[test]

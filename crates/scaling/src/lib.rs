@@ -47,7 +47,7 @@ pub const CONTROLLER: &str = "scaling";
 
 /// On the StatefulSet while the app is stopped for another operation: the replica count
 /// to come back to.
-pub const STOPPED_REPLICAS_ANNOTATION: &str = "stateward.io/stopped-replicas";
+pub use stateward_api::common::STOPPED_REPLICAS_ANNOTATION;
 /// On the StatefulSet while stopped: its own PVC retention policy (JSON, `null` for none),
 /// restored on start.
 pub const STOPPED_POLICY_ANNOTATION: &str = "stateward.io/stopped-pvc-retention-policy";
@@ -331,18 +331,26 @@ async fn pipeline(world: &mut World, ctx: &ScalingContext) -> Result<Action, Sca
 
     // 1. Stop and start for other operations.
     // A Stop holder that is gone or finished (a Restore deleted mid-way) no longer keeps
-    // the app down: the app comes back instead of staying stopped forever.
+    // the app down: the app comes back instead of staying stopped forever — unless a
+    // restore's swap began and did not finish: then the volumes may mix old and new data,
+    // and the app stays down until another restore finishes the swap.
     if let Some(record) = &current_lock
         && record.holder.uid != me.uid
         && matches!(record.intent, Intent::Stop { .. })
-        && lock.holder_alive(&record.holder).await?
     {
-        return stop(
-            world,
-            ctx,
-            &format!("{} {}", record.holder.kind, record.holder.name),
-        )
-        .await;
+        if let Some(note) = &record.incomplete_swap
+            && !lock.holder_alive(&record.holder).await?
+        {
+            return stop(world, ctx, &format!("an incomplete restore swap ({note})")).await;
+        }
+        if lock.holder_alive(&record.holder).await? {
+            return stop(
+                world,
+                ctx,
+                &format!("{} {}", record.holder.kind, record.holder.name),
+            )
+            .await;
+        }
     }
     if world
         .sts
