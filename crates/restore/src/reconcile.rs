@@ -878,6 +878,17 @@ impl Pass<'_> {
                     match jobs.create(&PostParams::default(), &body).await {
                         Ok(job) => job,
                         Err(kube::Error::Api(e)) if e.code == 409 => jobs.get(&name).await?,
+                        // The namespace is being deleted with its volumes: nothing to
+                        // finish, and waiting would keep the finalizer (and the namespace).
+                        Err(kube::Error::Api(e))
+                            if e.code == 403 && e.message.contains("being terminated") =>
+                        {
+                            states.push(JobState::Failed(
+                                "Deleted".into(),
+                                "the namespace is being deleted".into(),
+                            ));
+                            continue;
+                        }
                         Err(e) => return Err(e.into()),
                     }
                 }
