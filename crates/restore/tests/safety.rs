@@ -456,3 +456,65 @@ fn pids_with(parts: &[&str]) -> Vec<i32> {
     }
     out
 }
+
+#[tokio::test]
+async fn crafted_manifests_are_refused_before_anything_is_read_or_touched() -> Result<()> {
+    let world = World::new("rst-manifest").await?;
+    world.apply(&app("mf", "mf", "")).await?;
+    let ns = world.ns.name.clone();
+    let entry = |key: &str| {
+        serde_json::json!({"name": "data-mf-0", "pod": "mf-0", "key": key, "encoding": "tar+zstd",
+            "bytesRead": 10, "bytesStored": 5, "sha256": "0".repeat(64)})
+    };
+    let manifest = |namespace: &str, key: &str| {
+        serde_json::json!({"formatVersion": 1, "writtenBy": "crafted", "namespace": namespace, "app": "mf",
+            "backup": "b", "backupUid": "u", "method": "Volume", "startedAt": "", "completedAt": "",
+            "entries": [entry(key)], "statefulSet": {}, "persistentVolumeClaims": []})
+        .to_string()
+        .into_bytes()
+    };
+    let own = format!("backups/{ns}/mf/b-u");
+    // (path below the repository prefix, manifest body, what the refusal must say)
+    let cases: Vec<(String, Vec<u8>, &str)> = vec![
+        (format!("{ns}/mf/big-u"), vec![b' '; 5 << 20], "larger than"),
+        (
+            format!("{ns}/mf/b-u"),
+            manifest("other-team", &format!("{own}/volumes/x")),
+            "says it is of other-team/mf",
+        ),
+        (
+            format!("{ns}/mf/b-u"),
+            manifest(&ns, &format!("backups/other-team/db/b-u/volumes/x")),
+            "outside the backup's own prefix",
+        ),
+    ];
+    for (i, (path, body, says)) in cases.into_iter().enumerate() {
+        world
+            .s3
+            .put_object()
+            .bucket(&world.bucket)
+            .key(format!("backups/{path}/manifest.json"))
+            .body(body.into())
+            .send()
+            .await?;
+        let restore = world
+            .restore(
+                &format!("mf-r{i}"),
+                &format!("  source: {{ repositoryPath: {{ repository: repo, path: {path} }} }}\n  target: {{ app: mf }}"),
+            )
+            .await?;
+        let (_, reason, message) = ready(&restore);
+        ensure!(
+            phase(&restore) == Some(RestorePhase::Failed)
+                && reason == "ManifestInvalid"
+                && message.contains(says),
+            "case {i}: {reason}: {message}"
+        );
+        let jobs: Api<Job> = world.api();
+        ensure!(
+            jobs.list(&ListParams::default()).await?.items.is_empty(),
+            "case {i}: no agent ran"
+        );
+    }
+    world.finish().await
+}
