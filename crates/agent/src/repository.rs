@@ -56,3 +56,43 @@ pub async fn s3_client(
         s3.checksum_mode == ChecksumMode::WhenRequired,
     ))
 }
+
+/// The largest JSON object (manifest, agent result) read from a repository: far above
+/// what Stateward writes, far below what would hurt the manager's memory.
+pub const MAX_JSON_BYTES: usize = 4 << 20;
+
+/// Why a bounded read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BoundedReadError {
+    #[error("the object is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("reading the object: {0}")]
+    Read(#[from] std::io::Error),
+}
+
+/// Reads an object's body into memory, refusing it before more than `limit` bytes are
+/// held — by its declared length first, then by counting (a declared length may lie).
+/// Everything read from a bucket is input from whoever can write the bucket.
+pub async fn read_bounded(
+    object: aws_sdk_s3::operation::get_object::GetObjectOutput,
+    limit: usize,
+) -> Result<Vec<u8>, BoundedReadError> {
+    use tokio::io::AsyncReadExt;
+    if object
+        .content_length()
+        .is_some_and(|n| usize::try_from(n).map_or(true, |n| n > limit))
+    {
+        return Err(BoundedReadError::TooLarge { limit });
+    }
+    let mut body = Vec::new();
+    object
+        .body
+        .into_async_read()
+        .take(limit as u64 + 1)
+        .read_to_end(&mut body)
+        .await?;
+    if body.len() > limit {
+        return Err(BoundedReadError::TooLarge { limit });
+    }
+    Ok(body)
+}

@@ -7,12 +7,12 @@ use stateward_agent::manifest::{FORMAT_VERSION, MANIFEST, Manifest};
 use stateward_api::repository::BackupRepository;
 use stateward_api::{Backup, BackupPhase, Restore};
 
-use tokio::io::AsyncReadExt;
+use stateward_agent::repository::{
+    BoundedReadError, MAX_JSON_BYTES as MAX_MANIFEST_BYTES, read_bounded,
+};
 
 use crate::plan::Refusal;
 
-/// The largest manifest read (a manifest of 1,024 volumes is far below it).
-pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
 /// Bounds on what a manifest may list.
 const MAX_ENTRIES: usize = 1024;
 const MAX_SEGMENTS: u32 = 100_000;
@@ -170,24 +170,11 @@ async fn read_manifest(
     };
     // A manifest is input from whoever can write the bucket: bounded before it is read
     // (never a multi-GiB object in the manager's memory), then checked against the path.
-    if object
-        .content_length()
-        .is_some_and(|n| n > MAX_MANIFEST_BYTES as i64)
-    {
-        return Err(too_large(&key));
-    }
-    let mut body = Vec::new();
-    let mut reader = object
-        .body
-        .into_async_read()
-        .take(MAX_MANIFEST_BYTES as u64 + 1);
-    reader
-        .read_to_end(&mut body)
-        .await
-        .map_err(|e| SourceError::Unavailable(format!("reading {key}: {e}")))?;
-    if body.len() > MAX_MANIFEST_BYTES {
-        return Err(too_large(&key));
-    }
+    let body = match read_bounded(object, MAX_MANIFEST_BYTES).await {
+        Ok(body) => body,
+        Err(BoundedReadError::TooLarge { .. }) => return Err(too_large(&key)),
+        Err(e) => return Err(SourceError::Unavailable(format!("reading {key}: {e}"))),
+    };
     let manifest: Manifest = serde_json::from_slice(&body).map_err(|e| {
         refused(
             "ManifestInvalid",

@@ -51,12 +51,13 @@ impl Store {
             .await
         {
             Ok(object) => {
-                let body = object
-                    .body
-                    .collect()
-                    .await
-                    .map_err(|e| RunError::Store(format!("reading {key}: {e}")))?
-                    .into_bytes();
+                // Bounded: a manifest or result is input from whoever can write the bucket.
+                let body = stateward_agent::repository::read_bounded(
+                    object,
+                    stateward_agent::repository::MAX_JSON_BYTES,
+                )
+                .await
+                .map_err(|e| RunError::Store(format!("reading {key}: {e}")))?;
                 serde_json::from_slice(&body)
                     .map(Some)
                     .map_err(|e| RunError::Store(format!("{key} is not {what}: {e}")))
