@@ -3,8 +3,12 @@
 //!
 //! Kept: ownership (when running as root), modes, mtimes, symlinks, hard links, FIFOs.
 //! Refused, with the entry named: absolute paths, `..`, a hard link whose target is not
-//! inside the archive, a relative symlink that climbs above the volume root, and any
-//! entry below a symlink (a crafted archive's classic `link -> /etc` then `link/passwd`).
+//! inside the archive, a relative symlink that climbs above the volume root, any entry
+//! below a symlink (a crafted archive's classic `link -> /etc` then `link/passwd`), any
+//! entry whose own name already exists as a symlink (`d -> /etc` then a directory `d/`,
+//! whose mode and mtime would otherwise land on `/etc`), device nodes and setuid/setgid
+//! bits (an elevated restore mode is future work), and entry types Stateward never writes.
+//! Directory metadata is applied through a descriptor opened without following links.
 //! Absolute symlink targets are restored as links and never followed: the app resolves
 //! them in its own container, as it did when the backup was taken.
 
@@ -110,6 +114,59 @@ fn check_no_symlink_parent(root: &Path, rel: &Path) -> Result<(), ExtractError> 
     Ok(())
 }
 
+/// Refuses an entry before anything is written for it: its own name must not exist as a
+/// symlink (or at all, but for a directory listed again), its type must be one Stateward
+/// restores, and it must carry no setuid/setgid bit.
+fn check_entry(
+    dest: &Path,
+    rel: &Path,
+    kind: tar::EntryType,
+    mode: u32,
+) -> Result<(), ExtractError> {
+    match std::fs::symlink_metadata(dest.join(rel)) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            return Err(unsafe_entry(rel, "its name already exists as a symlink"));
+        }
+        Ok(meta) if meta.is_dir() && kind == tar::EntryType::Directory => {}
+        Ok(_) => return Err(unsafe_entry(rel, "it appears twice in the archive")),
+        Err(_) => {}
+    }
+    match kind {
+        tar::EntryType::Char | tar::EntryType::Block => {
+            return Err(unsafe_entry(rel, "device nodes are not restored"));
+        }
+        tar::EntryType::Directory
+        | tar::EntryType::Regular
+        | tar::EntryType::Continuous
+        | tar::EntryType::GNUSparse
+        | tar::EntryType::Link
+        | tar::EntryType::Symlink
+        | tar::EntryType::Fifo => {}
+        _ => {
+            return Err(unsafe_entry(
+                rel,
+                "an entry type Stateward does not restore",
+            ));
+        }
+    }
+    // A directory's setgid bit is ordinary (kubelet sets it for fsGroup volumes); on a
+    // file it is a privilege the restore would hand out.
+    let is_dir_or_link = matches!(kind, tar::EntryType::Directory | tar::EntryType::Symlink);
+    if mode & 0o6000 != 0 && !is_dir_or_link {
+        return Err(unsafe_entry(rel, "setuid/setgid files are not restored"));
+    }
+    Ok(())
+}
+
+/// Opens a directory for its metadata without following a symlink at its name.
+fn open_dir_nofollow(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_DIRECTORY)
+        .open(path)
+}
+
 /// Directory metadata applied after all entries are in (a read-only directory would
 /// refuse its own children; writing children changes the directory's mtime).
 struct DeferredDir {
@@ -142,6 +199,12 @@ pub fn extract_tree<R: Read>(
         };
         check_no_symlink_parent(dest, &rel)?;
         let kind = entry.header().entry_type();
+        check_entry(
+            dest,
+            &rel,
+            kind,
+            entry.header().mode().map_err(ExtractError::Read)?,
+        )?;
         let target = dest.join(&rel);
         let write_err = |source| ExtractError::Write {
             path: rel.to_string_lossy().into_owned(),
@@ -205,14 +268,35 @@ pub fn extract_tree<R: Read>(
                 stats.bytes += entry.header().size().unwrap_or(0);
                 entry.unpack(&target).map_err(write_err)?;
             }
-            tar::EntryType::Fifo | tar::EntryType::Char | tar::EntryType::Block => {
+            tar::EntryType::Fifo => {
+                // The tar reader skips FIFOs: made here, metadata set without following.
                 if let Some(parent) = target.parent() {
                     std::fs::create_dir_all(parent).map_err(write_err)?;
                 }
-                entry.unpack(&target).map_err(write_err)?;
+                let header = entry.header();
+                let mode = header.mode().map_err(ExtractError::Read)? & 0o1777;
+                nix::unistd::mkfifo(&target, nix::sys::stat::Mode::from_bits_truncate(mode))
+                    .map_err(|e| write_err(e.into()))?;
+                if keep_ownership {
+                    let uid = header.uid().map_err(ExtractError::Read)? as u32;
+                    let gid = header.gid().map_err(ExtractError::Read)? as u32;
+                    std::os::unix::fs::lchown(&target, Some(uid), Some(gid)).map_err(write_err)?;
+                }
+                // mkfifo applies the umask: the recorded mode, set through the path (a FIFO
+                // just created here, never a link).
+                std::fs::set_permissions(
+                    &target,
+                    std::os::unix::fs::PermissionsExt::from_mode(mode),
+                )
+                .map_err(write_err)?;
+                let mtime = filetime::FileTime::from_unix_time(
+                    header.mtime().map_err(ExtractError::Read)? as i64,
+                    0,
+                );
+                filetime::set_symlink_file_times(&target, mtime, mtime).map_err(write_err)?;
             }
-            // PAX and GNU long-name headers are consumed by the tar reader; anything else
-            // (sockets cannot be archived) is skipped, as `tar x` does.
+            // Refused by check_entry; PAX and GNU long-name headers are consumed by the
+            // tar reader itself.
             _ => {}
         }
     }
@@ -223,19 +307,27 @@ pub fn extract_tree<R: Read>(
             path: dir.path.to_string_lossy().into_owned(),
             source,
         };
+        // Still a real directory inside staging, and touched only through a descriptor
+        // opened with O_NOFOLLOW: never a link's target.
+        let rel = dir.path.strip_prefix(dest).unwrap_or(&dir.path);
+        check_no_symlink_parent(dest, rel)?;
+        let handle = open_dir_nofollow(&dir.path).map_err(write_err)?;
         if let Some((uid, gid)) = dir.owner {
-            std::os::unix::fs::lchown(&dir.path, Some(uid), Some(gid)).map_err(write_err)?;
+            std::os::unix::fs::fchown(&handle, Some(uid), Some(gid)).map_err(write_err)?;
         }
-        std::fs::set_permissions(
-            &dir.path,
-            std::os::unix::fs::PermissionsExt::from_mode(dir.mode & 0o7777),
-        )
-        .map_err(write_err)?;
-        filetime::set_file_mtime(
-            &dir.path,
-            filetime::FileTime::from_unix_time(dir.mtime as i64, 0),
-        )
-        .map_err(write_err)?;
+        handle
+            .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(
+                dir.mode & 0o7777,
+            ))
+            .map_err(write_err)?;
+        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(dir.mtime);
+        handle
+            .set_times(
+                std::fs::FileTimes::new()
+                    .set_modified(mtime)
+                    .set_accessed(mtime),
+            )
+            .map_err(write_err)?;
     }
     let mut reader = archive.into_inner();
     // The end-of-archive blocks and any padding, so the content hash covers everything.
@@ -246,6 +338,7 @@ pub fn extract_tree<R: Read>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::MetadataExt;
 
     fn scratch(name: &str) -> PathBuf {
@@ -390,6 +483,238 @@ mod tests {
             std::fs::remove_dir_all(&dest).ok();
         }
         std::fs::remove_dir_all(&outside).ok();
+    }
+
+    /// One crafted tar entry: name bytes, type, content, link name, mode.
+    type Crafted<'a> = (&'a [u8], tar::EntryType, &'a [u8], Option<&'a [u8]>, u32);
+
+    fn crafted_tar(entries: &[Crafted<'_>]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, kind, data, link, mode) in entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(*kind);
+            header.set_size(data.len() as u64);
+            header.set_mode(*mode);
+            header.set_mtime(1_500_000_000);
+            header.set_uid(0);
+            header.set_gid(0);
+            let name = &mut header.as_old_mut().name;
+            name[..path.len()].copy_from_slice(path);
+            if let Some(link) = link {
+                let field = &mut header.as_old_mut().linkname;
+                field[..link.len()].copy_from_slice(link);
+            }
+            header.set_cksum();
+            builder.append(&header, *data).ok();
+        }
+        builder.into_inner().unwrap_or_default()
+    }
+
+    /// Every entry below `root`: path bytes, kind, mode, owner, mtime, content or target.
+    fn snapshot(root: &Path) -> Vec<String> {
+        fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+            let mut entries: Vec<_> = std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .collect();
+            entries.sort_by_key(|e| e.file_name());
+            for entry in entries {
+                let path = entry.path();
+                let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                    continue;
+                };
+                let what = if meta.file_type().is_symlink() {
+                    format!("L {:?}", std::fs::read_link(&path).ok())
+                } else if meta.is_file() {
+                    format!("F {:?}", std::fs::read(&path).ok())
+                } else {
+                    "D".to_string()
+                };
+                out.push(format!(
+                    "{:?} {:o} {}:{} {} {what}",
+                    path.strip_prefix(root).unwrap_or(&path),
+                    meta.mode(),
+                    meta.uid(),
+                    meta.gid(),
+                    meta.mtime()
+                ));
+                if meta.is_dir() {
+                    walk(root, &path, out);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(root, root, &mut out);
+        out
+    }
+
+    /// A volume with live data (the canary) and an empty staging directory inside it.
+    fn volume_with_canary(name: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let volume = scratch(name);
+        let canary = volume.join("live");
+        std::fs::create_dir_all(canary.join("dir")).ok();
+        std::fs::write(canary.join("file"), b"live data").ok();
+        std::os::unix::fs::symlink("file", canary.join("link")).ok();
+        filetime::set_file_mtime(
+            canary.join("dir"),
+            filetime::FileTime::from_unix_time(1_000_000_000, 0),
+        )
+        .ok();
+        let staging = volume.join(".stateward-restore/staging");
+        std::fs::create_dir_all(&staging).ok();
+        (volume, canary, staging)
+    }
+
+    #[test]
+    fn a_corpus_of_crafted_archives_is_refused_or_restored_faithfully_and_live_data_never_changes()
+    {
+        use tar::EntryType::*;
+        let (volume, canary, staging) = volume_with_canary("corpus");
+        let live_dir = canary.join("dir");
+        let live_file = canary.join("file");
+        let live_dir = live_dir.as_os_str().as_encoded_bytes();
+        let live_file = live_file.as_os_str().as_encoded_bytes();
+        // (case, entries, Err(the refusal's words) or Ok(a check on the staged tree))
+        type Check = fn(&Path) -> bool;
+        let cases: Vec<(&str, Vec<Crafted<'_>>, Result<Check, &str>)> = vec![
+            (
+                "a directory entry named as an earlier symlink to live data",
+                vec![
+                    (b"d", Symlink, b"", Some(live_dir), 0o777),
+                    (b"d", Directory, b"", None, 0o777),
+                ],
+                Err("already exists as a symlink"),
+            ),
+            (
+                "a file entry named as an earlier symlink to a live file",
+                vec![
+                    (b"f", Symlink, b"", Some(live_file), 0o777),
+                    (b"f", Regular, b"evil", None, 0o644),
+                ],
+                Err("already exists as a symlink"),
+            ),
+            (
+                "a setuid file",
+                vec![(b"suid", Regular, b"x", None, 0o4755)],
+                Err("setuid"),
+            ),
+            (
+                "a setgid file",
+                vec![(b"sgid", Regular, b"x", None, 0o2755)],
+                Err("setuid/setgid"),
+            ),
+            (
+                "a character device",
+                vec![(b"null", Char, b"", None, 0o666)],
+                Err("device nodes"),
+            ),
+            (
+                "a block device",
+                vec![(b"sda", Block, b"", None, 0o660)],
+                Err("device nodes"),
+            ),
+            (
+                "a hard link out",
+                vec![(b"h", Link, b"", Some(b"../live/file"), 0o644)],
+                Err(".."),
+            ),
+            (
+                "a hard link to a missing entry",
+                vec![(b"h", Link, b"", Some(b"nope"), 0o644)],
+                Err("not earlier"),
+            ),
+            (
+                "dotdot",
+                vec![(b"../live/file", Regular, b"evil", None, 0o644)],
+                Err(".."),
+            ),
+            (
+                "absolute",
+                vec![(b"/tmp/evil", Regular, b"evil", None, 0o644)],
+                Err("absolute"),
+            ),
+            (
+                "below a symlink",
+                vec![
+                    (b"l", Symlink, b"", Some(live_dir), 0o777),
+                    (b"l/evil", Regular, b"x", None, 0o644),
+                ],
+                Err("below a symlink"),
+            ),
+            (
+                "a symlink climbing out",
+                vec![(b"up", Symlink, b"", Some(b"../live"), 0o777)],
+                Err("above the volume"),
+            ),
+            (
+                "an entry listed twice",
+                vec![
+                    (b"f", Regular, b"a", None, 0o644),
+                    (b"f", Regular, b"b", None, 0o644),
+                ],
+                Err("twice"),
+            ),
+            (
+                "a FIFO",
+                vec![(b"pipe", Fifo, b"", None, 0o600)],
+                Ok(|s| {
+                    std::fs::symlink_metadata(s.join("pipe")).is_ok_and(|m| {
+                        std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type())
+                            && m.mode() & 0o7777 == 0o600
+                            && m.mtime() == 1_500_000_000
+                    })
+                }),
+            ),
+            (
+                "a non-UTF-8 name",
+                vec![(b"caf\xe9", Regular, b"bytes", None, 0o644)],
+                Ok(|s| {
+                    std::fs::read(s.join(std::ffi::OsStr::from_bytes(b"caf\xe9"))).ok()
+                        == Some(b"bytes".to_vec())
+                }),
+            ),
+            (
+                "a setgid directory (fsGroup volumes have them)",
+                vec![(b"shared", Directory, b"", None, 0o2775)],
+                Ok(|s| {
+                    std::fs::metadata(s.join("shared")).is_ok_and(|m| m.mode() & 0o7777 == 0o2775)
+                }),
+            ),
+        ];
+        let before = snapshot(&canary);
+        for (case, entries, expected) in cases {
+            std::fs::remove_dir_all(&staging).ok();
+            std::fs::create_dir_all(&staging).ok();
+            let archive = crafted_tar(&entries);
+            let outcome = extract_tree(&archive[..], &staging, true).map(|(stats, _)| stats);
+            match (outcome, expected) {
+                (Err(e), Err(words)) => {
+                    assert!(e.is_permanent(), "{case}: {e}");
+                    assert!(e.to_string().contains(words), "{case}: {e}");
+                }
+                (Ok(_), Ok(check)) => assert!(check(&staging), "{case}: not restored faithfully"),
+                (outcome, expected) => panic!(
+                    "{case}: {outcome:?} but expected {:?}",
+                    expected.map(|_| "restored")
+                ),
+            }
+            assert_eq!(snapshot(&canary), before, "{case}: live data changed");
+            let outside: Vec<String> = std::fs::read_dir(&volume)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            let mut outside = outside;
+            outside.sort();
+            assert_eq!(
+                outside,
+                [".stateward-restore", "live"],
+                "{case}: nothing new beside staging"
+            );
+        }
+        std::fs::remove_dir_all(&volume).ok();
     }
 
     #[test]
