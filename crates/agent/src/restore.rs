@@ -256,7 +256,7 @@ async fn restore_volume_inner(args: &RestoreVolumeArgs) -> Result<RestoreResult,
         })?;
         if let Some(journal) = journal
             && journal.restore == args.restore_id
-            && let Ok(mut result) = serde_json::from_value::<RestoreResult>(journal.result)
+            && let Some(mut result) = matching_result(args, journal.result)
         {
             tracing::info!("an earlier attempt crashed mid-swap; the swap is now complete");
             result.recovered = true;
@@ -280,8 +280,12 @@ async fn restore_volume_inner(args: &RestoreVolumeArgs) -> Result<RestoreResult,
                     "no verified staging of this restore on the volume (was it discarded?)",
                 )
             })?;
-            let result =
-                serde_json::from_value::<RestoreResult>(staged.clone()).unwrap_or_default();
+            let result = matching_result(args, staged.clone()).ok_or_else(|| {
+                Failure::refused(
+                    "StagingLost",
+                    "the staging marker on the volume does not record this backup's checksums: staging again is needed",
+                )
+            })?;
             swap(args, work, staged).await?;
             Ok(finish(result))
         }
@@ -315,12 +319,25 @@ async fn swap(
     })
 }
 
+/// A result recorded on the volume (the staging marker, the swap journal), accepted only
+/// when it is verified and records exactly the checksums this run was given: the volume
+/// is writable by the app, so a marker alone never stands in for verification.
+fn matching_result(args: &RestoreVolumeArgs, recorded: serde_json::Value) -> Option<RestoreResult> {
+    let result = serde_json::from_value::<RestoreResult>(recorded).ok()?;
+    let content_ok = args
+        .stored
+        .content_sha256
+        .as_ref()
+        .is_none_or(|expected| *expected == result.content_sha256);
+    (result.verified && result.sha256 == args.stored.sha256 && content_ok).then_some(result)
+}
+
 /// Streams, verifies and unpacks into the staging directory; marks it staged.
 async fn stage(args: &RestoreVolumeArgs, work: &Workdir) -> Result<RestoreResult, Failure> {
     if let Some(result) = work.staged(&args.restore_id)
-        && let Ok(result) = serde_json::from_value::<RestoreResult>(result)
+        && let Some(result) = matching_result(args, result)
     {
-        return Ok(result); // staged by an earlier attempt
+        return Ok(result); // staged (and verified) by an earlier attempt
     }
     work.recover()
         .map_err(|e| Failure::transient("RecoveryFailed", e.to_string()))?;

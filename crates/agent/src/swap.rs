@@ -37,9 +37,9 @@ pub struct Journal {
     /// The restore (its uid) whose verified data is being swapped in.
     pub restore: String,
     /// Top-level names of the old data, moved to `old/`.
-    pub old: Vec<String>,
+    pub old: Vec<Name>,
     /// Top-level names of the new data, moved from `staging/`.
-    pub new: Vec<String>,
+    pub new: Vec<Name>,
     /// The verified result, reported again when a retry finishes this swap.
     pub result: serde_json::Value,
 }
@@ -63,14 +63,110 @@ fn exists(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok()
 }
 
-fn names(dir: &Path) -> std::io::Result<Vec<String>> {
+/// A top-level name, kept as the file system's bytes (a lossy conversion would skip a
+/// non-UTF-8 name in the swap and then delete it with the workdir). In the journal a UTF-8
+/// name is a JSON string, as journals always had it; any other is `{"bytes": [...]}`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Name(pub std::ffi::OsString);
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum NameRepr {
+    Text(String),
+    Bytes { bytes: Vec<u8> },
+}
+
+impl Serialize for Name {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0.to_str() {
+            Some(text) => NameRepr::Text(text.to_string()),
+            None => NameRepr::Bytes {
+                bytes: self.0.as_encoded_bytes().to_vec(),
+            },
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use std::os::unix::ffi::OsStringExt;
+        Ok(Self(match NameRepr::deserialize(deserializer)? {
+            NameRepr::Text(text) => text.into(),
+            NameRepr::Bytes { bytes } => std::ffi::OsString::from_vec(bytes),
+        }))
+    }
+}
+
+impl AsRef<Path> for Name {
+    fn as_ref(&self) -> &Path {
+        Path::new(&self.0)
+    }
+}
+
+impl Name {
+    /// One plain path component: the journal lies on a volume the app can write, so a
+    /// name like `../../etc` must never reach a rename.
+    fn is_plain(&self) -> bool {
+        let bytes = self.0.as_encoded_bytes();
+        !bytes.is_empty()
+            && bytes.len() <= 255
+            && bytes != b"."
+            && bytes != b".."
+            && !bytes.iter().any(|b| *b == b'/' || *b == 0)
+    }
+
+    fn is(&self, other: &str) -> bool {
+        self.0 == std::ffi::OsStr::new(other)
+    }
+}
+
+/// The largest journal read back (a million top-level names is far below it).
+const MAX_JOURNAL_BYTES: u64 = 64 << 20;
+
+fn names(dir: &Path) -> std::io::Result<Vec<Name>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| io("listing", dir, e))? {
-        let entry = entry?;
-        out.push(entry.file_name().to_string_lossy().into_owned());
+        out.push(Name(entry?.file_name()));
     }
     out.sort();
     Ok(out)
+}
+
+/// Reads and checks the journal: bounded, every name one plain component.
+fn read_journal(path: &Path) -> std::io::Result<Option<Journal>> {
+    use std::io::Read;
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io("reading", path, e)),
+    };
+    let mut bytes = Vec::new();
+    file.take(MAX_JOURNAL_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| io("reading", path, e))?;
+    let invalid = |why: String| {
+        std::io::Error::other(format!(
+            "the restore journal {} is invalid: {why}",
+            path.display()
+        ))
+    };
+    if bytes.len() as u64 > MAX_JOURNAL_BYTES {
+        return Err(invalid(format!("larger than {MAX_JOURNAL_BYTES} bytes")));
+    }
+    let journal: Journal = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+    if let Some(bad) = journal
+        .old
+        .iter()
+        .chain(&journal.new)
+        .find(|n| !n.is_plain())
+    {
+        return Err(invalid(format!(
+            "it names {:?}, which is not a top-level name",
+            bad.0
+        )));
+    }
+    Ok(Some(journal))
 }
 
 /// Removes a tree even when it holds read-only directories (restored modes).
@@ -120,13 +216,7 @@ impl Workdir {
     /// Finishes what an earlier attempt left: rolls a journaled swap forward (returning
     /// its journal), or throws away unverified staging and a finished swap's leftovers.
     pub fn recover(&self) -> std::io::Result<Option<Journal>> {
-        let journal = match std::fs::read(self.journal_path()) {
-            Ok(bytes) => Some(serde_json::from_slice::<Journal>(&bytes).map_err(|e| {
-                std::io::Error::other(format!("the restore journal is unreadable: {e}"))
-            })?),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io("reading", &self.journal_path(), e)),
-        };
+        let journal = read_journal(&self.journal_path())?;
         if let Some(journal) = &journal {
             self.roll_forward(journal, None)?;
         }
@@ -184,14 +274,14 @@ impl Workdir {
         also: &[String],
         crash_after: Option<usize>,
     ) -> std::io::Result<()> {
-        let new: Vec<String> = names(&self.staging())?
+        let new: Vec<Name> = names(&self.staging())?
             .into_iter()
-            .filter(|n| n != LOST_FOUND)
+            .filter(|n| !n.is(LOST_FOUND))
             .collect();
-        let old: Vec<String> = names(&self.root)?
+        let old: Vec<Name> = names(&self.root)?
             .into_iter()
-            .filter(|n| n != RESTORE_WORKDIR && n != LOST_FOUND)
-            .filter(|n| replace_everything || new.contains(n) || also.contains(n))
+            .filter(|n| !n.is(RESTORE_WORKDIR) && !n.is(LOST_FOUND))
+            .filter(|n| replace_everything || new.contains(n) || also.iter().any(|a| n.is(a)))
             .collect();
         let journal = Journal {
             version: 1,
@@ -250,7 +340,8 @@ impl Workdir {
             }
             if exists(&at_root) {
                 return Err(std::io::Error::other(format!(
-                    "{name} appeared at the volume root during the swap; the journal in {} keeps the swap resumable",
+                    "{:?} appeared at the volume root during the swap; the journal in {} keeps the swap resumable",
+                    name.0,
                     self.dir().display()
                 )));
             }
@@ -428,6 +519,79 @@ mod tests {
         assert_eq!(tree(&volume), expected_new());
         assert!(!volume.join(RESTORE_WORKDIR).exists());
         remove_tree(&volume).unwrap();
+    }
+
+    #[test]
+    fn non_utf8_top_level_names_are_swapped_in_and_out_faithfully() {
+        use std::os::unix::ffi::OsStrExt;
+        let (old_name, new_name) = (
+            std::ffi::OsStr::from_bytes(b"old-caf\xe9"),
+            std::ffi::OsStr::from_bytes(b"new-caf\xe9"),
+        );
+        for crash_after in [None, Some(1)] {
+            let volume = scratch("utf8");
+            fill(&volume);
+            std::fs::write(volume.join(old_name), "old bytes").unwrap();
+            let work = Workdir::new(&volume);
+            stage(&work);
+            std::fs::write(work.staging().join(new_name), "new bytes").unwrap();
+            work.swap_in("r4", serde_json::Value::Null, true, &[], crash_after)
+                .unwrap();
+            if crash_after.is_some() {
+                work.recover().unwrap();
+            }
+            assert_eq!(
+                std::fs::read(volume.join(new_name)).ok(),
+                Some(b"new bytes".to_vec()),
+                "{crash_after:?}"
+            );
+            assert!(
+                !volume.join(old_name).exists(),
+                "the old non-UTF-8 name went: {crash_after:?}"
+            );
+            assert!(!volume.join(RESTORE_WORKDIR).exists());
+            remove_tree(&volume).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_crafted_journal_never_moves_anything_outside_the_volume() {
+        let parent = scratch("journal");
+        let volume = parent.join("volume");
+        std::fs::create_dir_all(&volume).unwrap();
+        std::fs::write(parent.join("outside"), "live data of someone else").unwrap();
+        fill(&volume);
+        let work = Workdir::new(&volume);
+        stage(&work);
+        for names in [r#"["../outside"]"#, r#"[".."]"#, r#"["a/b"]"#, r#"[""]"#] {
+            let journal =
+                format!(r#"{{"version":1,"restore":"x","old":{names},"new":[],"result":null}}"#);
+            std::fs::write(work.journal_path(), journal).unwrap();
+            let refused = work.recover().unwrap_err();
+            assert!(
+                refused.to_string().contains("invalid"),
+                "{names}: {refused}"
+            );
+            assert_eq!(
+                std::fs::read_to_string(parent.join("outside")).unwrap(),
+                "live data of someone else",
+                "{names}"
+            );
+            assert_eq!(
+                std::fs::read_to_string(volume.join("db/table")).unwrap(),
+                "old table",
+                "{names}"
+            );
+        }
+        // A journal in the earlier format (names as strings) still rolls forward.
+        std::fs::write(
+            work.journal_path(),
+            r#"{"version":1,"restore":"x","old":["only-old"],"new":["only-new"],"result":null}"#,
+        )
+        .unwrap();
+        work.recover().unwrap();
+        assert!(volume.join("only-new").exists() && !volume.join("only-old").exists());
+        remove_tree(&parent).unwrap();
     }
 
     #[test]
