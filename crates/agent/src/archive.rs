@@ -10,6 +10,9 @@ pub struct ArchiveStats {
     pub files: u64,
     /// Bytes of file content read.
     pub bytes_read: u64,
+    /// Unix sockets found and skipped: a socket is a live endpoint of a running process,
+    /// not data, and cannot be restored as one (a restored app creates its own).
+    pub skipped_sockets: u64,
     /// sha256 of the uncompressed tar stream (hex): what a restore recomputes after
     /// decompressing, so corruption introduced before compression or by a codec bug is
     /// caught too, not only damage to the stored object.
@@ -118,6 +121,10 @@ fn append_tree<W: Write>(
             continue;
         }
         let meta = std::fs::symlink_metadata(entry.path())?;
+        if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+            stats.skipped_sockets += 1;
+            continue;
+        }
         if meta.is_dir() {
             builder.append_dir(&name, entry.path())?;
             append_tree(builder, root, &name, stats, seen)?;
@@ -155,6 +162,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sockets_are_skipped_and_counted_not_fatal() -> std::io::Result<()> {
+        let src =
+            std::env::temp_dir().join(format!("stateward-archive-sock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&src);
+        std::fs::create_dir_all(&src)?;
+        std::fs::write(src.join("data"), b"kept")?;
+        let _listener = std::os::unix::net::UnixListener::bind(src.join("app.sock"))?;
+        let (archive, stats) = write_volume_archive(&src, Vec::new(), 1, 1)?;
+        assert_eq!((stats.files, stats.skipped_sockets), (1, 1));
+        let plain = zstd::stream::decode_all(&archive[..])?;
+        let mut tar = tar::Archive::new(&plain[..]);
+        let names: Vec<String> = tar
+            .entries()?
+            .filter_map(|e| Some(e.ok()?.path().ok()?.to_string_lossy().into_owned()))
+            .collect();
+        assert_eq!(names, ["data"]);
+        std::fs::remove_dir_all(&src)
+    }
+
+    #[test]
     fn archives_round_trip_through_zstd_and_tar() -> std::io::Result<()> {
         let dir = std::env::temp_dir().join(format!("stateward-archive-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -168,6 +195,7 @@ mod tests {
             ArchiveStats {
                 files: 2,
                 bytes_read: 100_005,
+                skipped_sockets: 0,
                 content_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
                     zstd::stream::decode_all(&bytes[..])?
                 )),

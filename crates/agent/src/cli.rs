@@ -182,6 +182,13 @@ pub struct VolumeResult {
     /// sha256 of the plaintext before compression (the tar stream, or the dump), hex.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub content_sha256: String,
+    /// Unix sockets in the volume, skipped (they are endpoints of running processes).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped_sockets: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn one() -> u32 {
@@ -292,7 +299,14 @@ async fn backup_volume_inner(args: &BackupVolumeArgs) -> Result<VolumeResult, St
         segments: stored.segments,
         duration_seconds: started.elapsed().as_secs_f64(),
         content_sha256: stats.content_sha256,
+        skipped_sockets: stats.skipped_sockets,
     };
+    if stats.skipped_sockets > 0 {
+        tracing::info!(
+            sockets = stats.skipped_sockets,
+            "skipped unix sockets (live endpoints, not data)"
+        );
+    }
     target.put_result(&client, &result).await?;
     Ok(result)
 }
@@ -429,6 +443,7 @@ async fn backup_exec_inner(args: &BackupExecArgs) -> Result<VolumeResult, String
         segments: stored.segments,
         duration_seconds: started.elapsed().as_secs_f64(),
         content_sha256,
+        skipped_sockets: 0,
     };
     target.put_result(&s3, &result).await?;
     Ok(result)
