@@ -484,7 +484,7 @@ async fn crafted_manifests_are_refused_before_anything_is_read_or_touched() -> R
         ),
         (
             format!("{ns}/mf/b-u"),
-            manifest(&ns, &format!("backups/other-team/db/b-u/volumes/x")),
+            manifest(&ns, "backups/other-team/db/b-u/volumes/x"),
             "outside the backup's own prefix",
         ),
     ];

@@ -425,15 +425,16 @@ mod tests {
         };
         let stop = Intent::Stop { replicas: 2 };
         // (current, acquirer, intent, parent token, current holder alive) → decision
-        let table: Vec<(
+        type Row<'a> = (
             Option<LockRecord>,
-            &Holder,
-            &Intent,
-            Option<&str>,
+            &'a Holder,
+            &'a Intent,
+            Option<&'a str>,
             bool,
             Decision,
-            &str,
-        )> = vec![
+            &'a str,
+        );
+        let table: Vec<Row> = vec![
             (
                 None,
                 &mine,
