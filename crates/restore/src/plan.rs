@@ -440,7 +440,7 @@ pub fn plan(
 /// The plan as the user reads it in `status.plan` (before anything is touched, and as
 /// the whole answer of a dry run). The space verdict compares each existing PVC's
 /// capacity with what the agent will need; the agent still measures real free space
-/// before it unpacks, and stops unpacking past the manifest's byte count.
+/// before it unpacks.
 pub fn summary(
     plan: &Plan,
     target: &TargetSet,
