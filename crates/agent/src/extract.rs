@@ -123,6 +123,15 @@ fn check_entry(
     kind: tar::EntryType,
     mode: u32,
 ) -> Result<(), ExtractError> {
+    // Staged at the top level it would collide with the swap's own working directory
+    // and leave a journal that can never finish; a backup never holds it.
+    if rel.components().next() == Some(Component::Normal(crate::archive::RESTORE_WORKDIR.as_ref()))
+    {
+        return Err(unsafe_entry(
+            rel,
+            "it names the restore's working directory",
+        ));
+    }
     match std::fs::symlink_metadata(dest.join(rel)) {
         Ok(meta) if meta.file_type().is_symlink() => {
             return Err(unsafe_entry(rel, "its name already exists as a symlink"));
@@ -654,6 +663,17 @@ mod tests {
                     (b"f", Regular, b"b", None, 0o644),
                 ],
                 Err("twice"),
+            ),
+            (
+                "the restore's working directory",
+                vec![(
+                    b".stateward-restore/journal.json",
+                    Regular,
+                    b"{}",
+                    None,
+                    0o644,
+                )],
+                Err("working directory"),
             ),
             (
                 "a FIFO",

@@ -124,6 +124,82 @@ impl Name {
 /// The largest journal read back (a million top-level names is far below it).
 const MAX_JOURNAL_BYTES: u64 = 64 << 20;
 
+/// The largest staging marker read back (it holds one restore result).
+const MAX_STAGED_BYTES: u64 = 1 << 20;
+
+/// Reads a marker the agent wrote on the volume, which the app may have replaced since:
+/// never through a symlink, never more than `limit` bytes held. `None` when absent.
+fn read_marker(path: &Path, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io("reading", path, e)),
+    };
+    // A FIFO or device planted under the marker's name would block or never end.
+    if !file
+        .metadata()
+        .map_err(|e| io("reading", path, e))?
+        .is_file()
+    {
+        return Err(std::io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| io("reading", path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::other(format!(
+            "{} is larger than {limit} bytes",
+            path.display()
+        )));
+    }
+    Ok(Some(bytes))
+}
+
+/// Writes and fsyncs a marker as a new file: whatever the app left under that name (a
+/// symlink to a file outside the volume, say) is unlinked first, never written through.
+fn write_marker(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => remove_tree(path)?,
+        Ok(_) => std::fs::remove_file(path).map_err(|e| io("removing", path, e))?,
+        Err(_) => {}
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| io("writing", path, e))?;
+    file.write_all(body)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| io("writing", path, e))
+}
+
+/// Whether `path` is a real directory: `Ok(false)` when absent, an error when something
+/// else (a symlink the app planted, a file) stands under the name.
+fn real_dir(path: &Path) -> std::io::Result<bool> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => Ok(true),
+        Ok(_) => Err(std::io::Error::other(format!(
+            "{} is not a directory (a symlink or file left on the volume is never followed)",
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io("reading", path, e)),
+    }
+}
+
 fn names(dir: &Path) -> std::io::Result<Vec<Name>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| io("listing", dir, e))? {
@@ -135,31 +211,24 @@ fn names(dir: &Path) -> std::io::Result<Vec<Name>> {
 
 /// Reads and checks the journal: bounded, every name one plain component.
 fn read_journal(path: &Path) -> std::io::Result<Option<Journal>> {
-    use std::io::Read;
-    let file = match std::fs::File::open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io("reading", path, e)),
-    };
-    let mut bytes = Vec::new();
-    file.take(MAX_JOURNAL_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| io("reading", path, e))?;
     let invalid = |why: String| {
         std::io::Error::other(format!(
             "the restore journal {} is invalid: {why}",
             path.display()
         ))
     };
-    if bytes.len() as u64 > MAX_JOURNAL_BYTES {
-        return Err(invalid(format!("larger than {MAX_JOURNAL_BYTES} bytes")));
-    }
+    let Some(bytes) = read_marker(path, MAX_JOURNAL_BYTES).map_err(|e| invalid(e.to_string()))?
+    else {
+        return Ok(None);
+    };
     let journal: Journal = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+    // The agent's own names never appear in a journal it wrote: moving the workdir into
+    // itself, or lost+found out of the file system, is a crafted journal's doing.
     if let Some(bad) = journal
         .old
         .iter()
         .chain(&journal.new)
-        .find(|n| !n.is_plain())
+        .find(|n| !n.is_plain() || n.is(RESTORE_WORKDIR) || n.is(LOST_FOUND))
     {
         return Err(invalid(format!(
             "it names {:?}, which is not a top-level name",
@@ -172,8 +241,13 @@ fn read_journal(path: &Path) -> std::io::Result<Option<Journal>> {
 /// Removes a tree even when it holds read-only directories (restored modes).
 fn remove_tree(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    if !exists(path) {
-        return Ok(());
+    match std::fs::symlink_metadata(path) {
+        Err(_) => return Ok(()),
+        // A symlink (or file) where a directory was: the name goes, its target stays.
+        Ok(meta) if !meta.is_dir() => {
+            return std::fs::remove_file(path).map_err(|e| io("removing", path, e));
+        }
+        Ok(_) => {}
     }
     if std::fs::remove_dir_all(path).is_ok() {
         return Ok(());
@@ -216,6 +290,12 @@ impl Workdir {
     /// Finishes what an earlier attempt left: rolls a journaled swap forward (returning
     /// its journal), or throws away unverified staging and a finished swap's leftovers.
     pub fn recover(&self) -> std::io::Result<Option<Journal>> {
+        if real_dir(&self.dir()).is_err() {
+            // The agent only ever makes a real directory here: anything else is the app's,
+            // and a journal behind a symlink would move data outside the volume.
+            remove_tree(&self.dir())?;
+            return Ok(None);
+        }
         let journal = read_journal(&self.journal_path())?;
         if let Some(journal) = &journal {
             self.roll_forward(journal, None)?;
@@ -234,18 +314,19 @@ impl Workdir {
         };
         let path = self.dir().join(STAGED);
         let body = serde_json::to_vec_pretty(&marker).map_err(std::io::Error::other)?;
-        std::fs::write(&path, body).map_err(|e| io("writing", &path, e))?;
-        std::fs::File::open(&path)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| io("syncing", &path, e))?;
+        write_marker(&path, &body)?;
         sync_dir(&self.dir())
     }
 
-    /// The verified staging of `restore`, if that is what the volume holds.
+    /// What the staging marker records for `restore`, if that is what the volume holds.
+    /// The app can write the marker: callers check the result against their own inputs.
     pub fn staged(&self, restore: &str) -> Option<serde_json::Value> {
-        let bytes = std::fs::read(self.dir().join(STAGED)).ok()?;
+        if !(real_dir(&self.dir()).ok()? && real_dir(&self.staging()).ok()?) {
+            return None;
+        }
+        let bytes = read_marker(&self.dir().join(STAGED), MAX_STAGED_BYTES).ok()??;
         let marker: Staged = serde_json::from_slice(&bytes).ok()?;
-        (marker.restore == restore && self.staging().is_dir()).then_some(marker.result)
+        (marker.restore == restore).then_some(marker.result)
     }
 
     /// Whether a swap is journaled (an earlier attempt crashed mid-swap).
@@ -274,9 +355,17 @@ impl Workdir {
         also: &[String],
         crash_after: Option<usize>,
     ) -> std::io::Result<()> {
+        for dir in [self.dir(), self.staging()] {
+            if !real_dir(&dir)? {
+                return Err(std::io::Error::other(format!(
+                    "{} is missing: nothing is staged",
+                    dir.display()
+                )));
+            }
+        }
         let new: Vec<Name> = names(&self.staging())?
             .into_iter()
-            .filter(|n| !n.is(LOST_FOUND))
+            .filter(|n| !n.is(LOST_FOUND) && !n.is(RESTORE_WORKDIR))
             .collect();
         let old: Vec<Name> = names(&self.root)?
             .into_iter()
@@ -292,10 +381,7 @@ impl Workdir {
         };
         let tmp = self.dir().join("journal.tmp");
         let body = serde_json::to_vec_pretty(&journal).map_err(std::io::Error::other)?;
-        std::fs::write(&tmp, body).map_err(|e| io("writing", &tmp, e))?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| io("syncing", &tmp, e))?;
+        write_marker(&tmp, &body)?;
         // Everything staged must be on disk before the journal makes it the truth.
         sync_tree(&self.staging())?;
         std::fs::rename(&tmp, self.journal_path()).map_err(|e| io("committing", &tmp, e))?;
@@ -309,7 +395,12 @@ impl Workdir {
 
     fn roll_forward(&self, journal: &Journal, crash_after: Option<usize>) -> std::io::Result<()> {
         let old_dir = self.dir().join(OLD);
-        std::fs::create_dir_all(&old_dir).map_err(|e| io("creating", &old_dir, e))?;
+        // Renames only between real directories of the volume: an `old` or `staging`
+        // swapped for a symlink would move data out of the volume or pull files in.
+        if !real_dir(&old_dir)? {
+            std::fs::create_dir(&old_dir).map_err(|e| io("creating", &old_dir, e))?;
+        }
+        real_dir(&self.staging())?;
         let mut renames = 0usize;
         let pause = mid_swap_pause();
         let mut step = |from: &Path, to: &Path| -> std::io::Result<bool> {
@@ -563,7 +654,15 @@ mod tests {
         fill(&volume);
         let work = Workdir::new(&volume);
         stage(&work);
-        for names in [r#"["../outside"]"#, r#"[".."]"#, r#"["a/b"]"#, r#"[""]"#] {
+        for names in [
+            r#"["../outside"]"#,
+            r#"[".."]"#,
+            r#"["a/b"]"#,
+            r#"[""]"#,
+            r#"[".stateward-restore"]"#,
+            r#"["lost+found"]"#,
+            r#"[{"bytes":[46,46,47,111]}]"#,
+        ] {
             let journal =
                 format!(r#"{{"version":1,"restore":"x","old":{names},"new":[],"result":null}}"#);
             std::fs::write(work.journal_path(), journal).unwrap();
@@ -591,6 +690,92 @@ mod tests {
         .unwrap();
         work.recover().unwrap();
         assert!(volume.join("only-new").exists() && !volume.join("only-old").exists());
+        remove_tree(&parent).unwrap();
+    }
+
+    #[test]
+    fn a_workdir_replaced_by_symlinks_is_never_followed() {
+        use std::os::unix::fs::symlink;
+        let parent = scratch("links");
+        let volume = parent.join("volume");
+        let elsewhere = parent.join("elsewhere");
+        std::fs::create_dir_all(elsewhere.join("staging")).unwrap();
+        std::fs::write(elsewhere.join("staging/pulled-in"), "not the app's").unwrap();
+        std::fs::create_dir_all(&volume).unwrap();
+        fill(&volume);
+        let before = tree(&volume);
+        let work = Workdir::new(&volume);
+        // The whole workdir a symlink, with a journal behind it.
+        std::fs::write(
+            elsewhere.join(JOURNAL),
+            r#"{"version":1,"restore":"x","old":["db"],"new":["pulled-in"],"result":null}"#,
+        )
+        .unwrap();
+        symlink(&elsewhere, volume.join(RESTORE_WORKDIR)).unwrap();
+        assert_eq!(work.recover().unwrap(), None);
+        assert_eq!(tree(&volume), before, "nothing moved in or out");
+        assert!(!exists(&volume.join(RESTORE_WORKDIR)), "the link went");
+        assert!(elsewhere.join(JOURNAL).exists() && !elsewhere.join(OLD).exists());
+        // `old` a symlink under a genuine journal: the roll-forward stops.
+        stage(&work);
+        work.swap_in("r5", serde_json::Value::Null, true, &[], Some(0))
+            .unwrap();
+        let aside = parent.join("aside");
+        std::fs::create_dir_all(&aside).unwrap();
+        std::fs::remove_dir(work.dir().join(OLD)).unwrap();
+        symlink(&aside, work.dir().join(OLD)).unwrap();
+        assert!(work.recover().is_err());
+        assert_eq!(std::fs::read_dir(&aside).unwrap().count(), 0);
+        assert_eq!(tree(&volume), before);
+        // `staging` a symlink: nothing outside is pulled into the volume.
+        std::fs::remove_file(work.journal_path()).unwrap();
+        work.recover().unwrap();
+        stage(&work);
+        remove_tree(&work.staging()).unwrap();
+        symlink(elsewhere.join("staging"), work.staging()).unwrap();
+        assert!(
+            work.swap_in("r6", serde_json::Value::Null, true, &[], None)
+                .is_err()
+        );
+        assert!(!volume.join("pulled-in").exists());
+        assert_eq!(tree(&volume), before);
+        remove_tree(&parent).unwrap();
+    }
+
+    #[test]
+    fn the_staging_marker_is_never_read_or_written_through_a_symlink() {
+        let parent = scratch("marker");
+        let volume = parent.join("volume");
+        std::fs::create_dir_all(&volume).unwrap();
+        let work = Workdir::new(&volume);
+        stage(&work);
+        let planted = parent.join("planted.json");
+        std::fs::write(&planted, r#"{"restore":"r7","result":{"verified":true}}"#).unwrap();
+        std::os::unix::fs::symlink(&planted, work.dir().join(STAGED)).unwrap();
+        assert_eq!(
+            work.staged("r7"),
+            None,
+            "a marker behind a symlink is not read"
+        );
+        work.mark_staged("r7", serde_json::json!({"verified": true}))
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&planted).unwrap(),
+            r#"{"restore":"r7","result":{"verified":true}}"#,
+            "the symlink's target is not written"
+        );
+        assert_eq!(
+            work.staged("r7"),
+            Some(serde_json::json!({"verified": true}))
+        );
+        assert_eq!(work.staged("another"), None);
+        // An oversized marker is not read at all.
+        std::fs::write(
+            work.dir().join(STAGED),
+            vec![b' '; MAX_STAGED_BYTES as usize + 1],
+        )
+        .unwrap();
+        assert_eq!(work.staged("r7"), None);
         remove_tree(&parent).unwrap();
     }
 
