@@ -96,3 +96,37 @@ pub async fn read_bounded(
     }
     Ok(body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_s3::operation::get_object::GetObjectOutput;
+    use aws_sdk_s3::primitives::ByteStream;
+
+    fn object(body: Vec<u8>, declared: Option<i64>) -> GetObjectOutput {
+        GetObjectOutput::builder()
+            .body(ByteStream::from(body))
+            .set_content_length(declared)
+            .build()
+    }
+
+    #[tokio::test]
+    async fn bodies_are_refused_past_the_bound_whatever_length_they_declare() {
+        let read = read_bounded(object(b"{}".to_vec(), Some(2)), 16).await;
+        assert_eq!(read.ok(), Some(b"{}".to_vec()));
+        let exact = read_bounded(object(vec![b' '; 16], None), 16).await;
+        assert_eq!(exact.map(|b| b.len()).ok(), Some(16));
+        for (case, declared) in [
+            ("declared too large", Some(17)),
+            ("declared small, is large", Some(2)),
+            ("not declared", None),
+        ] {
+            let body = if case == "declared too large" { 1 } else { 17 };
+            let read = read_bounded(object(vec![b' '; body], declared), 16).await;
+            assert!(
+                matches!(read, Err(BoundedReadError::TooLarge { limit: 16 })),
+                "{case}: {read:?}"
+            );
+        }
+    }
+}

@@ -685,3 +685,55 @@ async fn restore_exec_inner(args: &RestoreExecArgs) -> Result<RestoreResult, Fai
         error: None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: RestoreVolumeArgs,
+    }
+
+    fn args(extra: &[&str]) -> RestoreVolumeArgs {
+        let base = [
+            "agent",
+            "--target",
+            "/data",
+            "--restore-id",
+            "r1",
+            "--bucket",
+            "b",
+            "--key",
+            "k",
+            "--sha256",
+            "stored",
+        ];
+        <Cli as clap::Parser>::try_parse_from(base.iter().chain(extra))
+            .map(|c| c.args)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_recorded_result_counts_only_when_verified_with_this_runs_checksums() {
+        let with_content = args(&["--content-sha256", "content"]);
+        let recorded = |verified: bool, sha256: &str, content: &str| {
+            serde_json::json!({"verified": verified, "bytesStored": 1, "bytesWritten": 1, "files": 1,
+                "sha256": sha256, "contentSha256": content, "durationSeconds": 0.0})
+        };
+        assert!(matching_result(&with_content, recorded(true, "stored", "content")).is_some());
+        for (case, value) in [
+            ("unverified", recorded(false, "stored", "content")),
+            ("another object", recorded(true, "other", "content")),
+            ("another content", recorded(true, "stored", "other")),
+            ("no content hash", recorded(true, "stored", "")),
+            ("not a result", serde_json::json!({"verified": true})),
+        ] {
+            assert!(matching_result(&with_content, value).is_none(), "{case}");
+        }
+        // A backup from before contentSha256 was recorded: the stored checksum decides.
+        assert!(matching_result(&args(&[]), recorded(true, "stored", "")).is_some());
+        assert!(matching_result(&args(&[]), recorded(true, "other", "")).is_none());
+    }
+}
