@@ -51,6 +51,12 @@ pub enum ReadBackError {
     Refused(String),
     #[error("the consumer task panicked or was cancelled")]
     ConsumerLost,
+    /// More bytes arrived than the manifest recorded: the object was replaced, and the
+    /// rest is not read (it could be endless, or fill the volume before any hash ends).
+    #[error(
+        "checksum mismatch: the stored data is larger than the {expected} bytes the manifest recorded"
+    )]
+    LargerThanRecorded { expected: u64 },
 }
 
 impl ReadBackError {
@@ -58,14 +64,19 @@ impl ReadBackError {
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
-            Self::StoredChecksum { .. } | Self::ContentChecksum { .. } | Self::Refused(_)
+            Self::StoredChecksum { .. }
+                | Self::ContentChecksum { .. }
+                | Self::Refused(_)
+                | Self::LargerThanRecorded { .. }
         )
     }
 
     /// The condition reason a controller shows.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::StoredChecksum { .. } | Self::ContentChecksum { .. } => "ChecksumMismatch",
+            Self::StoredChecksum { .. }
+            | Self::ContentChecksum { .. }
+            | Self::LargerThanRecorded { .. } => "ChecksumMismatch",
             Self::Refused(_) => "ArchiveRefused",
             Self::Get { .. } => "StorageError",
             Self::Consume(_) | Self::ConsumerLost => "WriteFailed",
@@ -233,6 +244,17 @@ pub struct StoredObject {
     pub bucket: String,
     pub key: String,
     pub segments: u32,
+    /// The stored size the manifest recorded (all segments), when the caller knows it:
+    /// the download stops with a refusal as soon as more arrives.
+    pub expected_bytes: Option<u64>,
+}
+
+/// Refuses a download once it has run past the recorded size.
+fn within_recorded(expected: Option<u64>, bytes: u64) -> Result<(), ReadBackError> {
+    match expected {
+        Some(expected) if bytes > expected => Err(ReadBackError::LargerThanRecorded { expected }),
+        _ => Ok(()),
+    }
 }
 
 /// Streams the object's segments into `tx`, hashing every byte. When the consumer goes
@@ -265,6 +287,7 @@ pub async fn download(
         })? {
             hasher.update(&chunk);
             bytes += chunk.len() as u64;
+            within_recorded(object.expected_bytes, bytes)?;
             if consumer_alive && tx.send(chunk).await.is_err() {
                 consumer_alive = false;
             }
@@ -303,4 +326,22 @@ pub async fn read_back<T: Send + 'static>(
         });
     }
     Ok((consumed?, downloaded))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_download_past_the_recorded_size_is_refused_as_a_checksum_mismatch() {
+        assert!(within_recorded(None, u64::MAX).is_ok());
+        assert!(within_recorded(Some(10), 10).is_ok());
+        let refused = within_recorded(Some(10), 11).err();
+        assert!(
+            refused
+                .as_ref()
+                .is_some_and(|e| e.is_permanent() && e.reason() == "ChecksumMismatch"),
+            "{refused:?}"
+        );
+    }
 }

@@ -45,6 +45,11 @@ pub struct StoredArgs {
     /// Decrypt with the age identity in `AGE_IDENTITY`.
     #[arg(long)]
     pub decrypt: bool,
+    /// Bytes of the stored data (the manifest's `bytesStored`): a download running past
+    /// them is refused (`ChecksumMismatch`) before more reaches the volume. Optional, for
+    /// controllers that do not pass it yet.
+    #[arg(long)]
+    pub bytes_stored: Option<u64>,
 }
 
 impl StoredArgs {
@@ -53,6 +58,7 @@ impl StoredArgs {
             bucket: self.connection.bucket.clone(),
             key: self.key.clone(),
             segments: self.segments,
+            expected_bytes: self.bytes_stored,
         }
     }
 
