@@ -677,6 +677,9 @@ pub fn agent_job(inputs: &JobInputs<'_>, item: &Item, index: usize, step: JobSte
         entry.key.clone(),
         "--segments".into(),
         entry.segments.to_string(),
+        // The download stops as soon as more than the recorded size arrives.
+        "--bytes-stored".into(),
+        entry.bytes_stored.to_string(),
         "--sha256".into(),
         entry.sha256.clone(),
     ]);
@@ -1164,6 +1167,7 @@ mod tests {
             "stage",
             "--restore-id",
             "ru",
+            "--bytes-stored",
         ] {
             assert!(args.iter().any(|a| a == expected), "{expected} in {args:?}");
         }
