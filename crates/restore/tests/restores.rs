@@ -590,36 +590,10 @@ async fn a_redis_rdb_is_placed_as_dump_rdb_and_its_keys_return_after_the_restart
 
 /// Pids of local processes whose command line holds every one of `parts` (the local node
 /// runs pods as processes on this machine).
-fn pids_with(parts: &[&str]) -> Vec<i32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if parts.iter().all(|p| args.iter().any(|a| a == p)) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
 #[tokio::test]
 async fn an_agent_killed_in_the_middle_of_the_swap_is_retried_and_its_journal_finishes_it()
 -> Result<()> {
-    let config = stateward_restore::Config {
-        agent_env: vec![(
-            stateward_agent::swap::PAUSE_MID_SWAP_ENV.into(),
-            "15".into(),
-        )],
-        ..Default::default()
-    };
+    let config = pausing_mid_swap(15);
     let world = World::with_restore_config("rst-kill", config).await?;
     world.apply(&writer("kl", 1, "32Mi")).await?;
     world.apply(&app("kl", "kl", "")).await?;
@@ -631,32 +605,18 @@ async fn an_agent_killed_in_the_middle_of_the_swap_is_retried_and_its_journal_fi
         .apply("apiVersion: stateward.io/v1alpha1\nkind: Restore\nmetadata: { name: kl-r1 }\nspec:\n  source: { backup: kl-b1 }\n  target: { app: kl }")
         .await?;
     // The swap agent pauses after its first rename: the volume is half old, half new.
-    let pods: Api<Pod> = world.api();
     let restores: Api<stateward_api::Restore> = world.api();
     let pid = stateward_testkit::harness::wait_for(
         "the swap agent paused mid-swap",
         3 * MINUTE,
         || async {
             let uid = restores.get("kl-r1").await?.uid().unwrap_or_default();
-            let list = pods
-                .list(&kube::api::ListParams::default().labels("stateward.io/restore=kl-r1"))
-                .await?;
-            for pod in list
-                .items
-                .iter()
-                .filter(|p| p.name_any().contains("-swap-"))
-            {
-                let log = pods
-                    .logs(&pod.name_any(), &Default::default())
-                    .await
-                    .unwrap_or_default();
-                if log.contains("in the middle of the swap") {
-                    return Ok(pids_with(&["restore-volume", "swap", uid.as_str()])
-                        .first()
-                        .copied());
-                }
+            if !swap_paused(&world, "kl-r1").await? {
+                return Ok(None);
             }
-            Ok(None)
+            Ok(pids_with(&["restore-volume", "swap", uid.as_str()])
+                .first()
+                .copied())
         },
     )
     .await?;

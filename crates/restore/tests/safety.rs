@@ -133,13 +133,7 @@ async fn a_backup_of_another_app_is_refused_and_only_the_targets_claims_are_ever
 #[tokio::test]
 async fn a_swap_that_fails_after_its_first_rename_keeps_the_app_stopped_until_a_new_restore_finishes_it()
 -> Result<()> {
-    let config = stateward_restore::Config {
-        agent_env: vec![(
-            stateward_agent::swap::PAUSE_MID_SWAP_ENV.into(),
-            "10".into(),
-        )],
-        ..Default::default()
-    };
+    let config = pausing_mid_swap(10);
     let world = World::with_restore_config("rst-noreturn", config).await?;
     world.apply(&writer("nr", 1, "32Mi")).await?;
     world.apply(&app("nr", "nr", "")).await?;
@@ -164,27 +158,13 @@ async fn a_swap_that_fails_after_its_first_rename_keeps_the_app_stopped_until_a_
                 return Ok(Some(restore));
             }
             let uid = restore.uid().unwrap_or_default();
-            let list = pods
-                .list(&ListParams::default().labels("stateward.io/restore=nr-r1"))
-                .await?;
-            for pod in list
-                .items
-                .iter()
-                .filter(|p| p.name_any().contains("-swap-"))
-            {
-                let log = pods
-                    .logs(&pod.name_any(), &Default::default())
-                    .await
-                    .unwrap_or_default();
-                if !log.contains("in the middle of the swap") {
-                    continue;
-                }
+            if swap_paused(&world, "nr-r1").await? {
                 for pid in pids_with(&["restore-volume", "swap", uid.as_str()]) {
                     if killed.borrow_mut().insert(pid) {
                         let _ = std::process::Command::new("kill")
                             .args(["-9", &pid.to_string()])
                             .status();
-                        println!("killed swap agent pid {pid} ({})", pod.name_any());
+                        println!("killed swap agent pid {pid}");
                     }
                 }
             }
@@ -258,13 +238,7 @@ async fn a_swap_that_fails_after_its_first_rename_keeps_the_app_stopped_until_a_
 
 #[tokio::test]
 async fn a_restore_deleted_mid_swap_finishes_its_swap_before_it_goes() -> Result<()> {
-    let config = stateward_restore::Config {
-        agent_env: vec![(
-            stateward_agent::swap::PAUSE_MID_SWAP_ENV.into(),
-            "10".into(),
-        )],
-        ..Default::default()
-    };
+    let config = pausing_mid_swap(10);
     let world = World::with_restore_config("rst-delswap", config).await?;
     world.apply(&writer("ds", 1, "32Mi")).await?;
     world.apply(&app("ds", "ds", "")).await?;
@@ -275,23 +249,9 @@ async fn a_restore_deleted_mid_swap_finishes_its_swap_before_it_goes() -> Result
     world
         .apply("apiVersion: stateward.io/v1alpha1\nkind: Restore\nmetadata: { name: ds-r1 }\nspec:\n  source: { backup: ds-b1 }\n  target: { app: ds }")
         .await?;
-    let pods: Api<Pod> = world.api();
     stateward_testkit::harness::wait_for("the swap agent paused mid-swap", 3 * MINUTE, || async {
-        let list = pods
-            .list(&ListParams::default().labels("stateward.io/restore=ds-r1"))
-            .await?;
-        for pod in list
-            .items
-            .iter()
-            .filter(|p| p.name_any().contains("-swap-"))
-        {
-            let log = pods
-                .logs(&pod.name_any(), &Default::default())
-                .await
-                .unwrap_or_default();
-            if log.contains("in the middle of the swap") {
-                return Ok(Some(()));
-            }
+        if swap_paused(&world, "ds-r1").await? {
+            return Ok(Some(()));
         }
         Ok(None)
     })
@@ -428,33 +388,6 @@ async fn a_clone_never_takes_the_apps_traffic_and_a_dry_run_changes_nothing() ->
         "the app's own pod is behind it: {endpoints:?}"
     );
     world.finish().await
-}
-
-fn pids_with(parts: &[&str]) -> Vec<i32> {
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if parts.iter().all(|p| args.iter().any(|a| a == p)) {
-            out.push(pid);
-        }
-    }
-    out
 }
 
 #[tokio::test]

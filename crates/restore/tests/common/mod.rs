@@ -327,3 +327,60 @@ pub fn backup_keys(backup: &Backup) -> Result<Vec<String>> {
         .map(|v| v.key.clone().context("no key"))
         .collect()
 }
+
+/// A restore controller whose swap agents pause after their first rename (the volume
+/// half old, half new), so a test can act at the worst moment.
+pub fn pausing_mid_swap(seconds: u64) -> stateward_restore::Config {
+    stateward_restore::Config {
+        agent_env: vec![(
+            stateward_agent::swap::PAUSE_MID_SWAP_ENV.into(),
+            seconds.to_string(),
+        )],
+        ..Default::default()
+    }
+}
+
+/// Whether a swap agent of Restore `restore` has said it paused mid-swap.
+pub async fn swap_paused(world: &World, restore: &str) -> Result<bool> {
+    let pods: Api<Pod> = world.api();
+    let list = pods
+        .list(&ListParams::default().labels(&format!("stateward.io/restore={restore}")))
+        .await?;
+    for pod in list.items.iter().filter(|p| {
+        p.metadata
+            .name
+            .as_deref()
+            .is_some_and(|n| n.contains("-swap-"))
+    }) {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let log = pods
+            .logs(&name, &Default::default())
+            .await
+            .unwrap_or_default();
+        if log.contains("in the middle of the swap") {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Processes on this machine whose arguments include every one of `parts`.
+pub fn pids_with(parts: &[&str]) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if parts.iter().all(|p| args.iter().any(|a| a == p)) {
+            out.push(pid);
+        }
+    }
+    out
+}
