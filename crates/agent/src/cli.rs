@@ -216,8 +216,18 @@ pub fn s3_client_with(
         // which is then aborted.
         .retry_config(
             aws_sdk_s3::config::retry::RetryConfig::standard()
-                .with_max_attempts(6)
-                .with_initial_backoff(std::time::Duration::from_millis(200)),
+                .with_max_attempts(8)
+                .with_initial_backoff(std::time::Duration::from_millis(200))
+                .with_max_backoff(std::time::Duration::from_secs(10)),
+        )
+        // The SDK's default connect timeout (3.1 s) is tuned for AWS endpoints; an
+        // in-cluster S3 server on a busy node can take longer to accept, and a backup
+        // Job runs once (backoffLimit 0), so a slow accept must not fail the volume.
+        // Attempts (each bounded) are retried above; the whole run has its Job deadline.
+        .timeout_config(
+            aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                .connect_timeout(std::time::Duration::from_secs(15))
+                .build(),
         );
     if let Some(endpoint) = endpoint {
         config = config.endpoint_url(endpoint);
