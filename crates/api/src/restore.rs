@@ -38,6 +38,14 @@ pub struct RestoreSpec {
     /// stopped, created or written, and the Restore ends `Completed` with reason `DryRun`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
+    /// How long the restore may take before its swap begins, in seconds, counted from its
+    /// start (waiting for the lock, stopping the app, staging): past it the restore ends
+    /// `Failed` with `DeadlineExceeded`, the staged data is discarded and the app comes
+    /// back. Unset: the manager's default (`--restore-deadline`, 6 h). A swap that has
+    /// begun is never cut short: it is journaled and quick.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 60, max = 604800))]
+    pub active_deadline_seconds: Option<i64>,
 }
 
 /// The backup to restore.

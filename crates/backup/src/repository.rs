@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
@@ -70,6 +72,14 @@ impl Verdict {
                 "Secret {secret} key {key} is not an age recipient (expected age1..., from `age-keygen -y`)"
             ),
         }
+    }
+
+    /// Whether checking again may succeed without anyone changing anything: the endpoint
+    /// was unreachable or a probe object could not be written or deleted (a busy or
+    /// restarting S3 server). Every other verdict needs a user to fix a Secret, a key, a
+    /// policy or a bucket.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::EndpointUnreachable(_) | Self::ProbeFailed(_))
     }
 }
 
@@ -161,15 +171,14 @@ pub async fn check(client: &kube::Client, repo: &BackupRepository) -> Verdict {
         Ok(Ok(_)) => {}
     }
     // A write/delete probe under this namespace's part of the prefix: head alone does not
-    // prove that backups can be written.
-    let prefix = s3
-        .prefix
-        .as_deref()
-        .map(|p| format!("{p}/"))
-        .unwrap_or_default();
-    let probe = format!(
-        "{prefix}{ns}/.stateward-probe-{}",
-        repo.uid().unwrap_or_default()
+    // prove that backups can be written. Each probe has its own key: the repository loop
+    // and any number of runs check the same repository at once, and on a shared key one's
+    // delete races another's put.
+    let probe = probe_key(
+        s3.prefix.as_deref(),
+        &ns,
+        &repo.uid().unwrap_or_default(),
+        probe_nonce(),
     );
     if let Err(e) = client
         .put_object()
@@ -199,6 +208,132 @@ pub async fn check(client: &kube::Client, repo: &BackupRepository) -> Verdict {
         ));
     }
     Verdict::Ready
+}
+
+/// The key of one probe object: directly under the namespace's part of the prefix (where
+/// the orphan sweep, which only looks at `<app>/<backup>-<uid>/...`, never goes), named
+/// for the repository and made unique by `nonce`.
+pub fn probe_key(prefix: Option<&str>, ns: &str, repo_uid: &str, nonce: u64) -> String {
+    format!(
+        "{}{PROBE_PREFIX}{repo_uid}-{nonce:016x}",
+        stateward_agent::manifest::namespace_prefix(prefix, ns)
+    )
+}
+
+/// How every probe object's name (the last segment of its key) begins.
+pub const PROBE_PREFIX: &str = ".stateward-probe-";
+
+/// A fresh 64-bit nonce per probe, without a dependency: std's `RandomState` is seeded
+/// from the OS's randomness (so two managers differ), and the counter keeps two probes of
+/// one process apart.
+fn probe_nonce() -> u64 {
+    use std::hash::BuildHasher;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PROBES: AtomicU64 = AtomicU64::new(0);
+    std::hash::RandomState::new().hash_one(PROBES.fetch_add(1, Ordering::Relaxed))
+}
+
+/// How long a run trusts the repository loop's last `Ready` verdict instead of probing
+/// itself. The loop already records when it checked (`status.lastCheckedTime`), so this
+/// costs no write; it is short because the loop does not watch the Secret or the bucket,
+/// and long enough that the runs started together right after a check (a schedule
+/// firing for several apps, a demo) do not each probe again.
+pub const TRUST_READY_FOR: Duration = Duration::from_secs(60);
+
+/// Whether the repository loop found `repo` ready, for its current spec, less than
+/// [`TRUST_READY_FOR`] before `now` (a check stamped after `now` is not trusted).
+pub fn recently_ready(repo: &BackupRepository, now: DateTime<Utc>) -> bool {
+    let Some(status) = &repo.status else {
+        return false;
+    };
+    let generation = repo.meta().generation;
+    let ready = conditions::get(&status.conditions, "Ready")
+        .is_some_and(|c| c.status == "True" && c.observed_generation == generation);
+    let age = status
+        .last_checked_time
+        .as_deref()
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .and_then(|at| (now - at.with_timezone(&Utc)).to_std().ok());
+    ready
+        && status.observed_generation == generation
+        && age.is_some_and(|age| age < TRUST_READY_FOR)
+}
+
+/// The Backup condition a run that waits for its repository shows.
+pub const RUN_CONDITION: &str = "RepositoryReady";
+
+/// The reason of [`RUN_CONDITION`] while the run waits.
+pub const WAITING_REASON: &str = "WaitingForRepository";
+
+/// How long a run waits for its repository to pass a check after a transient failure,
+/// counted from when [`RUN_CONDITION`] turned `False` (its `lastTransitionTime`), before
+/// it fails with the verdict's reason. A restarting S3 server is back well within it.
+pub const WAIT_FOR_REPOSITORY: Duration = Duration::from_secs(300);
+
+/// The first and the longest delay between checks while a run waits.
+const RETRY_FIRST: Duration = Duration::from_secs(5);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// What a run that has not started does about its repository's verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunGate {
+    /// Ready: the run goes on.
+    Proceed,
+    /// A transient failure within [`WAIT_FOR_REPOSITORY`]: the run stays Pending, checks
+    /// again after `retry_in`, and fails if the repository is not ready by `until`.
+    Wait {
+        retry_in: Duration,
+        until: DateTime<Utc>,
+    },
+    /// A permanent failure, or a transient one that outlasted the wait: the run fails
+    /// with the verdict's reason.
+    Fail,
+}
+
+/// Since when the run has been waiting for its repository: the `lastTransitionTime` of
+/// its [`RUN_CONDITION`] while that is `False`.
+pub fn waiting_since(run_conditions: &[Condition]) -> Option<DateTime<Utc>> {
+    conditions::get(run_conditions, RUN_CONDITION)
+        .filter(|c| c.status == "False")
+        .map(|c| time::to_chrono(&c.last_transition_time))
+}
+
+/// The message of [`RUN_CONDITION`] while a run waits: which repository, what failed (the
+/// verdict's message: names and S3 error codes, never a secret), and until when.
+pub fn waiting_message(repo: &BackupRepository, verdict: &Verdict, until: DateTime<Utc>) -> String {
+    format!(
+        "waiting for BackupRepository {}: {}; checking again until {}, then the run fails with {}",
+        repo.name_any(),
+        verdict.message(&repo.spec.s3.bucket),
+        time::rfc3339(until),
+        verdict.reason()
+    )
+}
+
+/// Decides from the verdict and the wait so far. The delay grows with the time waited
+/// (5 s, 5 s, 10 s, 20 s, ... at most 60 s), so it is a back-off that survives a restart of
+/// the manager, and the last check falls on the deadline.
+pub fn gate(verdict: &Verdict, since: Option<DateTime<Utc>>, now: DateTime<Utc>) -> RunGate {
+    if *verdict == Verdict::Ready {
+        return RunGate::Proceed;
+    }
+    if !verdict.is_transient() {
+        return RunGate::Fail;
+    }
+    let since = since.unwrap_or(now);
+    let waited = (now - since).to_std().unwrap_or_default();
+    let Some(left) = WAIT_FOR_REPOSITORY
+        .checked_sub(waited)
+        .filter(|l| !l.is_zero())
+    else {
+        return RunGate::Fail;
+    };
+    RunGate::Wait {
+        retry_in: waited.clamp(RETRY_FIRST, RETRY_MAX).min(left),
+        // From `since`, not `now`: the deadline (and the message naming it) stays the same
+        // on every pass, so waiting writes the status once.
+        until: since + chrono::Duration::seconds(WAIT_FOR_REPOSITORY.as_secs() as i64),
+    }
 }
 
 /// Sweeps this namespace's manifest-less prefixes whose run is gone; returns how many.
@@ -444,5 +579,243 @@ mod tests {
             "bucket backups does not exist"
         );
         assert_eq!(Verdict::Ready.reason(), "Reachable");
+    }
+
+    fn at(seconds: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_780_000_000 + seconds, 0).unwrap_or_default()
+    }
+
+    #[test]
+    fn two_probes_in_flight_get_distinct_keys_under_the_namespace_prefix() {
+        let uid = "0b7e2f4c-1111-2222-3333-444455556666";
+        for prefix in [Some("backups"), Some(""), None] {
+            let ns_prefix = stateward_agent::manifest::namespace_prefix(prefix, "shop");
+            let (a, b) = (
+                probe_key(prefix, "shop", uid, probe_nonce()),
+                probe_key(prefix, "shop", uid, probe_nonce()),
+            );
+            assert_ne!(a, b, "two probes of one repository share a key");
+            for key in [&a, &b] {
+                let name = key.strip_prefix(&ns_prefix).unwrap_or_default();
+                assert!(
+                    name.starts_with(&format!("{PROBE_PREFIX}{uid}-")) && !name.contains('/'),
+                    "{key} is not directly under {ns_prefix}"
+                );
+            }
+        }
+        assert_eq!(
+            probe_key(Some("backups"), "shop", "u", 0xab),
+            "backups/shop/.stateward-probe-u-00000000000000ab"
+        );
+    }
+
+    #[test]
+    fn the_orphan_sweep_never_touches_probe_objects() {
+        let uid = "0b7e2f4c-1111-2222-3333-444455556666";
+        let listed: Vec<_> = (0..3)
+            .map(|_| crate::sweep::Listed {
+                key: probe_key(Some("team"), "shop", uid, probe_nonce()),
+                at: at(0),
+                upload_id: None,
+            })
+            .collect();
+        let plan = crate::sweep::plan(
+            "team/shop/",
+            &listed,
+            &Default::default(),
+            at(86_400),
+            Duration::from_secs(900),
+        );
+        assert_eq!(plan, crate::sweep::SweepPlan::default());
+    }
+
+    fn repository(
+        ready: bool,
+        checked: Option<i64>,
+        observed: i64,
+        generation: i64,
+    ) -> BackupRepository {
+        let mut repo = BackupRepository::new("repo", Default::default());
+        repo.metadata.generation = Some(generation);
+        let mut list = Vec::new();
+        conditions::set(
+            &mut list,
+            conditions::condition("Ready", ready, "Reachable", "", Some(observed)),
+            at(-3600),
+        );
+        repo.status = Some(stateward_api::repository::BackupRepositoryStatus {
+            observed_generation: Some(observed),
+            conditions: list,
+            last_checked_time: checked.map(|s| time::rfc3339(at(s))),
+        });
+        repo
+    }
+
+    #[test]
+    fn a_run_trusts_only_a_fresh_ready_verdict_about_the_current_spec() {
+        let now = at(100);
+        let cases = [
+            (
+                "ready, checked 10 s ago",
+                repository(true, Some(90), 2, 2),
+                true,
+            ),
+            (
+                "ready, checked just now",
+                repository(true, Some(100), 2, 2),
+                true,
+            ),
+            (
+                "ready, checked 60 s ago",
+                repository(true, Some(40), 2, 2),
+                false,
+            ),
+            (
+                "ready, checked an hour ago",
+                repository(true, Some(-3500), 2, 2),
+                false,
+            ),
+            (
+                "not ready, checked 10 s ago",
+                repository(false, Some(90), 2, 2),
+                false,
+            ),
+            (
+                "spec changed since",
+                repository(true, Some(90), 2, 3),
+                false,
+            ),
+            ("never checked", repository(true, None, 2, 2), false),
+            (
+                "checked after now",
+                repository(true, Some(130), 2, 2),
+                false,
+            ),
+            (
+                "no status",
+                BackupRepository::new("repo", Default::default()),
+                false,
+            ),
+        ];
+        for (case, repo, trusted) in cases {
+            assert_eq!(recently_ready(&repo, now), trusted, "{case}");
+        }
+    }
+
+    #[test]
+    fn transient_failures_wait_with_back_off_and_permanent_ones_fail_at_once() {
+        let unreachable = Verdict::EndpointUnreachable("connection refused".into());
+        let probe = Verdict::ProbeFailed("ExistingObjectIsDirectory".into());
+        let denied = Verdict::AccessDenied("AccessDenied".into());
+        let wait = |retry: u64, since: i64| RunGate::Wait {
+            retry_in: Duration::from_secs(retry),
+            until: at(since + 300),
+        };
+        let cases = [
+            ("ready", Verdict::Ready, None, 0, RunGate::Proceed),
+            (
+                "ready after waiting",
+                Verdict::Ready,
+                Some(0),
+                200,
+                RunGate::Proceed,
+            ),
+            (
+                "first transient failure",
+                probe.clone(),
+                None,
+                0,
+                wait(5, 0),
+            ),
+            ("5 s in", unreachable.clone(), Some(0), 5, wait(5, 0)),
+            ("20 s in", probe.clone(), Some(0), 20, wait(20, 0)),
+            (
+                "200 s in: at most 60 s",
+                probe.clone(),
+                Some(0),
+                200,
+                wait(60, 0),
+            ),
+            (
+                "290 s in: the last check on the deadline",
+                probe.clone(),
+                Some(0),
+                290,
+                wait(10, 0),
+            ),
+            (
+                "at the deadline",
+                probe.clone(),
+                Some(0),
+                300,
+                RunGate::Fail,
+            ),
+            (
+                "past the deadline",
+                unreachable.clone(),
+                Some(0),
+                900,
+                RunGate::Fail,
+            ),
+            (
+                "waiting since after now",
+                probe.clone(),
+                Some(30),
+                0,
+                wait(5, 30),
+            ),
+            ("permanent", denied.clone(), None, 0, RunGate::Fail),
+            (
+                "permanent while waiting",
+                denied,
+                Some(0),
+                20,
+                RunGate::Fail,
+            ),
+            (
+                "no Secret",
+                Verdict::SecretNotFound("s3".into()),
+                None,
+                0,
+                RunGate::Fail,
+            ),
+        ];
+        for (case, verdict, since, now, expected) in cases {
+            assert_eq!(gate(&verdict, since.map(at), at(now)), expected, "{case}");
+        }
+    }
+
+    #[test]
+    fn the_wait_is_counted_from_when_the_run_condition_turned_false() {
+        let mut list = Vec::new();
+        assert_eq!(waiting_since(&list), None);
+        let waiting = || conditions::condition(RUN_CONDITION, false, WAITING_REASON, "", Some(1));
+        conditions::set(&mut list, waiting(), at(0));
+        conditions::set(&mut list, waiting(), at(40));
+        assert_eq!(
+            waiting_since(&list),
+            Some(at(0)),
+            "a repeated wait keeps its start"
+        );
+        let ready = conditions::condition(RUN_CONDITION, true, "Reachable", "", Some(1));
+        conditions::set(&mut list, ready, at(50));
+        assert_eq!(waiting_since(&list), None);
+        conditions::set(&mut list, waiting(), at(70));
+        assert_eq!(waiting_since(&list), Some(at(70)), "a new wait starts anew");
+    }
+
+    #[test]
+    fn the_waiting_message_names_the_repository_the_failure_and_the_deadline() {
+        let mut repo = repository(false, None, 1, 1);
+        repo.spec.s3.bucket = "backups".into();
+        let verdict = Verdict::ProbeFailed("ExistingObjectIsDirectory".into());
+        assert_eq!(
+            waiting_message(&repo, &verdict, at(0)),
+            format!(
+                "waiting for BackupRepository repo: writing a probe object under the prefix failed: \
+                 ExistingObjectIsDirectory; checking again until {}, then the run fails with ProbeFailed",
+                time::rfc3339(at(0))
+            )
+        );
     }
 }

@@ -863,3 +863,77 @@ async fn agent_jobs_wait_for_a_slot_under_the_global_cap() -> Result<()> {
     );
     world.finish().await
 }
+
+#[tokio::test]
+async fn two_apps_sharing_a_repository_back_up_at_the_same_moment_three_rounds_in_a_row()
+-> Result<()> {
+    // A still clock: round 1 runs right after the repository loop's check (each run trusts
+    // its verdict), then the clock moves past `TRUST_READY_FOR` so that in rounds 2 and 3
+    // both runs probe the repository at the same moment.
+    let clock = stateward_runtime::time::ManualClock::new(chrono::Utc::now());
+    let world = World::start(
+        "run-shared-repo",
+        Default::default(),
+        Loops::All,
+        Some(clock.clone()),
+    )
+    .await?;
+    let apps = ["left", "right"];
+    for name in apps {
+        world.apply(&writer_statefulset(name, 1)).await?;
+        world.apply(&app(name, name, "")).await?;
+    }
+    let pods = world.pods();
+    for name in apps {
+        wait_pod_ready(&pods, &format!("{name}-0"), 2 * MINUTE).await?;
+    }
+    let repos: Api<stateward_api::BackupRepository> = world.cluster.api(&world.ns.name);
+    wait_for("the repository to be Ready", MINUTE, || async {
+        let repo = repos.get("repo").await?;
+        let ready = repo.status.is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        });
+        Ok(ready.then_some(()))
+    })
+    .await?;
+    for round in 1..=3 {
+        if round > 1 {
+            clock.advance(chrono::Duration::minutes(2));
+        }
+        // Both Backups in the same second.
+        let backup = |name: &str| {
+            format!(
+                "apiVersion: stateward.io/v1alpha1\nkind: Backup\nmetadata: {{ name: {name}-{round} }}\nspec: {{ app: {name} }}\n"
+            )
+        };
+        let (left, right) = (backup(apps[0]), backup(apps[1]));
+        tokio::try_join!(world.apply(&left), world.apply(&right))?;
+        for name in apps {
+            let done = world
+                .wait_done(&format!("{name}-{round}"), 3 * MINUTE)
+                .await?;
+            ensure!(
+                done.status.as_ref().and_then(|s| s.phase) == Some(BackupPhase::Completed),
+                "round {round}, {name}: {}",
+                failed_reason(&done)
+            );
+            // A probe that collided would have made the run wait for the repository.
+            ensure!(
+                condition(&done, stateward_backup::repository::RUN_CONDITION).is_none(),
+                "round {round}, {name} waited for the repository: {:?}",
+                condition(&done, stateward_backup::repository::RUN_CONDITION)
+            );
+        }
+    }
+    let probes = world
+        .keys(&format!(
+            "backups/{}/{}",
+            world.ns.name,
+            stateward_backup::repository::PROBE_PREFIX
+        ))
+        .await?;
+    ensure!(probes.is_empty(), "probe objects were left: {probes:?}");
+    world.finish().await
+}

@@ -32,6 +32,7 @@ fn start_controllers(
     namespace: &Option<String>,
     shutdown: &CancellationToken,
     backup_config: &stateward_backup::Config,
+    restore_config: &stateward_restore::Config,
 ) -> tokio::task::JoinSet<&'static str> {
     let mut set = tokio::task::JoinSet::new();
     for name in controllers {
@@ -47,10 +48,7 @@ fn start_controllers(
                 });
             }
             stateward_restore::CONTROLLER => {
-                let restore_config = stateward_restore::Config {
-                    agent_image: backup_config.runs.agent_image.clone(),
-                    ..Default::default()
-                };
+                let restore_config = restore_config.clone();
                 set.spawn(async move {
                     stateward_restore::run(base, namespace, restore_config).await;
                     stateward_restore::CONTROLLER
@@ -170,6 +168,23 @@ struct RunArgs {
     /// opened before leaving the data in place with a Warning event.
     #[arg(long, default_value_t = 120, env = "STATEWARD_ORPHAN_WAIT_SECONDS")]
     orphan_wait_seconds: u64,
+    /// How long an agent Job may wait for its pod to start (refused by admission or a
+    /// quota, unschedulable, an image that does not pull) before its backup or restore
+    /// fails with the cause.
+    #[arg(
+        long,
+        default_value_t = 180,
+        env = "STATEWARD_AGENT_START_TIMEOUT_SECONDS"
+    )]
+    agent_start_timeout_seconds: u64,
+    /// A Restore's deadline before its swap begins when it sets none
+    /// (`spec.activeDeadlineSeconds`).
+    #[arg(
+        long,
+        default_value_t = 21600,
+        env = "STATEWARD_RESTORE_DEADLINE_SECONDS"
+    )]
+    restore_deadline_seconds: u64,
     /// Log format: text or json.
     #[arg(long, default_value = "text", env = "STATEWARD_LOG_FORMAT")]
     log_format: LogFormat,
@@ -287,9 +302,17 @@ async fn run(args: RunArgs) -> Result<()> {
     backup_config.runs.max_jobs_per_node = args.max_agent_jobs_per_node.max(1);
     backup_config.runs.orphan_wait = std::time::Duration::from_secs(args.orphan_wait_seconds);
     backup_config.schedules.max_deletions_per_pass = args.retention_max_deletions;
+    backup_config.runs.agent_start_timeout =
+        std::time::Duration::from_secs(args.agent_start_timeout_seconds.max(1));
     if let Some(image) = &args.agent_image {
         backup_config.runs.agent_image = image.clone();
     }
+    let restore_config = stateward_restore::Config {
+        agent_image: backup_config.runs.agent_image.clone(),
+        agent_start_timeout: backup_config.runs.agent_start_timeout,
+        default_deadline: std::time::Duration::from_secs(args.restore_deadline_seconds.max(60)),
+        ..Default::default()
+    };
     let client = Client::try_default()
         .await
         .context("no Kubernetes configuration (in-cluster or KUBECONFIG)")?;
@@ -354,6 +377,7 @@ async fn run(args: RunArgs) -> Result<()> {
             &args.namespace,
             &stop,
             &backup_config,
+            &restore_config,
         );
         tokio::select! {
             // Biased: when SIGTERM arrives, shutting down wins over anything else ready.
@@ -402,6 +426,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 &args.namespace,
                 &stop,
                 &backup_config,
+                &restore_config,
             ));
         }
         tokio::select! {

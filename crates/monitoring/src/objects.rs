@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::{Value, json};
 use stateward_api::StatefulApp;
-use stateward_api::common::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+use stateward_api::common::{APP_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 
 /// The object names (one of each per app).
 pub fn object_name(app: &str) -> String {
@@ -39,7 +39,7 @@ pub fn pod_monitor(app: &StatefulApp, selector: &BTreeMap<String, String>) -> Op
         "kind": "PodMonitor",
         "metadata": {
             "name": object_name(&name),
-            "labels": {MANAGED_BY_LABEL: MANAGED_BY_VALUE, "stateward.io/app": name},
+            "labels": {MANAGED_BY_LABEL: MANAGED_BY_VALUE, APP_LABEL: stateward_runtime::names::label_value(&name)},
             "ownerReferences": [owner(app)],
         },
         "spec": {
@@ -170,7 +170,7 @@ pub fn prometheus_rule(
         "kind": "PrometheusRule",
         "metadata": {
             "name": object_name(&name),
-            "labels": {MANAGED_BY_LABEL: MANAGED_BY_VALUE, "stateward.io/app": name},
+            "labels": {MANAGED_BY_LABEL: MANAGED_BY_VALUE, APP_LABEL: stateward_runtime::names::label_value(&name)},
             "ownerReferences": [owner(app)],
         },
         "spec": {"groups": [rule_group(namespace, &name, max_backup_age)]},
@@ -197,6 +197,22 @@ mod tests {
         assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["portNumber"], 9121);
         assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["path"], "/metrics");
         assert_eq!(pm["metadata"]["ownerReferences"][0]["uid"], "u1");
+    }
+
+    #[test]
+    fn objects_fit_kubernetes_limits_for_app_names_of_every_length() {
+        let selector = BTreeMap::from([("app".to_string(), "db".to_string())]);
+        for name in stateward_runtime::names::sample_names() {
+            let mut app = app("{metricsPort: 9121}");
+            app.metadata.name = Some(name.clone());
+            for object in [
+                pod_monitor(&app, &selector).unwrap(),
+                prometheus_rule(&app, "shop", None),
+            ] {
+                stateward_runtime::names::check_object(&object)
+                    .unwrap_or_else(|e| panic!("app name of {} characters: {e}", name.len()));
+            }
+        }
     }
 
     #[test]

@@ -45,6 +45,11 @@ pub struct Config {
     pub agent_image: String,
     /// Extra environment for agent containers (tests use it for fault injection).
     pub agent_env: Vec<(String, String)>,
+    /// How long an agent Job may wait for its pod to start before the restore fails with
+    /// the cause (refused by admission or a quota, unschedulable).
+    pub agent_start_timeout: std::time::Duration,
+    /// A Restore's deadline before its swap when it sets no `activeDeadlineSeconds`.
+    pub default_deadline: std::time::Duration,
 }
 
 impl Default for Config {
@@ -52,6 +57,8 @@ impl Default for Config {
         Self {
             agent_image: format!("ghcr.io/stateward/stateward:{}", env!("CARGO_PKG_VERSION")),
             agent_env: Vec::new(),
+            agent_start_timeout: stateward_runtime::agent_start::DEFAULT_BOUND,
+            default_deadline: std::time::Duration::from_secs(6 * 3600),
         }
     }
 }
@@ -144,7 +151,11 @@ pub async fn run(base: Context, namespace: Option<String>, config: Config) {
         .any_semantic();
     // Agent Jobs map to their Restore by label, not owner: swap Jobs are unowned.
     let to_restore = |job: Job| {
-        let name = job.labels().get(plan::RESTORE_LABEL)?.clone();
+        let name = job
+            .annotations()
+            .get(plan::RESTORE_NAME_ANNOTATION)
+            .or_else(|| job.labels().get(plan::RESTORE_LABEL))?
+            .clone();
         Some(ObjectRef::<Restore>::new(&name).within(&job.namespace()?))
     };
     Controller::new(restores, watcher::Config::default().any_semantic())

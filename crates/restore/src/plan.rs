@@ -16,6 +16,9 @@ use stateward_runtime::names;
 /// Labels on everything a restore creates.
 pub const RESTORE_LABEL: &str = "stateward.io/restore";
 pub const RESTORE_UID_LABEL: &str = "stateward.io/restore-uid";
+/// The full name of the Restore on its agent Jobs: the label value is bounded to 63
+/// characters (a readable prefix and a hash), so the Job maps back through this.
+pub const RESTORE_NAME_ANNOTATION: &str = "stateward.io/restore-name";
 pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
 pub const AGENT_COMPONENT: &str = "restore-agent";
 /// On clone PVCs and StatefulSets: the Restore that created them (they are not owned by
@@ -537,7 +540,10 @@ pub fn clone_claim(name: &str, recorded: &Value, restore: &Restore) -> Value {
         .pointer("/metadata/labels")
         .and_then(|l| serde_json::from_value(l.clone()).ok())
         .unwrap_or_default();
-    labels.insert(RESTORE_LABEL.into(), json!(restore_name(restore)));
+    labels.insert(
+        RESTORE_LABEL.into(),
+        json!(names::label_value(&restore_name(restore))),
+    );
     json!({
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
@@ -626,6 +632,8 @@ pub struct JobInputs<'a> {
     pub restore_command: &'a [String],
     /// Extra environment for the agent (tests: the pause before the swap).
     pub extra_env: &'a [(String, String)],
+    /// The Job's `activeDeadlineSeconds` (staging, cut at the restore's deadline).
+    pub deadline_seconds: Option<i64>,
 }
 
 /// Exit code of an agent refusal (checksum, unsafe archive, no space): the Job stops
@@ -707,7 +715,7 @@ pub fn agent_job(inputs: &JobInputs<'_>, item: &Item, index: usize, step: JobSte
     let labels = json!({
         MANAGED_BY_LABEL: MANAGED_BY_VALUE,
         COMPONENT_LABEL: AGENT_COMPONENT,
-        RESTORE_LABEL: name,
+        RESTORE_LABEL: names::label_value(&name),
         RESTORE_UID_LABEL: uid,
     });
     let mut spec = json!({
@@ -759,12 +767,14 @@ pub fn agent_job(inputs: &JobInputs<'_>, item: &Item, index: usize, step: JobSte
         "metadata": {
             "name": job_name(&name, step, index),
             "labels": labels,
+            "annotations": {RESTORE_NAME_ANNOTATION: name},
             "ownerReferences": owners,
         },
         "spec": {
             // A crash of the agent (or its node) is retried: every step is idempotent
             // (a journaled swap rolls forward); a refusal (exit 2) is final.
             "backoffLimit": if step == JobStep::Exec { 0 } else { 3 },
+            "activeDeadlineSeconds": inputs.deadline_seconds,
             "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {"containerName": "agent", "operator": "In", "values": [EXIT_REFUSED]}}]},
             "template": {"metadata": {"labels": labels}, "spec": spec},
         },
@@ -1136,6 +1146,51 @@ mod tests {
     }
 
     #[test]
+    fn jobs_and_clone_claims_fit_kubernetes_limits_for_restore_names_of_every_length() {
+        let m = manifest("Volume", &[("data-db-0", "db-0")]);
+        let repo: BackupRepository = serde_yaml::from_str("apiVersion: stateward.io/v1alpha1\nkind: BackupRepository\nmetadata: {name: repo}\nspec: {s3: {bucket: bkt, credentials: {accessKeyId: {name: s, key: a}, secretAccessKey: {name: s, key: b}}}}").unwrap();
+        let item = Item {
+            entry: m.entries[0].clone(),
+            target: "data-db-0".into(),
+            as_file: None,
+            also_remove: vec![],
+            extra_files: vec![],
+        };
+        let recorded = recorded_claim(&m, "data-db-0").unwrap();
+        for name in stateward_runtime::names::sample_names() {
+            let mut r = restore("{app: db}");
+            r.metadata.name = Some(name.clone());
+            let inputs = JobInputs {
+                restore: &r,
+                repository: &repo,
+                agent_image: "img",
+                container: None,
+                restore_command: &[],
+                extra_env: &[],
+                deadline_seconds: Some(600),
+            };
+            let mut objects: Vec<Value> = [
+                JobStep::Stage,
+                JobStep::Swap,
+                JobStep::Discard,
+                JobStep::Exec,
+            ]
+            .into_iter()
+            .map(|step| agent_job(&inputs, &item, 9, step))
+            .collect();
+            objects.push(clone_claim("data-copy-0", &recorded, &r));
+            for object in &objects {
+                names::check_object(object)
+                    .unwrap_or_else(|e| panic!("restore name of {} characters: {e}", name.len()));
+            }
+            assert_eq!(
+                objects[0]["metadata"]["annotations"][RESTORE_NAME_ANNOTATION], name,
+                "the Job maps back to the full name"
+            );
+        }
+    }
+
+    #[test]
     fn jobs_carry_checksums_and_stop_on_refusal() {
         let m = manifest("Volume", &[("data-db-0", "db-0")]);
         let r = restore("{app: db}");
@@ -1147,6 +1202,7 @@ mod tests {
             container: None,
             restore_command: &[],
             extra_env: &[],
+            deadline_seconds: None,
         };
         let item = Item {
             entry: m.entries[0].clone(),

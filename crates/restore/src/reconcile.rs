@@ -9,7 +9,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::{ListParams, PostParams};
+use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
@@ -17,6 +17,7 @@ use stateward_agent::restore::RestoreResult;
 use stateward_api::common::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use stateward_api::restore::{RestoreMode, RestoreVolumeStatus};
 use stateward_api::{Restore, RestorePhase, RestoreStatus, StatefulApp};
+use stateward_runtime::agent_start::{self, AgentStart};
 use stateward_runtime::lock::{Acquired, Holder, Intent, OperationLock};
 use stateward_runtime::{apply, conditions, time};
 
@@ -180,6 +181,47 @@ impl Pass<'_> {
             ),
             now,
         );
+    }
+
+    /// The instant past which the restore fails unless its swap began.
+    fn deadline(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        let start = self
+            .status
+            .start_time
+            .as_deref()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())?
+            .with_timezone(&chrono::Utc);
+        let seconds = self
+            .restore
+            .spec
+            .active_deadline_seconds
+            .unwrap_or(self.ctx.config.default_deadline.as_secs() as i64);
+        Some(start + chrono::Duration::seconds(seconds))
+    }
+
+    fn seconds_left(&self) -> i64 {
+        self.deadline()
+            .map(|d| (d - self.now()).num_seconds())
+            .unwrap_or(i64::MAX)
+    }
+
+    /// The Ready condition of a step in progress: what it does, or — while an agent pod
+    /// has not started — what it waits for and when that wait fails.
+    fn set_progress(&mut self, step: &str, doing: &str, states: &[JobState]) {
+        let waiting = self
+            .status
+            .volumes
+            .iter()
+            .zip(states)
+            .find_map(|(volume, state)| Some((&volume.target, state.waiting_note()?)));
+        match waiting {
+            Some((target, note)) => {
+                let (reason, message) = note.split_once(": ").unwrap_or(("AgentNotStarted", note));
+                let message = format!("{step}: {target}: {message}");
+                self.set_ready(false, leak_reason(reason), message);
+            }
+            None => self.set_ready(false, step, doing),
+        }
     }
 
     async fn event(&self, type_: EventType, reason: &str, note: String) {
@@ -349,6 +391,29 @@ impl Pass<'_> {
             self.status.phase = Some(RestorePhase::Running);
             self.status.start_time = Some(time::rfc3339(now));
             self.status.step = Some("Resolving".into());
+        }
+        // Before staging a restore only waits (for the repository, the lock, the app to
+        // stop): past its deadline it ends, and the app it stopped comes back.
+        if matches!(
+            self.status.step.as_deref(),
+            Some("Resolving" | "WaitingForLock" | "Stopping")
+        ) && self.seconds_left() <= 0
+        {
+            let waited = self
+                .status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")
+                .map(|c| c.message.clone())
+                .unwrap_or_default();
+            return self
+                .fail(Refusal {
+                    reason: "DeadlineExceeded",
+                    message: format!(
+                        "the restore's deadline passed before it could stage (last: {waited}); set spec.activeDeadlineSeconds to allow longer"
+                    ),
+                })
+                .await;
         }
         // 1. The source.
         let source = match source::resolve(&self.ctx.base.client, &self.restore).await {
@@ -650,10 +715,7 @@ impl Pass<'_> {
         let states = self.run_jobs(source, plan, step).await?;
         let (done, failed) = (
             states.iter().all(|s| matches!(s, JobState::Succeeded(_))),
-            states.iter().find_map(|s| match s {
-                JobState::Failed(reason, message) => Some((reason.clone(), message.clone())),
-                _ => None,
-            }),
+            states.iter().find_map(JobState::failure),
         );
         for (volume, state) in self.status.volumes.iter_mut().zip(&states) {
             volume_phase(volume, step, state);
@@ -688,10 +750,10 @@ impl Pass<'_> {
                     .await;
                     return Ok(Action::requeue(Duration::from_secs(1)));
                 }
-                self.set_ready(
-                    false,
+                self.set_progress(
                     "Staging",
                     "streaming and verifying the backup into staging directories",
+                    &states,
                 );
                 Ok(Action::requeue(POLL))
             }
@@ -718,11 +780,11 @@ impl Pass<'_> {
                 if done {
                     return self.complete(source, plan).await;
                 }
-                self.set_ready(false, "Swapping", "swapping the verified data in");
+                self.set_progress("Swapping", "swapping the verified data in", &states);
                 Ok(Action::requeue(POLL))
             }
             JobStep::Discard | JobStep::Exec => {
-                if states.iter().all(|s| !matches!(s, JobState::Running)) {
+                if states.iter().all(|s| !matches!(s, JobState::Running(_))) {
                     // The first failed volume's "<reason>: <message>" decides.
                     let failed = self
                         .status
@@ -799,10 +861,7 @@ impl Pass<'_> {
         for (volume, state) in self.status.volumes.iter_mut().zip(&states) {
             volume_phase(volume, JobStep::Exec, state);
         }
-        if let Some((reason, message)) = states.iter().find_map(|s| match s {
-            JobState::Failed(reason, message) => Some((reason.clone(), message.clone())),
-            _ => None,
-        }) {
+        if let Some((reason, message)) = states.iter().find_map(JobState::failure) {
             return self
                 .fail(Refusal {
                     reason: leak_reason(&reason),
@@ -821,18 +880,23 @@ impl Pass<'_> {
         Ok(Action::requeue(POLL))
     }
 
-    async fn ensure_exec_rbac(&self, app: &str, pods: &[String]) -> Result<(), RestoreError> {
-        let sa: Api<ServiceAccount> = self.api();
+    async fn ensure_agent_service_account(&self) -> Result<(), RestoreError> {
         apply::apply(
-            &sa,
+            &self.api::<ServiceAccount>(),
             plan::AGENT_SERVICE_ACCOUNT,
             apply::managers::RESTORE,
             &serde_json::json!({
                 "apiVersion": "v1", "kind": "ServiceAccount",
                 "metadata": {"name": plan::AGENT_SERVICE_ACCOUNT, "labels": {MANAGED_BY_LABEL: MANAGED_BY_VALUE}},
+                "automountServiceAccountToken": false,
             }),
         )
         .await?;
+        Ok(())
+    }
+
+    async fn ensure_exec_rbac(&self, app: &str, pods: &[String]) -> Result<(), RestoreError> {
+        self.ensure_agent_service_account().await?;
         let name = plan::agent_role_name(app);
         apply::apply(
             &self.api::<Role>(),
@@ -866,13 +930,31 @@ impl Pass<'_> {
             container: plan.container.as_deref(),
             restore_command: &plan.restore_command,
             extra_env: &self.ctx.config.agent_env,
+            // Staging is cut at the restore's deadline; a swap never is.
+            deadline_seconds: (step == JobStep::Stage).then(|| self.seconds_left().max(60)),
         };
         let mut states = Vec::new();
         for (index, item) in plan.items.iter().enumerate() {
             let name = plan::job_name(&self.name(), step, index);
+            // A stage Job that never started was deleted: nothing was staged there, and
+            // its discard would only wait on the same refusal.
+            if step == JobStep::Discard
+                && jobs
+                    .get_opt(&plan::job_name(&self.name(), JobStep::Stage, index))
+                    .await?
+                    .is_none()
+            {
+                states.push(JobState::Succeeded(RestoreResult::default()));
+                continue;
+            }
             let job = match jobs.get_opt(&name).await? {
                 Some(job) => job,
                 None => {
+                    if step != JobStep::Exec {
+                        // A disaster-recovery restore into a fresh namespace has no agent
+                        // ServiceAccount yet; the Job's pods would be refused without it.
+                        self.ensure_agent_service_account().await?;
+                    }
                     let body: Job =
                         serde_json::from_value(plan::agent_job(&inputs, item, index, step))?;
                     match jobs.create(&PostParams::default(), &body).await {
@@ -889,6 +971,16 @@ impl Pass<'_> {
                             ));
                             continue;
                         }
+                        // The API server refused the Job itself (a derived value out of
+                        // its limits, a quota on Jobs, an admission policy): it will not
+                        // be accepted on a retry, so the restore ends with its words.
+                        Err(kube::Error::Api(e)) if matches!(e.code, 400 | 403 | 422) => {
+                            states.push(JobState::Failed(
+                                "AgentJobRefused".into(),
+                                format!("the API server refused agent Job {name}: {}", e.message),
+                            ));
+                            continue;
+                        }
                         Err(e) => return Err(e.into()),
                     }
                 }
@@ -896,6 +988,35 @@ impl Pass<'_> {
             states.push(self.job_state(&job).await?);
         }
         Ok(states)
+    }
+
+    /// A Job that has not finished: running, waiting for its pod (and for what), or never
+    /// started within the bound — then it is deleted, so its pod cannot start later beside
+    /// whatever runs next on the volume, and the volume fails with the cause.
+    async fn unfinished_job_state(&self, job: &Job) -> Result<JobState, RestoreError> {
+        let status = job.status.clone().unwrap_or_default();
+        if status.ready.unwrap_or(0) > 0 || status.failed.unwrap_or(0) > 0 {
+            return Ok(JobState::Running(None));
+        }
+        let signals = agent_start::observe(&self.ctx.base.client, job).await?;
+        match agent_start::decide(&signals, self.now(), self.ctx.config.agent_start_timeout) {
+            AgentStart::Started => Ok(JobState::Running(None)),
+            AgentStart::Waiting {
+                reason, message, ..
+            } => Ok(JobState::Running(Some(format!("{reason}: {message}")))),
+            AgentStart::Failed { reason, message } => {
+                match self
+                    .api::<Job>()
+                    .delete(&job.name_any(), &DeleteParams::background())
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+                Ok(JobState::NeverStarted(reason.into(), message))
+            }
+        }
     }
 
     async fn job_state(&self, job: &Job) -> Result<JobState, RestoreError> {
@@ -909,7 +1030,7 @@ impl Pass<'_> {
         let complete = condition("Complete").is_some();
         let failed = condition("Failed");
         if !complete && failed.is_none() {
-            return Ok(JobState::Running);
+            return self.unfinished_job_state(job).await;
         }
         // The agent's own words, from the newest terminated pod of the Job.
         let pods = self
@@ -951,6 +1072,12 @@ impl Pass<'_> {
             })
             .unwrap_or_else(|| {
                 let c = failed.unwrap_or_default();
+                if c.reason.as_deref() == Some("DeadlineExceeded") {
+                    return (
+                        "DeadlineExceeded".to_string(),
+                        "the restore's deadline (spec.activeDeadlineSeconds, or the manager's --restore-deadline-seconds) passed while staging".to_string(),
+                    );
+                }
                 (
                     "AgentFailed".to_string(),
                     format!(
@@ -1098,9 +1225,30 @@ impl Pass<'_> {
 /// An agent Job's state.
 #[derive(Debug, Clone)]
 enum JobState {
-    Running,
+    /// Running, or waiting for its pod with a note saying for what.
+    Running(Option<String>),
     Succeeded(RestoreResult),
     Failed(String, String),
+    /// Its pod never started within the bound: nothing of this step touched the volume.
+    NeverStarted(String, String),
+}
+
+impl JobState {
+    fn failure(&self) -> Option<(String, String)> {
+        match self {
+            Self::Failed(reason, message) | Self::NeverStarted(reason, message) => {
+                Some((reason.clone(), message.clone()))
+            }
+            _ => None,
+        }
+    }
+
+    fn waiting_note(&self) -> Option<&str> {
+        match self {
+            Self::Running(note) => note.as_deref(),
+            _ => None,
+        }
+    }
 }
 
 fn volume_phase(volume: &mut RestoreVolumeStatus, step: JobStep, state: &JobState) {
@@ -1109,7 +1257,8 @@ fn volume_phase(volume: &mut RestoreVolumeStatus, step: JobStep, state: &JobStat
         return;
     }
     match state {
-        JobState::Running => {
+        JobState::Running(note) => {
+            volume.message = note.clone();
             volume.phase = match step {
                 JobStep::Stage => "Staging",
                 JobStep::Swap => "Swapping",
@@ -1139,7 +1288,7 @@ fn volume_phase(volume: &mut RestoreVolumeStatus, step: JobStep, state: &JobStat
             volume.recovered |= result.recovered;
             volume.message = None;
         }
-        JobState::Failed(reason, message) => {
+        JobState::Failed(reason, message) | JobState::NeverStarted(reason, message) => {
             if step == JobStep::Discard {
                 return;
             }
@@ -1165,6 +1314,11 @@ fn leak_reason(reason: &str) -> &'static str {
         "WriteFailed" => "WriteFailed",
         "VolumeMissing" => "VolumeMissing",
         "Deleted" => "Deleted",
+        "AgentJobRefused" => "AgentJobRefused",
+        "AgentPodRefused" => "AgentPodRefused",
+        "AgentUnschedulable" => "AgentUnschedulable",
+        "AgentNotStarted" => "AgentNotStarted",
+        "DeadlineExceeded" => "DeadlineExceeded",
         _ => "AgentFailed",
     }
 }

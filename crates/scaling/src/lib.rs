@@ -825,20 +825,20 @@ async fn scale_down(
     Ok(Action::requeue(STEP))
 }
 
+/// `<app>-scale-down-<yyyymmddhhmmss>`, the prefix shortened with a hash so the name
+/// stays within 63 characters whatever the app's name.
+fn scale_down_backup_name(app: &str, now: chrono::DateTime<chrono::Utc>) -> String {
+    let stamp = now.format("%Y%m%d%H%M%S").to_string();
+    let head = names::bounded(&format!("{app}-scale-down"), 63 - stamp.len() - 1, false);
+    format!("{head}-{stamp}")
+}
+
 async fn create_backup(
     world: &World,
     ctx: &ScalingContext,
     token: &str,
 ) -> Result<String, ScalingError> {
-    let stamp = ctx.base.clock.now().format("%Y%m%d%H%M%S").to_string();
-    let name = format!(
-        "{}-{stamp}",
-        names::bounded(
-            &format!("{}-scale-down", world.app.name_any()),
-            63 - stamp.len() - 1,
-            false
-        )
-    );
+    let name = scale_down_backup_name(&world.app.name_any(), ctx.base.clock.now());
     let mut backup = Backup::new(
         &name,
         BackupSpec {
@@ -850,7 +850,10 @@ async fn create_backup(
     let meta = backup.meta_mut();
     meta.namespace = Some(world.ns());
     meta.labels = Some(BTreeMap::from([
-        (APP_LABEL.to_string(), world.app.name_any()),
+        (
+            APP_LABEL.to_string(),
+            names::label_value(&world.app.name_any()),
+        ),
         (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
     ]));
     meta.annotations = Some(BTreeMap::from([(
@@ -1186,4 +1189,28 @@ async fn publish(
     ctx.base
         .publish(&app.object_ref(&()), type_, reason, "Scale", note)
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_down_backup_names_fit_for_app_names_of_every_length() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-02T10:11:12Z")
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .unwrap_or_default();
+        assert_eq!(
+            scale_down_backup_name("db", now),
+            "db-scale-down-20261202101112"
+        );
+        for app in names::sample_names() {
+            let name = scale_down_backup_name(&app, now);
+            assert!(
+                names::is_dns_subdomain(&name) && name.len() <= names::MAX_LABEL,
+                "app name of {} characters: {name:?}",
+                app.len()
+            );
+        }
+    }
 }

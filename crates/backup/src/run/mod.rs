@@ -42,6 +42,7 @@ use stateward_api::backup::{
 };
 use stateward_api::repository::BackupRepository;
 use stateward_api::statefulapp::{BackupMethod, Hook, OnError, StatefulApp};
+use stateward_runtime::agent_start::AgentStart;
 use stateward_runtime::lock::{Acquired, Holder, Intent, LockError, OperationLock};
 use stateward_runtime::{Context, apply, conditions, hooks, time};
 
@@ -69,6 +70,9 @@ pub struct RunConfig {
     /// repository cannot be opened (its Secret or object gone, S3 unreachable) before it
     /// leaves the data in place with a Warning event, so namespace deletion never hangs.
     pub orphan_wait: Duration,
+    /// How long an agent Job may wait for its pod to start before the run fails with the
+    /// cause (see `stateward_runtime::agent_start`).
+    pub agent_start_timeout: Duration,
 }
 
 impl Default for RunConfig {
@@ -79,6 +83,7 @@ impl Default for RunConfig {
             max_jobs_per_node: 2,
             orphan_grace: Duration::from_secs(15 * 60),
             orphan_wait: Duration::from_secs(120),
+            agent_start_timeout: stateward_runtime::agent_start::DEFAULT_BOUND,
         }
     }
 }
@@ -349,15 +354,81 @@ async fn start(backup: &Backup, ctx: &RunContext) -> Result<Action, RunError> {
         Ok(r) => r,
         Err(e) => return fail_before_start(backup, ctx, e.reason, e.message).await,
     };
-    let verdict = crate::repository::check(&ctx.base.client, &resolved.repository).await;
-    if verdict != crate::repository::Verdict::Ready {
-        let message = format!(
-            "BackupRepository {}: {}",
-            resolved.repository.name_any(),
-            verdict.message(&resolved.repository.spec.s3.bucket)
-        );
-        return fail_before_start(backup, ctx, verdict.reason(), message).await;
+    // The repository: a Ready verdict the repository loop reached moments ago is trusted
+    // (runs started together would each probe again), otherwise the run checks before
+    // anything is written. A transient failure keeps the run Pending with back-off up to
+    // a bound; a permanent one fails it.
+    let repository = &resolved.repository;
+    let verdict = if crate::repository::recently_ready(repository, now) {
+        crate::repository::Verdict::Ready
+    } else {
+        crate::repository::check(&ctx.base.client, repository).await
+    };
+    let mut run_status = backup.status.clone().unwrap_or_default();
+    let since = crate::repository::waiting_since(&run_status.conditions);
+    let message = format!(
+        "BackupRepository {}: {}",
+        repository.name_any(),
+        verdict.message(&repository.spec.s3.bucket)
+    );
+    match crate::repository::gate(&verdict, since, now) {
+        crate::repository::RunGate::Proceed => {}
+        crate::repository::RunGate::Fail => {
+            let message = match since {
+                Some(since) => format!(
+                    "{message} (after waiting {} for it)",
+                    human_duration((now - since).num_seconds())
+                ),
+                None => message,
+            };
+            return fail_before_start(backup, ctx, verdict.reason(), message).await;
+        }
+        crate::repository::RunGate::Wait { retry_in, until } => {
+            let waiting = crate::repository::waiting_message(repository, &verdict, until);
+            run_status.phase = Some(BackupPhase::Pending);
+            conditions::set(
+                &mut run_status.conditions,
+                conditions::condition(
+                    crate::repository::RUN_CONDITION,
+                    false,
+                    crate::repository::WAITING_REASON,
+                    waiting.clone(),
+                    backup.meta().generation,
+                ),
+                now,
+            );
+            write_status(backup, ctx, &run_status).await?;
+            if since.is_none() {
+                let reason = crate::repository::WAITING_REASON;
+                publish(ctx, backup, EventType::Warning, reason, waiting).await;
+            }
+            return Ok(Action::requeue(retry_in));
+        }
     }
+    // A run that waited shows that the wait is over: what follows writes the status from
+    // `backup`.
+    let proceeding;
+    let backup = match conditions::get(&run_status.conditions, crate::repository::RUN_CONDITION) {
+        Some(_) => {
+            conditions::set(
+                &mut run_status.conditions,
+                conditions::condition(
+                    crate::repository::RUN_CONDITION,
+                    true,
+                    verdict.reason(),
+                    message,
+                    backup.meta().generation,
+                ),
+                now,
+            );
+            proceeding = Backup {
+                status: Some(run_status),
+                ..backup.clone()
+            };
+            &proceeding
+        }
+        None => backup,
+    };
     let selected =
         match plan::selected_pods(&resolved.sts, &resolved.pods, resolved.settings.replicas) {
             Ok(p) => p,
@@ -813,6 +884,20 @@ async fn job_failure(pods: &Api<Pod>, job: &Job) -> String {
         .unwrap_or_else(|| "the agent Job failed".into())
 }
 
+/// Whether an unfinished agent Job's pod started, waits (for what) or never will.
+async fn agent_start(ctx: &RunContext, job: &Job) -> Result<AgentStart, RunError> {
+    let status = job.status.clone().unwrap_or_default();
+    if status.ready.unwrap_or(0) > 0 || status.failed.unwrap_or(0) > 0 {
+        return Ok(AgentStart::Started);
+    }
+    let signals = stateward_runtime::agent_start::observe(&ctx.base.client, job).await?;
+    Ok(stateward_runtime::agent_start::decide(
+        &signals,
+        ctx.base.clock.now(),
+        ctx.config.agent_start_timeout,
+    ))
+}
+
 /// Observes and creates agent Jobs. Returns true when every target completed.
 async fn agents(
     backup: &Backup,
@@ -833,6 +918,9 @@ async fn agents(
         .collect();
     let mut store: Option<Store> = None;
     let mut to_create = Vec::new();
+    // The reason when an agent pod never started (refused, unschedulable): it names the
+    // run's failure better than "VolumeFailed".
+    let mut never_started: Option<&'static str> = None;
     for volume in status.volumes.iter_mut() {
         if matches!(volume.phase, BackupPhase::Completed | BackupPhase::Failed) {
             continue;
@@ -877,9 +965,29 @@ async fn agents(
                 volume.phase = BackupPhase::Failed;
                 volume.message = Some(job_failure(&pods_api, job).await);
             }
-            Some(_) => {
+            Some(job) => {
                 volume.phase = BackupPhase::Running;
                 volume.message = None;
+                match agent_start(ctx, job).await? {
+                    AgentStart::Started => {}
+                    AgentStart::Waiting {
+                        reason, message, ..
+                    } => volume.message = Some(format!("{reason}: {message}")),
+                    AgentStart::Failed { reason, message } => {
+                        // Deleted, so its pod cannot start after the run has ended.
+                        match jobs_api
+                            .delete(&job_name, &DeleteParams::background())
+                            .await
+                        {
+                            Ok(_) => {}
+                            Err(kube::Error::Api(e)) if e.code == 404 => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                        volume.phase = BackupPhase::Failed;
+                        volume.message = Some(message);
+                        never_started.get_or_insert(reason);
+                    }
+                }
             }
             None if volume.phase == BackupPhase::Running => {
                 volume.phase = BackupPhase::Failed;
@@ -899,21 +1007,9 @@ async fn agents(
         .collect();
     if !failed.is_empty() {
         let message = failed.join("; ");
-        publish(
-            ctx,
-            backup,
-            EventType::Warning,
-            "VolumeFailed",
-            message.clone(),
-        )
-        .await;
-        set_failure(
-            backup,
-            status,
-            "VolumeFailed",
-            message,
-            ctx.base.clock.now(),
-        );
+        let reason = never_started.unwrap_or("VolumeFailed");
+        publish(ctx, backup, EventType::Warning, reason, message.clone()).await;
+        set_failure(backup, status, reason, message, ctx.base.clock.now());
     }
     Ok(status
         .volumes

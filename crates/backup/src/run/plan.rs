@@ -542,6 +542,47 @@ status: {{conditions: [{{type: Ready, status: "{}"}}]}}
     }
 
     #[test]
+    fn agent_objects_fit_kubernetes_limits_for_names_of_every_length() {
+        let repo: BackupRepository = yaml(
+            "metadata: {name: r}\nspec: {s3: {bucket: backups, credentials: {accessKeyId: {name: s3, key: id}, secretAccessKey: {name: s3, key: secret}}}}",
+        );
+        let settings = Settings {
+            repository: "r".into(),
+            method: BackupMethod::Volume,
+            replicas: ReplicaSelection::All,
+            exec: None,
+            hooks: Hooks::default(),
+            deadline_seconds: None,
+        };
+        let app_pod = pod("db-0", "n1", true, "data-db-0");
+        for name in stateward_runtime::names::sample_names() {
+            // The Backup, its app and the claim each take the sample name.
+            let backup: Backup = yaml(&format!(
+                "metadata: {{name: '{name}', namespace: shop, uid: b1}}\nspec: {{app: '{name}'}}"
+            ));
+            let target = Target {
+                name: format!("data-{name}"),
+                pod: "db-0".into(),
+                node: name.clone(),
+                claim: Some(format!("data-{name}")),
+            };
+            let inputs = JobInputs {
+                backup: &backup,
+                repository: &repo,
+                settings: &settings,
+                prefix: "shop/db/x",
+                agent_image: "img",
+            };
+            let job = agent_job(&inputs, &target, &app_pod);
+            let role = serde_json::to_value(agent_role(&name, &["db-0".into()])).unwrap();
+            for object in [job, role] {
+                stateward_runtime::names::check_object(&object)
+                    .unwrap_or_else(|e| panic!("names of {} characters: {e}", name.len()));
+            }
+        }
+    }
+
+    #[test]
     fn the_volume_job_is_pinned_read_only_and_runs_as_the_app() {
         let backup: Backup =
             yaml("metadata: {name: nightly, namespace: shop, uid: b1}\nspec: {app: db}");

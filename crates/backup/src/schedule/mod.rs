@@ -514,7 +514,7 @@ async fn create_backup(
     let meta = backup.meta_mut();
     meta.namespace = Some(ns.clone());
     meta.labels = Some(BTreeMap::from([
-        (APP_LABEL.to_string(), app.name_any()),
+        (APP_LABEL.to_string(), names::label_value(&app.name_any())),
         (SCHEDULE_LABEL.to_string(), schedule.name.clone()),
         (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
     ]));
@@ -948,5 +948,14 @@ mod tests {
         assert_eq!(long.len(), 63);
         assert!(long.ends_with("-202611252045"));
         assert_ne!(long, backup_name(&"a".repeat(61), "nightly", slot));
+        for app in names::sample_names() {
+            let name = backup_name(&app, "nightly", slot);
+            assert!(
+                names::is_dns_subdomain(&name) && name.len() <= names::MAX_LABEL,
+                "app name of {} characters: {name:?}",
+                app.len()
+            );
+            assert!(names::is_label_value(&names::label_value(&app)));
+        }
     }
 }
