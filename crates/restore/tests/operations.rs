@@ -44,3 +44,186 @@ async fn a_restore_and_a_backup_with_long_names_of_an_app_named_with_63_characte
     );
     world.finish().await
 }
+
+/// How long the tests let an agent pod fail to start (the manager's default is minutes).
+const START_BOUND: std::time::Duration = std::time::Duration::from_secs(20);
+
+fn bounded_world_configs() -> (stateward_backup::Config, stateward_restore::Config) {
+    let mut backup = stateward_backup::Config::default();
+    backup.runs.agent_start_timeout = START_BOUND;
+    let restore = stateward_restore::Config {
+        agent_start_timeout: START_BOUND,
+        ..Default::default()
+    };
+    (backup, restore)
+}
+
+/// The writer app as a namespace enforcing Pod Security `restricted` and a quota on CPU
+/// admit it: non-root with an fsGroup, no privilege escalation, no capabilities, the
+/// runtime's seccomp profile, CPU requests and limits.
+fn restricted_writer(name: &str) -> String {
+    writer(name, 1, "32Mi")
+        .replace(
+            "      terminationGracePeriodSeconds: 1\n",
+            "      terminationGracePeriodSeconds: 1\n      securityContext: { runAsNonRoot: true, runAsUser: 1000, runAsGroup: 1000, fsGroup: 1000, seccompProfile: { type: RuntimeDefault } }\n",
+        )
+        .replace(
+            "        readinessProbe:",
+            "        securityContext: { allowPrivilegeEscalation: false, capabilities: { drop: [ALL] } }\n        resources: { requests: { cpu: 10m }, limits: { cpu: 100m } }\n        readinessProbe:",
+        )
+}
+
+/// A Backup and an in-place Restore whose agent pods the namespace refuses (`refuse`
+/// applies the refusal after a first backup): each ends Failed with `AgentPodRefused`
+/// and the API server's words within the bound, and the app runs again.
+async fn refused_agents_fail_the_operation_and_the_app_comes_back(
+    test: &str,
+    refuse: impl AsyncFnOnce(&World) -> Result<()>,
+    expected: &str,
+) -> Result<()> {
+    let (backup_config, restore_config) = bounded_world_configs();
+    let world = World::with_configs(test, backup_config, restore_config).await?;
+    world.apply(&restricted_writer("pr")).await?;
+    world.apply(&app("pr", "pr", "")).await?;
+    world.wait_ready("pr", 1).await?;
+    world.backup("pr-b1", "pr").await?;
+    refuse(&world).await?;
+
+    let started = std::time::Instant::now();
+    world
+        .apply("apiVersion: stateward.io/v1alpha1\nkind: Backup\nmetadata: { name: pr-b2 }\nspec: { app: pr }")
+        .await?;
+    let backups: kube::Api<stateward_api::Backup> = world.api();
+    let failed = stateward_testkit::harness::wait_for("Backup pr-b2 ends", 2 * MINUTE, || async {
+        let b = backups.get("pr-b2").await?;
+        Ok(b.status.clone().filter(|s| {
+            matches!(
+                s.phase,
+                Some(stateward_api::BackupPhase::Completed | stateward_api::BackupPhase::Failed)
+            )
+        }))
+    })
+    .await?;
+    let (reason, message) = failed
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Failed")
+        .map(|c| (c.reason.clone(), c.message.clone()))
+        .unwrap_or_default();
+    ensure!(
+        failed.phase == Some(stateward_api::BackupPhase::Failed)
+            && reason == "AgentPodRefused"
+            && message.contains(expected),
+        "{:?}",
+        failed.conditions
+    );
+    println!("Backup failed after {:?}: {message}", started.elapsed());
+    world.wait_ready("pr", 1).await?;
+
+    let started = std::time::Instant::now();
+    let restore = world
+        .restore(
+            "pr-r1",
+            "  source: { backup: pr-b1 }\n  target: { app: pr }",
+        )
+        .await?;
+    let (_, reason, message) = ready(&restore);
+    ensure!(
+        phase(&restore) == Some(RestorePhase::Failed)
+            && reason == "AgentPodRefused"
+            && message.contains(expected),
+        "{reason}: {message}"
+    );
+    println!("Restore failed after {:?}: {message}", started.elapsed());
+    // The app stopped for the restore comes back (its own pods pass the namespace).
+    world.wait_ready("pr", 1).await?;
+    world.finish().await
+}
+
+#[tokio::test]
+async fn agents_refused_by_pod_security_fail_backup_and_restore_and_the_app_runs_again()
+-> Result<()> {
+    refused_agents_fail_the_operation_and_the_app_comes_back(
+        "rst-psa",
+        async |world: &World| {
+            let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> =
+                kube::Api::all(world.cluster.client.clone());
+            let patch = serde_json::json!({"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}});
+            namespaces
+                .patch(
+                    &world.ns.name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await?;
+            Ok(())
+        },
+        "PodSecurity",
+    )
+    .await
+}
+
+#[tokio::test]
+async fn agents_refused_by_a_quota_fail_backup_and_restore_and_the_app_runs_again() -> Result<()> {
+    refused_agents_fail_the_operation_and_the_app_comes_back(
+        "rst-quota",
+        async |world: &World| {
+            world
+                .apply("apiVersion: v1\nkind: ResourceQuota\nmetadata: { name: cpu }\nspec: { hard: { requests.cpu: '1', limits.cpu: '1' } }")
+                .await
+        },
+        "quota",
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_clone_from_a_repository_path_completes_in_a_namespace_stateward_never_saw() -> Result<()>
+{
+    let source = World::new("rst-dr-src").await?;
+    source.apply(&writer("dr", 1, "32Mi")).await?;
+    source.apply(&app("dr", "dr", "")).await?;
+    source.wait_ready("dr", 1).await?;
+    let before = source.fingerprint("dr-0", "/data").await?;
+    let backup = source.backup("dr-b1", "dr").await?;
+    let path = format!(
+        "{}/dr/dr-b1-{}",
+        source.ns.name,
+        kube::ResourceExt::uid(&backup).unwrap_or_default()
+    );
+
+    // A fresh namespace: a credentials Secret, a repository on the source's bucket that
+    // may read the source namespace's backups, a StatefulApp to clone into — and no agent
+    // ServiceAccount, no Role, nothing Stateward made before.
+    let fresh = World::new("rst-dr-new").await?;
+    fresh
+        .apply(&format!(
+            "apiVersion: stateward.io/v1alpha1\nkind: BackupRepository\nmetadata: {{ name: dr }}\nspec:\n  allowRestoreFromNamespaces: [{}]\n  s3:\n    bucket: {}\n    prefix: backups\n    endpoint: \"{}\"\n    forcePathStyle: true\n    credentials:\n      accessKeyId: {{ name: s3, key: accessKeyId }}\n      secretAccessKey: {{ name: s3, key: secretAccessKey }}\n",
+            source.ns.name, source.bucket, source.cluster.env.s3_endpoint_from_pods
+        ))
+        .await?;
+    fresh.apply(&app("dr", "dr", "")).await?;
+    let accounts: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> = fresh.api();
+    ensure!(
+        accounts.get_opt("stateward-agent").await?.is_none(),
+        "the namespace starts without the agent ServiceAccount"
+    );
+    let restore = fresh
+        .restore(
+            "dr-clone",
+            &format!("  source: {{ repositoryPath: {{ repository: dr, path: {path} }} }}\n  target: {{ app: dr, cloneStatefulSetName: dr, createStatefulSet: true }}"),
+        )
+        .await?;
+    ensure!(
+        phase(&restore) == Some(RestorePhase::Completed),
+        "{:?}",
+        ready(&restore)
+    );
+    fresh.wait_ready("dr", 1).await?;
+    ensure!(
+        fresh.fingerprint("dr-0", "/data").await? == before,
+        "the clone in the fresh namespace has the source's data"
+    );
+    fresh.finish().await?;
+    source.finish().await
+}

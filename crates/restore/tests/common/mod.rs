@@ -38,6 +38,14 @@ impl World {
         test: &str,
         config: stateward_restore::Config,
     ) -> Result<Self> {
+        Self::with_configs(test, stateward_backup::Config::default(), config).await
+    }
+
+    pub async fn with_configs(
+        test: &str,
+        backup_config: stateward_backup::Config,
+        config: stateward_restore::Config,
+    ) -> Result<Self> {
         let cluster = Cluster::connect().await?;
         {
             let _serial = cluster.serial().await?;
@@ -52,7 +60,7 @@ impl World {
             tokio::spawn(stateward_backup::run(
                 base(stateward_backup::CONTROLLER),
                 scope.clone(),
-                stateward_backup::Config::default(),
+                backup_config,
             )),
             tokio::spawn(stateward_scaling::run(
                 base(stateward_scaling::CONTROLLER),
