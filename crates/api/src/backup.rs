@@ -195,17 +195,41 @@ pub enum HookStage {
     Post,
 }
 
-/// The result of one hook in one pod.
+/// The result of one hook, aggregated over the pods it runs in (in the run's pod order),
+/// so status stays one entry per hook at any replica count. `started` is recorded before
+/// each exec and `finished` after it: after a crash, a hook started but not finished is
+/// counted as failed (per its `onError`), never run again.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct HookResult {
     /// `Pre` or `Post`.
     pub stage: HookStage,
-    /// The hook's name (and the pod it ran in: `<hook>@<pod>`).
+    /// The hook's name.
     pub name: String,
-    /// Whether the command exited 0 within its timeout.
+    /// Whether the hook succeeded in every pod it finished in so far.
     pub succeeded: bool,
-    /// What went wrong (exit code, timeout, last lines of stderr).
+    /// How many pods it runs in.
+    #[serde(default)]
+    pub pods: i32,
+    /// In how many pods it was started (each at most once).
+    #[serde(default)]
+    pub started: i32,
+    /// In how many pods it ended (succeeded, failed or interrupted).
+    #[serde(default)]
+    pub finished: i32,
+    /// The pods where it failed (the first few; `failedCount` counts them all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub failed_pods: Vec<String>,
+    /// In how many pods it failed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failed_count: i32,
+    /// What went wrong first (exit code, timeout, last lines of stderr), or how a held
+    /// session ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }

@@ -185,13 +185,16 @@ pub struct RestoreFile {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Hooks {
-    /// Run before the data is copied, in order.
+    /// Run before the data is copied, in order. Names are unique (a list-map keyed by
+    /// name): status records one result per hook.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub pre: Vec<Hook>,
-    /// Run after the copy, in order, also when the copy failed.
+    /// Run after the copy, in order, also when the copy failed. Names are unique.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub post: Vec<Hook>,
 }
 

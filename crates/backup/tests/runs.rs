@@ -174,7 +174,7 @@ async fn failing_pre_hook_fails_the_run_and_the_post_hook_still_runs() -> Result
         status
             .hooks
             .iter()
-            .any(|h| h.name == "thaw@hooked-0" && h.succeeded),
+            .any(|h| h.name == "thaw" && h.succeeded && h.finished == 1),
         "post-hook not recorded: {:?}",
         status.hooks
     );
@@ -743,7 +743,7 @@ async fn a_held_pre_hook_keeps_its_session_during_the_copy_and_ends_before_the_p
     let lock = status
         .hooks
         .iter()
-        .find(|h| h.name == "lock@held-0")
+        .find(|h| h.name == "lock")
         .context("no lock hook")?;
     ensure!(
         lock.succeeded
@@ -757,7 +757,7 @@ async fn a_held_pre_hook_keeps_its_session_during_the_copy_and_ends_before_the_p
         status
             .hooks
             .iter()
-            .any(|h| h.name == "check@held-0" && h.succeeded),
+            .any(|h| h.name == "check" && h.succeeded),
         "post-hook: {:?}",
         status.hooks
     );
@@ -871,13 +871,11 @@ async fn two_apps_sharing_a_repository_back_up_at_the_same_moment_three_rounds_i
     // its verdict), then the clock moves past `TRUST_READY_FOR` so that in rounds 2 and 3
     // both runs probe the repository at the same moment.
     let clock = stateward_runtime::time::ManualClock::new(chrono::Utc::now());
-    let world = World::start(
-        "run-shared-repo",
-        Default::default(),
-        Loops::All,
-        Some(clock.clone()),
-    )
-    .await?;
+    // The moved clock runs ahead of the API server's: the agent-start bound (measured from
+    // the Job's creation) must not fire because of that.
+    let mut config = stateward_backup::Config::default();
+    config.runs.agent_start_timeout = std::time::Duration::from_secs(3600);
+    let world = World::start("run-shared-repo", config, Loops::All, Some(clock.clone())).await?;
     let apps = ["left", "right"];
     for name in apps {
         world.apply(&writer_statefulset(name, 1)).await?;
@@ -935,5 +933,129 @@ async fn two_apps_sharing_a_repository_back_up_at_the_same_moment_three_rounds_i
         ))
         .await?;
     ensure!(probes.is_empty(), "probe objects were left: {probes:?}");
+    world.finish().await
+}
+
+/// `writer_statefulset` without its one-pod-per-node rule (the local cluster has two
+/// nodes).
+fn packed_writer(name: &str, replicas: i32) -> String {
+    let text = writer_statefulset(name, replicas);
+    let start = text.find("      affinity:").unwrap_or(0);
+    let end = text.find("      containers:").unwrap_or(0);
+    format!("{}{}", &text[..start], &text[end..])
+}
+
+#[tokio::test]
+async fn six_hooks_on_three_replicas_run_once_each_and_status_keeps_one_entry_per_hook()
+-> Result<()> {
+    let world = World::new("run-six-hooks").await?;
+    world.apply(&packed_writer("six", 3)).await?;
+    let hook = |name: &str| {
+        format!(
+            "      - {{ name: {name}, command: [sh, -c, \"echo {name} >> /data/hooks.log\"] }}\n"
+        )
+    };
+    let hooks = format!(
+        "    hooks:\n      pre:\n{}{}{}      post:\n{}{}{}",
+        hook("a"),
+        hook("b"),
+        hook("c"),
+        hook("d"),
+        hook("e"),
+        hook("f")
+    );
+    world.apply(&app("six", "six", &hooks)).await?;
+    let pods = world.pods();
+    for pod in ["six-0", "six-1", "six-2"] {
+        wait_pod_ready(&pods, pod, 2 * MINUTE).await?;
+    }
+    let backup = world.backup("six-1", "six", "").await?;
+    let status = backup.status.clone().unwrap_or_default();
+    ensure!(
+        status.phase == Some(BackupPhase::Completed),
+        "{}",
+        failed_reason(&backup)
+    );
+    ensure!(status.hooks.len() == 6, "{:?}", status.hooks);
+    for h in &status.hooks {
+        ensure!(
+            h.succeeded && (h.pods, h.started, h.finished) == (3, 3, 3),
+            "{h:?}"
+        );
+    }
+    for pod in ["six-0", "six-1", "six-2"] {
+        let log = exec(&pods, pod, None, &["cat", "/data/hooks.log"], None).await?;
+        ensure!(
+            String::from_utf8_lossy(&log.stdout)
+                .lines()
+                .collect::<Vec<_>>()
+                == ["a", "b", "c", "d", "e", "f"],
+            "{pod}: each hook once, in order: {:?}",
+            String::from_utf8_lossy(&log.stdout)
+        );
+    }
+    world.finish().await
+}
+
+#[tokio::test]
+async fn a_hook_interrupted_by_a_manager_restart_is_not_run_again_and_follows_on_error()
+-> Result<()> {
+    let mut world = World::new("run-hook-crash").await?;
+    world.apply(&packed_writer("crash", 1)).await?;
+    world
+        .apply(&app(
+            "crash",
+            "crash",
+            "    hooks:\n      pre:\n      - { name: slow, command: [sh, -c, \"echo started >> /data/slow.log; sleep 20\"] }\n      \
+             post:\n      - { name: thaw, command: [sh, -c, \"echo thawed >> /data/thaw.log\"] }\n",
+        ))
+        .await?;
+    let pods = world.pods();
+    wait_pod_ready(&pods, "crash-0", 2 * MINUTE).await?;
+    world
+        .apply("apiVersion: stateward.io/v1alpha1\nkind: Backup\nmetadata: { name: crash-1 }\nspec: { app: crash }")
+        .await?;
+    let backups = world.backups();
+    // The start is recorded, the exec is under way: the manager goes.
+    stateward_testkit::harness::wait_for("the hook's start recorded", 2 * MINUTE, || async {
+        let b = backups.get("crash-1").await?;
+        let started = b
+            .status
+            .as_ref()
+            .and_then(|s| s.hooks.iter().find(|h| h.name == "slow"))
+            .is_some_and(|h| h.started == 1 && h.finished == 0);
+        let log = exec(&pods, "crash-0", None, &["cat", "/data/slow.log"], None).await?;
+        Ok((started && log.exit_code == 0).then_some(()))
+    })
+    .await?;
+    world.stop_controller().await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    world.start_controller();
+
+    let backup = world.wait_done("crash-1", 3 * MINUTE).await?;
+    let (_, reason, message) = condition(&backup, "Failed").context("no Failed condition")?;
+    ensure!(
+        reason == "HookFailed" && message.contains("not run again"),
+        "{reason}: {message}"
+    );
+    let status = backup.status.clone().unwrap_or_default();
+    let slow = status
+        .hooks
+        .iter()
+        .find(|h| h.name == "slow")
+        .context("slow")?;
+    ensure!(
+        !slow.succeeded && (slow.started, slow.finished, slow.failed_count) == (1, 1, 1),
+        "{slow:?}"
+    );
+    ensure!(slow.failed_pods == ["crash-0"], "{slow:?}");
+    // Give a wrongly repeated exec time to show, then count.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let log = exec(&pods, "crash-0", None, &["cat", "/data/slow.log"], None).await?;
+    let log = String::from_utf8_lossy(&log.stdout).to_string();
+    ensure!(log.lines().count() == 1, "ran again: {log:?}");
+    let thaw = exec(&pods, "crash-0", None, &["cat", "/data/thaw.log"], None).await?;
+    let thaw = String::from_utf8_lossy(&thaw.stdout).to_string();
+    ensure!(thaw.lines().count() == 1, "post-hook once: {thaw:?}");
     world.finish().await
 }

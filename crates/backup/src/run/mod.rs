@@ -14,6 +14,7 @@
 //!    objects, then `Failed`. The lock is released last.
 
 pub mod delete;
+mod hook_progress;
 mod import;
 pub mod plan;
 pub mod store;
@@ -23,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use hook_progress::HookStep;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ServiceAccount};
@@ -37,9 +39,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use stateward_agent::manifest::{self, Entry, FORMAT_VERSION, Manifest};
-use stateward_api::backup::{
-    Backup, BackupPhase, BackupStatus, HookResult, HookStage, VolumeResult,
-};
+use stateward_api::backup::{Backup, BackupPhase, BackupStatus, HookStage, VolumeResult};
 use stateward_api::repository::BackupRepository;
 use stateward_api::statefulapp::{BackupMethod, Hook, OnError, StatefulApp};
 use stateward_runtime::agent_start::AgentStart;
@@ -730,8 +730,9 @@ fn until_deadline(
 /// The message of a pre-hook result whose session is held open.
 const HOLDING: &str = "holding its session until the copy is done";
 
-/// Runs `hook` in each pod not yet recorded for this stage. Returns true when the run
-/// must stop (a failure with onError Fail).
+/// Runs `hook` in each pod of the run it has not started in yet, recording the start
+/// before each exec and the end after it (see [`hook_progress`]). Returns true when the
+/// run must stop (a failure with onError Fail).
 async fn run_hook(
     backup: &Backup,
     ctx: &RunContext,
@@ -741,44 +742,33 @@ async fn run_hook(
     stage: HookStage,
     status: &mut BackupStatus,
 ) -> Result<bool, RunError> {
-    for pod in pods {
-        let name = format!("{}@{pod}", hook.name);
-        if let Some(done) = status
+    loop {
+        let recorded = status
             .hooks
             .iter()
-            .find(|h| h.stage == stage && h.name == name)
-        {
-            if !done.succeeded && hook.on_error == OnError::Fail {
-                return Ok(true);
+            .find(|h| h.stage == stage && h.name == hook.name);
+        let (pod, outcome) = match hook_progress::next(recorded, pods, hook.on_error) {
+            HookStep::Done { stop } => return Ok(stop),
+            HookStep::Interrupted(pod) => (pod, Err(hook_progress::INTERRUPTED.to_string())),
+            HookStep::Run(pod) => {
+                // Recorded before the exec: a crash from here on never runs it twice.
+                hook_progress::record_start(hook_progress::entry(
+                    &mut status.hooks,
+                    stage,
+                    &hook.name,
+                    pods.len(),
+                ));
+                write_status(backup, ctx, status).await?;
+                let outcome = exec_hook(backup, ctx, pods_api, &pod, hook, stage).await;
+                (pod, outcome)
             }
-            continue;
-        }
-        let (succeeded, message) = if stage == HookStage::Pre && hook.hold_until_post_hook {
-            match hooks::hold(pods_api, pod, hook).await {
-                Ok(Some(held)) => {
-                    if let Ok(mut map) = ctx.held.lock() {
-                        map.entry(backup.uid().unwrap_or_default())
-                            .or_default()
-                            .push(held);
-                    }
-                    (true, Some(HOLDING.to_string()))
-                }
-                Ok(None) => (true, None),
-                Err(e) => (false, Some(e)),
-            }
-        } else {
-            let outcome = hooks::run(pods_api, pod, hook).await;
-            (outcome.is_ok(), outcome.err())
         };
-        tracing::info!(hook = %name, ?stage, succeeded, "hook ran");
-        status.hooks.push(HookResult {
-            stage,
-            name: name.clone(),
-            succeeded,
-            message: message.clone(),
-        });
-        let mut stop = false;
-        if let Some(message) = message.filter(|_| !succeeded) {
+        tracing::info!(hook = %hook.name, %pod, ?stage, succeeded = outcome.is_ok(), "hook ended");
+        let failure = outcome.as_ref().err().cloned();
+        let result = hook_progress::entry(&mut status.hooks, stage, &hook.name, pods.len());
+        hook_progress::record_end(result, &pod, outcome);
+        if let Some(message) = failure {
+            let message = format!("hook {} in {pod}: {message}", hook.name);
             publish(
                 ctx,
                 backup,
@@ -789,15 +779,36 @@ async fn run_hook(
             .await;
             if hook.on_error == OnError::Fail {
                 set_failure(backup, status, "HookFailed", message, ctx.base.clock.now());
-                stop = true;
             }
         }
         write_status(backup, ctx, status).await?;
-        if stop {
-            return Ok(true);
-        }
     }
-    Ok(false)
+}
+
+/// One exec of a hook in one pod: `Ok(note)` or the failure's message. A held pre-hook
+/// keeps its session open in the context until the copy is done.
+async fn exec_hook(
+    backup: &Backup,
+    ctx: &RunContext,
+    pods_api: &Api<Pod>,
+    pod: &str,
+    hook: &Hook,
+    stage: HookStage,
+) -> Result<Option<String>, String> {
+    if stage == HookStage::Pre && hook.hold_until_post_hook {
+        return match hooks::hold(pods_api, pod, hook).await? {
+            Some(held) => {
+                if let Ok(mut map) = ctx.held.lock() {
+                    map.entry(backup.uid().unwrap_or_default())
+                        .or_default()
+                        .push(held);
+                }
+                Ok(Some(HOLDING.to_string()))
+            }
+            None => Ok(None),
+        };
+    }
+    hooks::run(pods_api, pod, hook).await.map(|()| None)
 }
 
 /// Ends this run's held pre-hook sessions, recording how each ended.
@@ -811,18 +822,23 @@ async fn release_held(backup: &Backup, ctx: &RunContext, status: &mut BackupStat
         .unwrap_or_default();
     let now = ctx.base.clock.now();
     for session in held {
+        // Sessions are named `<hook>@<pod>`.
         let name = session.name.clone();
+        let (hook, pod) = name.split_once('@').unwrap_or((name.as_str(), ""));
         let outcome = session.release().await;
         if let Some(result) = status
             .hooks
             .iter_mut()
-            .find(|h| h.stage == HookStage::Pre && h.name == name)
+            .find(|h| h.stage == HookStage::Pre && h.name == hook)
         {
-            result.message = Some(match &outcome {
-                Ok(()) => "held its session while the data was copied; released cleanly".into(),
-                Err(e) => e.clone(),
-            });
-            result.succeeded = outcome.is_ok();
+            match &outcome {
+                Ok(()) if result.succeeded => {
+                    result.message =
+                        Some("held its session while the data was copied; released cleanly".into());
+                }
+                Ok(()) => {}
+                Err(e) => hook_progress::record_failure(result, pod, e.clone()),
+            }
         }
         if let Err(e) = outcome {
             publish(ctx, backup, EventType::Warning, "HookFailed", e.clone()).await;
