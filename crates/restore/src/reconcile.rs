@@ -19,7 +19,7 @@ use stateward_api::restore::{RestoreMode, RestoreVolumeStatus};
 use stateward_api::{Restore, RestorePhase, RestoreStatus, StatefulApp};
 use stateward_runtime::agent_start::{self, AgentStart};
 use stateward_runtime::lock::{Acquired, Holder, Intent, OperationLock};
-use stateward_runtime::{apply, conditions, time};
+use stateward_runtime::{apply, conditions, ownership, time};
 
 use crate::plan::{self, JobStep, Plan, Refusal};
 use crate::source::{self, Source, SourceError};
@@ -439,6 +439,16 @@ impl Pass<'_> {
                 })
                 .await;
         };
+        if self.status.mode.is_none()
+            && let Some(message) = ownership::check(&self.ctx.base.client, &app).await?
+        {
+            return self
+                .fail(Refusal {
+                    reason: ownership::ALREADY_MANAGED,
+                    message,
+                })
+                .await;
+        }
         let claims = self
             .api::<PersistentVolumeClaim>()
             .list(&ListParams::default())

@@ -227,3 +227,113 @@ async fn a_clone_from_a_repository_path_completes_in_a_namespace_stateward_never
     fresh.finish().await?;
     source.finish().await
 }
+
+#[tokio::test]
+async fn a_second_statefulapp_on_one_statefulset_is_already_managed_and_a_copied_parent_token_waits()
+-> Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::ResourceExt;
+    use stateward_runtime::lock::{Acquired, Holder, Intent, OperationLock};
+
+    let world = World::new("rst-owner").await?;
+    world.apply(&writer("own", 1, "32Mi")).await?;
+    world.apply(&app("own", "own", "")).await?;
+    world.wait_ready("own", 1).await?;
+    // A second StatefulApp naming the same StatefulSet, created later.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    world.apply(&app("own-again", "own", "")).await?;
+    let apps: kube::Api<stateward_api::StatefulApp> = world.api();
+    let blocked = stateward_testkit::harness::wait_for("AlreadyManaged", MINUTE, || async {
+        let a = apps.get("own-again").await?;
+        Ok(a.status
+            .unwrap_or_default()
+            .conditions
+            .into_iter()
+            .find(|c| c.reason == "AlreadyManaged" && c.status == "True"))
+    })
+    .await?;
+    ensure!(
+        blocked.message.contains("StatefulApp own "),
+        "names the owner: {}",
+        blocked.message
+    );
+    world
+        .apply("apiVersion: stateward.io/v1alpha1\nkind: Backup\nmetadata: { name: through-second }\nspec: { app: own-again }")
+        .await?;
+    let backups: kube::Api<stateward_api::Backup> = world.api();
+    let refused = stateward_testkit::harness::wait_for("the Backup ends", MINUTE, || async {
+        let b = backups.get("through-second").await?;
+        Ok(b.status
+            .filter(|s| s.phase == Some(stateward_api::BackupPhase::Failed)))
+    })
+    .await?;
+    ensure!(
+        refused
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Failed" && c.reason == "AlreadyManaged"),
+        "{:?}",
+        refused.conditions
+    );
+    let jobs: kube::Api<k8s_openapi::api::batch::v1::Job> = world.api();
+    ensure!(
+        jobs.list(&Default::default()).await?.items.is_empty(),
+        "no agent ran for the second app"
+    );
+    // The first app still works.
+    world.backup("own-b1", "own").await?;
+
+    // Another operation holds the lock; a Backup that copies its token into the parent
+    // annotation waits like any other, then runs once the lock is free.
+    let maps: kube::Api<ConfigMap> = world.api();
+    let holder_map = maps
+        .create(
+            &Default::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": "parent-op"}}))?,
+        )
+        .await?;
+    let lock = OperationLock::new(world.cluster.client.clone(), &world.ns.name, "own");
+    let holder = Holder {
+        api_version: "v1".into(),
+        kind: "ConfigMap".into(),
+        resource: "configmaps".into(),
+        name: "parent-op".into(),
+        uid: holder_map.uid().unwrap_or_default(),
+    };
+    let Acquired::Held(record) = lock.acquire(holder, Intent::Reshape, None).await? else {
+        anyhow::bail!("could not take the lock for the test");
+    };
+    world
+        .apply(&format!(
+            "apiVersion: stateward.io/v1alpha1\nkind: Backup\nmetadata:\n  name: copied-token\n  annotations: {{ stateward.io/parent-operation-token: \"{}\" }}\nspec: {{ app: own }}",
+            record.token
+        ))
+        .await?;
+    let waiting =
+        stateward_testkit::harness::wait_for("the Backup waits for the lock", MINUTE, || async {
+            let b = backups.get("copied-token").await?;
+            Ok(b.status.filter(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "LockAcquired" && c.reason == "WaitingForLock")
+            }))
+        })
+        .await?;
+    ensure!(
+        waiting.phase == Some(stateward_api::BackupPhase::Pending),
+        "{waiting:?}"
+    );
+    lock.release(&record.token).await?;
+    let done = stateward_testkit::harness::wait_for(
+        "the Backup runs after the release",
+        2 * MINUTE,
+        || async {
+            let b = backups.get("copied-token").await?;
+            Ok(b.status
+                .filter(|s| s.phase == Some(stateward_api::BackupPhase::Completed)))
+        },
+    )
+    .await?;
+    ensure!(done.phase == Some(stateward_api::BackupPhase::Completed));
+    world.finish().await
+}

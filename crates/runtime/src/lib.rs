@@ -11,6 +11,7 @@ pub mod hooks;
 pub mod lock;
 pub mod metrics;
 pub mod names;
+pub mod ownership;
 pub mod quantity;
 pub mod schedule;
 pub mod telemetry;

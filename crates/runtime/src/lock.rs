@@ -73,6 +73,11 @@ pub struct LockRecord {
     /// what the user must do. While set, the app stays stopped whoever holds the lock.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incomplete_swap: Option<String>,
+    /// The uid of the one operation the holder created to run under this lock (the Backup
+    /// a scale-down asks for first): only it may present the token. A copied annotation on
+    /// any other object does not open the lock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nested: Option<String>,
 }
 
 /// The outcome of an acquisition.
@@ -127,7 +132,12 @@ fn decide(
                 Decision::Busy
             }
         }
-        Some(record) if parent_token == Some(record.token.as_str()) => Decision::Nested,
+        Some(record)
+            if parent_token == Some(record.token.as_str())
+                && record.nested.as_deref() == Some(holder.uid.as_str()) =>
+        {
+            Decision::Nested
+        }
         Some(_) if !holder_alive => Decision::Take,
         Some(_) => Decision::Busy,
     }
@@ -260,6 +270,7 @@ impl OperationLock {
                 acquired_at: Utc::now(),
                 // A take-over inherits the mark: only a completed swap clears it.
                 incomplete_swap: current.as_ref().and_then(|c| c.incomplete_swap.clone()),
+                nested: None,
             };
             let mut lease = existing.unwrap_or_else(|| Lease {
                 metadata: kube::api::ObjectMeta {
@@ -310,6 +321,36 @@ impl OperationLock {
     /// Marks the lock held by `token` with an incomplete swap (see the module doc), before
     /// the first rename of a restore's swap. Idempotent.
     pub async fn mark_incomplete_swap(&self, token: &str, note: &str) -> Result<(), LockError> {
+        self.rewrite_record(token, |record| {
+            if record.incomplete_swap.is_some() {
+                return false;
+            }
+            record.incomplete_swap = Some(note.to_string());
+            true
+        })
+        .await
+    }
+
+    /// Lets the operation with `uid` (which the holder of `token` just created) run under
+    /// this lock by presenting the token. Idempotent.
+    pub async fn allow_nested(&self, token: &str, uid: &str) -> Result<(), LockError> {
+        self.rewrite_record(token, |record| {
+            if record.nested.as_deref() == Some(uid) {
+                return false;
+            }
+            record.nested = Some(uid.to_string());
+            true
+        })
+        .await
+    }
+
+    /// Changes the record of the lock held by `token` (`change` returns false when there
+    /// is nothing to write), replacing the Lease at the version read.
+    async fn rewrite_record(
+        &self,
+        token: &str,
+        change: impl Fn(&mut LockRecord) -> bool,
+    ) -> Result<(), LockError> {
         for _ in 0..5 {
             let Some(mut lease) = self.api().get_opt(&self.lease_name).await? else {
                 return Err(LockError::NotHeld);
@@ -317,10 +358,9 @@ impl OperationLock {
             let Some(mut record) = Self::record_of(&lease)?.filter(|r| r.token == token) else {
                 return Err(LockError::NotHeld);
             };
-            if record.incomplete_swap.is_some() {
+            if !change(&mut record) {
                 return Ok(());
             }
-            record.incomplete_swap = Some(note.to_string());
             lease
                 .metadata
                 .annotations
@@ -376,6 +416,7 @@ fn unreachable_record(holder: &Holder) -> LockRecord {
         token: String::new(),
         acquired_at: Utc::now(),
         incomplete_swap: None,
+        nested: None,
     }
 }
 
@@ -406,6 +447,15 @@ mod tests {
             token: token.into(),
             acquired_at: Utc::now(),
             incomplete_swap: None,
+            nested: None,
+        }
+    }
+
+    /// A record whose holder created operation `child` to run under it.
+    fn parent_of(child: &str) -> LockRecord {
+        LockRecord {
+            nested: Some(child.into()),
+            ..record("2", "t")
         }
     }
 
@@ -454,13 +504,31 @@ mod tests {
                 "ours",
             ),
             (
-                Some(record("2", "t")),
+                Some(parent_of("1")),
                 &mine,
                 &Intent::Read,
                 Some("t"),
                 true,
                 Decision::Nested,
-                "parent's token",
+                "the parent's token, presented by the child it created",
+            ),
+            (
+                Some(parent_of("3")),
+                &mine,
+                &Intent::Read,
+                Some("t"),
+                true,
+                Decision::Busy,
+                "the parent's token copied onto another operation",
+            ),
+            (
+                Some(record("2", "t")),
+                &mine,
+                &Intent::Read,
+                Some("t"),
+                true,
+                Decision::Busy,
+                "the token, but the parent named no child",
             ),
             (
                 Some(record("2", "t")),

@@ -40,7 +40,7 @@ use stateward_api::statefulapp::{
 };
 use stateward_api::{Backup, BackupPhase, BackupSpec, DeletionPolicy};
 use stateward_runtime::lock::{Acquired, Holder, Intent, LockError, OperationLock};
-use stateward_runtime::{Context, apply, conditions, hooks, names, time};
+use stateward_runtime::{Context, apply, conditions, hooks, names, ownership, time};
 
 /// The controller's name in metrics and logs.
 pub const CONTROLLER: &str = "scaling";
@@ -73,6 +73,9 @@ pub struct ScalingContext {
     pub operations: Family<OperationLabels, Counter>,
     pub volume_used: Family<storage::VolumeLabels, Gauge>,
     pub volume_capacity: Family<storage::VolumeLabels, Gauge>,
+    /// Every StatefulApp the controller watches (its own cache): who manages which
+    /// StatefulSet.
+    pub apps: kube::runtime::reflector::Store<StatefulApp>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,17 +118,19 @@ pub async fn run(base: Context, namespace: Option<String>) {
         "Size of the filesystem on the app's volume, as df sees it (auto-expansion only)",
         volume_capacity.clone(),
     );
+    let apps: Api<StatefulApp> = match &namespace {
+        Some(ns) => Api::namespaced(base.client.clone(), ns),
+        None => Api::all(base.client.clone()),
+    };
+    let controller = Controller::new(apps, watcher::Config::default().any_semantic());
     let ctx = Arc::new(ScalingContext {
         base: base.clone(),
         operations,
         volume_used,
         volume_capacity,
+        apps: controller.store(),
     });
-    let apps: Api<StatefulApp> = match &namespace {
-        Some(ns) => Api::namespaced(base.client.clone(), ns),
-        None => Api::all(base.client.clone()),
-    };
-    Controller::new(apps, watcher::Config::default().any_semantic())
+    controller
         .graceful_shutdown_on(base.shutdown.clone().cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
@@ -248,9 +253,46 @@ async fn step(cached: &StatefulApp, ctx: &ScalingContext) -> Result<Action, Scal
         .filter(|c| OUR_CONDITIONS.contains(&c.type_.as_str()))
         .cloned()
         .collect();
+    let mut section = status.scaling.clone().unwrap_or_default();
+    // Another StatefulApp manages this StatefulSet: this one does nothing. Its owner's
+    // deletion does not wake it, so it looks again after a while.
+    let cached = ctx.apps.state();
+    if let Some(owner) = ownership::managed_by_other(&app, cached.iter().map(|a| a.as_ref())) {
+        let message = ownership::message(&app, owner);
+        let mut world = World {
+            app: app.clone(),
+            sts: StatefulSet::default(),
+            pods: Vec::new(),
+            section,
+            conditions,
+            selector: status.selector.clone(),
+        };
+        let first = !world
+            .conditions
+            .iter()
+            .any(|c| c.reason == ownership::ALREADY_MANAGED);
+        world.set(
+            BLOCKED,
+            true,
+            ownership::ALREADY_MANAGED,
+            message.clone(),
+            now,
+        );
+        write_status(&world, ctx).await?;
+        if first {
+            publish(
+                ctx,
+                &app,
+                EventType::Warning,
+                ownership::ALREADY_MANAGED,
+                message,
+            )
+            .await;
+        }
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    }
     let sets: Api<StatefulSet> = Api::namespaced(ctx.base.client.clone(), &ns);
     let existing = sets.get_opt(&app.spec.stateful_set_name).await?;
-    let mut section = status.scaling.clone().unwrap_or_default();
     // The second half of a template resize, also after a restart.
     if let Some(action) =
         storage::recreate_if_journaled(&app, &mut section, existing.as_ref(), ctx).await?
@@ -861,11 +903,16 @@ async fn create_backup(
         token.to_string(),
     )]));
     let api: Api<Backup> = Api::namespaced(ctx.base.client.clone(), &world.ns());
-    match api.create(&PostParams::default(), &backup).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
+    let created = match api.create(&PostParams::default(), &backup).await {
+        Ok(created) => created,
+        Err(kube::Error::Api(s)) if s.code == 409 => api.get(&name).await?,
         Err(e) => return Err(e.into()),
-    }
+    };
+    // Only this Backup may run under our lock: the token in its annotation alone opens
+    // nothing (anyone who can read the Backup could copy it).
+    let lock = OperationLock::new(ctx.base.client.clone(), &world.ns(), &world.app.name_any());
+    lock.allow_nested(token, &created.uid().unwrap_or_default())
+        .await?;
     publish(
         ctx,
         &world.app,

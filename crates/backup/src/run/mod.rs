@@ -44,7 +44,7 @@ use stateward_api::repository::BackupRepository;
 use stateward_api::statefulapp::{BackupMethod, Hook, OnError, StatefulApp};
 use stateward_runtime::agent_start::AgentStart;
 use stateward_runtime::lock::{Acquired, Holder, Intent, LockError, OperationLock};
-use stateward_runtime::{Context, apply, conditions, hooks, time};
+use stateward_runtime::{Context, apply, conditions, hooks, ownership, time};
 
 use plan::{Invalid, Settings};
 use store::Store;
@@ -354,6 +354,10 @@ async fn start(backup: &Backup, ctx: &RunContext) -> Result<Action, RunError> {
         Ok(r) => r,
         Err(e) => return fail_before_start(backup, ctx, e.reason, e.message).await,
     };
+    // Another StatefulApp manages this StatefulSet: nothing runs through this one.
+    if let Some(message) = ownership::check(&ctx.base.client, &resolved.app).await? {
+        return fail_before_start(backup, ctx, ownership::ALREADY_MANAGED, message).await;
+    }
     // The repository: a Ready verdict the repository loop reached moments ago is trusted
     // (runs started together would each probe again), otherwise the run checks before
     // anything is written. A transient failure keeps the run Pending with back-off up to
