@@ -177,6 +177,14 @@ struct RunArgs {
         env = "STATEWARD_AGENT_START_TIMEOUT_SECONDS"
     )]
     agent_start_timeout_seconds: u64,
+    /// How long a Backup waits for its app's operation lock (another backup, a restore, a
+    /// scale-down) before it fails with `LockWaitExceeded`.
+    #[arg(
+        long,
+        default_value_t = 3600,
+        env = "STATEWARD_BACKUP_LOCK_WAIT_SECONDS"
+    )]
+    backup_lock_wait_seconds: u64,
     /// A Restore's deadline before its swap begins when it sets none
     /// (`spec.activeDeadlineSeconds`).
     #[arg(
@@ -304,6 +312,7 @@ async fn run(args: RunArgs) -> Result<()> {
     backup_config.schedules.max_deletions_per_pass = args.retention_max_deletions;
     backup_config.runs.agent_start_timeout =
         std::time::Duration::from_secs(args.agent_start_timeout_seconds.max(1));
+    backup_config.runs.lock_wait = std::time::Duration::from_secs(args.backup_lock_wait_seconds);
     if let Some(image) = &args.agent_image {
         backup_config.runs.agent_image = image.clone();
     }

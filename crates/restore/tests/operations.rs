@@ -337,3 +337,62 @@ async fn a_second_statefulapp_on_one_statefulset_is_already_managed_and_a_copied
     ensure!(done.phase == Some(stateward_api::BackupPhase::Completed));
     world.finish().await
 }
+
+#[tokio::test]
+async fn a_backup_that_cannot_get_the_lock_fails_after_the_bound_naming_the_holder() -> Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::ResourceExt;
+    use stateward_runtime::lock::{Acquired, Holder, Intent, OperationLock};
+
+    let mut backup_config = stateward_backup::Config::default();
+    backup_config.runs.lock_wait = std::time::Duration::from_secs(10);
+    let world = World::with_configs(
+        "rst-lockwait",
+        backup_config,
+        stateward_restore::Config::default(),
+    )
+    .await?;
+    world.apply(&writer("lw", 1, "32Mi")).await?;
+    world.apply(&app("lw", "lw", "")).await?;
+    world.wait_ready("lw", 1).await?;
+    let maps: kube::Api<ConfigMap> = world.api();
+    let holder_map = maps
+        .create(
+            &Default::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": "long-op"}}))?,
+        )
+        .await?;
+    let lock = OperationLock::new(world.cluster.client.clone(), &world.ns.name, "lw");
+    let holder = Holder {
+        api_version: "v1".into(),
+        kind: "ConfigMap".into(),
+        resource: "configmaps".into(),
+        name: "long-op".into(),
+        uid: holder_map.uid().unwrap_or_default(),
+    };
+    let Acquired::Held(record) = lock.acquire(holder, Intent::Reshape, None).await? else {
+        anyhow::bail!("could not take the lock for the test");
+    };
+    world
+        .apply("apiVersion: stateward.io/v1alpha1\nkind: Backup\nmetadata: { name: lw-b1 }\nspec: { app: lw }")
+        .await?;
+    let backups: kube::Api<stateward_api::Backup> = world.api();
+    let failed = stateward_testkit::harness::wait_for("the Backup gives up", MINUTE, || async {
+        let b = backups.get("lw-b1").await?;
+        Ok(b.status
+            .filter(|s| s.phase == Some(stateward_api::BackupPhase::Failed)))
+    })
+    .await?;
+    let condition = failed
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Failed")
+        .map(|c| (c.reason.clone(), c.message.clone()))
+        .unwrap_or_default();
+    ensure!(
+        condition.0 == "LockWaitExceeded" && condition.1.contains("ConfigMap long-op"),
+        "{condition:?}"
+    );
+    lock.release(&record.token).await?;
+    world.finish().await
+}

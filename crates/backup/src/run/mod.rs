@@ -73,6 +73,8 @@ pub struct RunConfig {
     /// How long an agent Job may wait for its pod to start before the run fails with the
     /// cause (see `stateward_runtime::agent_start`).
     pub agent_start_timeout: Duration,
+    /// How long a run waits for the app's operation lock before it fails.
+    pub lock_wait: Duration,
 }
 
 impl Default for RunConfig {
@@ -84,6 +86,7 @@ impl Default for RunConfig {
             orphan_grace: Duration::from_secs(15 * 60),
             orphan_wait: Duration::from_secs(120),
             agent_start_timeout: stateward_runtime::agent_start::DEFAULT_BOUND,
+            lock_wait: Duration::from_secs(3600),
         }
     }
 }
@@ -451,6 +454,26 @@ async fn start(backup: &Backup, ctx: &RunContext) -> Result<Action, RunError> {
     let mut status = backup.status.clone().unwrap_or_default();
     let lock_reason = match lock.acquire(holder(backup), Intent::Read, parent).await? {
         Acquired::Busy(record) => {
+            // Waiting for the lock is bounded too: a run that cannot start within
+            // `lock_wait` ends, naming who held the app.
+            let waiting_since = conditions::get(&status.conditions, "LockAcquired")
+                .filter(|c| c.status == "False" && c.reason == "WaitingForLock")
+                .map(|c| time::to_chrono(&c.last_transition_time));
+            if let Some(since) = waiting_since
+                && now - since
+                    >= chrono::Duration::from_std(ctx.config.lock_wait).unwrap_or_default()
+            {
+                let message = format!(
+                    "app {}'s operation lock stayed with {} {} (intent {:?}, since {}) for {}: the run gave up (--backup-lock-wait-seconds)",
+                    resolved.app.name_any(),
+                    record.holder.kind,
+                    record.holder.name,
+                    record.intent,
+                    time::rfc3339(record.acquired_at),
+                    human_duration((now - since).num_seconds())
+                );
+                return fail_before_start(backup, ctx, "LockWaitExceeded", message).await;
+            }
             status.phase = Some(BackupPhase::Pending);
             conditions::set(
                 &mut status.conditions,
@@ -904,6 +927,45 @@ async fn job_failure(pods: &Api<Pod>, job: &Job) -> String {
         .unwrap_or_else(|| "the agent Job failed".into())
 }
 
+/// `AgentsStarted`: whether every agent runs, or what the first waiting volume waits for
+/// (an agent slot under the caps, its pod's admission or scheduling).
+fn set_agents_condition(backup: &Backup, status: &mut BackupStatus, now: DateTime<Utc>) {
+    let waiting = status
+        .volumes
+        .iter()
+        .filter(|v| matches!(v.phase, BackupPhase::Pending | BackupPhase::Running))
+        .find_map(|v| Some((v.name.as_str(), v.message.as_deref()?)));
+    let (started, reason, message) = match waiting {
+        Some((volume, note)) if note.starts_with("waiting for an agent slot") => {
+            (false, "WaitingForAgentSlot", format!("{volume}: {note}"))
+        }
+        Some((volume, note)) => match note.split_once(": ") {
+            Some((reason, rest)) if reason.starts_with("Agent") => (
+                false,
+                match reason {
+                    "AgentPodRefused" => "AgentPodRefused",
+                    "AgentUnschedulable" => "AgentUnschedulable",
+                    _ => "AgentNotStarted",
+                },
+                format!("{volume}: {rest}"),
+            ),
+            _ => (true, "Started", "every agent has started".to_string()),
+        },
+        None => (true, "Started", "every agent has started".to_string()),
+    };
+    conditions::set(
+        &mut status.conditions,
+        conditions::condition(
+            "AgentsStarted",
+            started,
+            reason,
+            message,
+            backup.meta().generation,
+        ),
+        now,
+    );
+}
+
 /// Whether an unfinished agent Job's pod started, waits (for what) or never will.
 async fn agent_start(ctx: &RunContext, job: &Job) -> Result<AgentStart, RunError> {
     let status = job.status.clone().unwrap_or_default();
@@ -1019,6 +1081,7 @@ async fn agents(
     if !to_create.is_empty() {
         create_jobs(backup, ctx, resolved, status, &to_create).await?;
     }
+    set_agents_condition(backup, status, ctx.base.clock.now());
     let failed: Vec<String> = status
         .volumes
         .iter()
@@ -1506,6 +1569,95 @@ async fn publish(ctx: &RunContext, backup: &Backup, type_: EventType, reason: &s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agents_started_names_what_the_first_waiting_volume_waits_for() {
+        let backup: Backup = serde_yaml::from_str("metadata: {name: b}\nspec: {app: db}")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let volume = |name: &str, phase: BackupPhase, message: Option<&str>| VolumeResult {
+            name: name.into(),
+            phase,
+            message: message.map(String::from),
+            ..Default::default()
+        };
+        type Row = (&'static str, Vec<VolumeResult>, bool, &'static str);
+        let rows: Vec<Row> = vec![
+            (
+                "all running",
+                vec![volume("a", BackupPhase::Running, None)],
+                true,
+                "Started",
+            ),
+            (
+                "a slot",
+                vec![
+                    volume("a", BackupPhase::Running, None),
+                    volume(
+                        "b",
+                        BackupPhase::Pending,
+                        Some(
+                            "waiting for an agent slot (8 agent Jobs running of 8 allowed, 0 on node n of 2)",
+                        ),
+                    ),
+                ],
+                false,
+                "WaitingForAgentSlot",
+            ),
+            (
+                "refused",
+                vec![volume(
+                    "a",
+                    BackupPhase::Running,
+                    Some("AgentPodRefused: the API server refused the agent pod: quota"),
+                )],
+                false,
+                "AgentPodRefused",
+            ),
+            (
+                "unschedulable",
+                vec![volume(
+                    "a",
+                    BackupPhase::Running,
+                    Some("AgentUnschedulable: 0/2 nodes"),
+                )],
+                false,
+                "AgentUnschedulable",
+            ),
+            (
+                "finished volumes do not wait",
+                vec![volume("a", BackupPhase::Failed, Some("AgentPodRefused: x"))],
+                true,
+                "Started",
+            ),
+        ];
+        for (case, volumes, started, reason) in rows {
+            let mut status = BackupStatus {
+                volumes,
+                ..Default::default()
+            };
+            set_agents_condition(&backup, &mut status, Utc::now());
+            let c = conditions::get(&status.conditions, "AgentsStarted")
+                .unwrap_or_else(|| panic!("{case}"));
+            assert_eq!(
+                (c.status == "True", c.reason.as_str()),
+                (started, reason),
+                "{case}"
+            );
+            if !started {
+                assert!(
+                    c.message.contains(
+                        &status
+                            .volumes
+                            .last()
+                            .map(|v| v.name.clone())
+                            .unwrap_or_default()
+                    ),
+                    "{case}: {}",
+                    c.message
+                );
+            }
+        }
+    }
 
     #[test]
     fn durations_read_like_kubectl() {
