@@ -129,7 +129,8 @@ async fn volume_backup_of_two_replicas_on_two_nodes_restores_by_hand_byte_identi
     // The lock is released; metrics and the event tell the story.
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = world.cluster.api(&world.ns.name);
     ensure!(
-        leases.get_opt("stateward-app-files").await?.is_none(),
+        leases.get_opt("stateward-sts-files").await?.is_none()
+            && leases.get_opt("stateward-app-files").await?.is_none(),
         "the operation lock is still held"
     );
     let text = world.metrics.encode();

@@ -81,6 +81,9 @@ struct Pass<'a> {
     restore: Restore,
     status: RestoreStatus,
     ns: String,
+    /// The target app's StatefulSet, whose operation lock the restore takes (unknown
+    /// when the app is gone: then it holds none it could release).
+    stateful_set: Option<String>,
 }
 
 async fn step(cached: &Restore, ctx: &RestoreContext) -> Result<Action, RestoreError> {
@@ -96,11 +99,17 @@ async fn step(cached: &Restore, ctx: &RestoreContext) -> Result<Action, RestoreE
     }
     ctx.base.backoff.on_success(&key(&restore));
     let status = restore.status.clone().unwrap_or_default();
+    let apps: Api<StatefulApp> = Api::namespaced(ctx.base.client.clone(), &ns);
+    let stateful_set = apps
+        .get_opt(&restore.spec.target.app)
+        .await?
+        .map(|app| app.spec.stateful_set_name);
     let mut pass = Pass {
         ctx,
         ns,
         status,
         restore,
+        stateful_set,
     };
     let deleting = pass.restore.meta().deletion_timestamp.is_some();
     if matches!(
@@ -150,12 +159,13 @@ impl Pass<'_> {
         self.restore.name_any()
     }
 
-    fn lock(&self) -> OperationLock {
-        OperationLock::new(
+    fn lock(&self) -> Option<OperationLock> {
+        Some(OperationLock::new(
             self.ctx.base.client.clone(),
             &self.ns,
             &self.restore.spec.target.app,
-        )
+            self.stateful_set.as_deref()?,
+        ))
     }
 
     fn api<K>(&self) -> Api<K>
@@ -254,7 +264,9 @@ impl Pass<'_> {
     /// stays (its holder finished, so another in-place Restore may take it over and
     /// finish the journals) and the scaling controller keeps the app stopped.
     async fn release_lock(&self) -> Result<(), RestoreError> {
-        let lock = self.lock();
+        let Some(lock) = self.lock() else {
+            return Ok(());
+        };
         if let Some(record) = lock.current().await?
             && record.holder.uid == self.restore.uid().unwrap_or_default()
         {
@@ -272,8 +284,10 @@ impl Pass<'_> {
 
     /// Whether this Restore's lock carries an incomplete swap (its own or inherited).
     async fn swap_incomplete(&self) -> Result<Option<String>, RestoreError> {
-        Ok(self
-            .lock()
+        let Some(lock) = self.lock() else {
+            return Ok(None);
+        };
+        Ok(lock
             .current()
             .await?
             .filter(|r| r.holder.uid == self.restore.uid().unwrap_or_default())
@@ -283,7 +297,11 @@ impl Pass<'_> {
     /// Marks the lock before the first swap Job: from here on the app stays stopped
     /// whatever happens to this Restore, until a swap completes.
     async fn mark_swap_begun(&self) -> Result<(), RestoreError> {
-        let lock = self.lock();
+        let Some(lock) = self.lock() else {
+            return Err(RestoreError::Lock(
+                stateward_runtime::lock::LockError::NotHeld,
+            ));
+        };
         let Some(record) = lock
             .current()
             .await?
@@ -573,11 +591,10 @@ impl Pass<'_> {
 
     /// Takes the app's lock; `None` when someone else holds it (the condition says who).
     async fn take_lock(&mut self, intent: Intent) -> Result<bool, RestoreError> {
-        match self
-            .lock()
-            .acquire(holder(&self.restore), intent, None)
-            .await?
-        {
+        let Some(lock) = self.lock() else {
+            return Ok(false);
+        };
+        match lock.acquire(holder(&self.restore), intent, None).await? {
             Acquired::Held(_) | Acquired::Nested(_) => Ok(true),
             Acquired::Busy(record) => {
                 let message = format!(

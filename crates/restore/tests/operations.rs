@@ -292,7 +292,7 @@ async fn a_second_statefulapp_on_one_statefulset_is_already_managed_and_a_copied
             &serde_json::from_value(serde_json::json!({"metadata": {"name": "parent-op"}}))?,
         )
         .await?;
-    let lock = OperationLock::new(world.cluster.client.clone(), &world.ns.name, "own");
+    let lock = OperationLock::new(world.cluster.client.clone(), &world.ns.name, "own", "own");
     let holder = Holder {
         api_version: "v1".into(),
         kind: "ConfigMap".into(),
@@ -362,7 +362,7 @@ async fn a_backup_that_cannot_get_the_lock_fails_after_the_bound_naming_the_hold
             &serde_json::from_value(serde_json::json!({"metadata": {"name": "long-op"}}))?,
         )
         .await?;
-    let lock = OperationLock::new(world.cluster.client.clone(), &world.ns.name, "lw");
+    let lock = OperationLock::new(world.cluster.client.clone(), &world.ns.name, "lw", "lw");
     let holder = Holder {
         api_version: "v1".into(),
         kind: "ConfigMap".into(),

@@ -431,7 +431,7 @@ async fn bad_input_names_the_problem_and_touches_nothing() -> Result<()> {
             &serde_json::from_value(serde_json::json!({"metadata": {"name": "other-op"}}))?,
         )
         .await?;
-    let lock = OperationLock::new(world.cluster.client.clone(), &world.ns.name, "bad");
+    let lock = OperationLock::new(world.cluster.client.clone(), &world.ns.name, "bad", "bad");
     let holder = Holder {
         api_version: "v1".into(),
         kind: "ConfigMap".into(),

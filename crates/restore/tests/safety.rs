@@ -230,7 +230,8 @@ async fn a_swap_that_fails_after_its_first_rename_keeps_the_app_stopped_until_a_
             .await?
             .items
             .iter()
-            .all(|l| !l.name_any().starts_with("stateward-app-nr")),
+            .all(|l| !l.name_any().starts_with("stateward-sts-nr")
+                && !l.name_any().starts_with("stateward-app-nr")),
         "the lock is released after the completed swap"
     );
     world.finish().await

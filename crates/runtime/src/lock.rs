@@ -1,8 +1,9 @@
 //! The per-app operation lock.
 //!
 //! Operations that change an app's data or shape (backup hooks and runs, restore,
-//! scale-down, volume expansion) exclude each other per app. The lock is a
-//! `coordination.k8s.io` Lease named after the app, written with resourceVersion
+//! scale-down, volume expansion) exclude each other per StatefulSet. The lock is a
+//! `coordination.k8s.io` Lease named after the StatefulSet (`stateward-sts-<name>`;
+//! one StatefulApp manages a StatefulSet, see `ownership`), written with resourceVersion
 //! preconditions (create, or replace at the version read), so two writers never both
 //! win. The Lease records the holder (apiVersion/resource/kind/name/uid of the operation
 //! object), an intent (e.g. `Stop` with the replica count to come back to) and a token.
@@ -13,6 +14,11 @@
 //! app's volumes may hold a mix of old and new data, so the app stays stopped and only
 //! another in-place Restore (whose agents finish the volume's journal first) may take
 //! the lock over; it inherits the mark until its own swap completes.
+//!
+//! Upgrades: earlier managers (0.1) named the Lease after the app (`stateward-app-<app>`).
+//! The first acquirer after an upgrade moves such a record — holder, token, marks — to
+//! the StatefulSet's Lease and deletes the old one, so an operation that began before the
+//! upgrade keeps its lock (its token still releases it) and a marked swap stays marked.
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -152,15 +158,98 @@ pub struct OperationLock {
     client: Client,
     namespace: String,
     lease_name: String,
+    /// The Lease an earlier manager (0.1) used for the app (see the module doc).
+    legacy_lease: String,
 }
 
 impl OperationLock {
-    pub fn new(client: Client, namespace: &str, app: &str) -> Self {
+    /// The lock of StatefulSet `stateful_set`, managed by StatefulApp `app`.
+    pub fn new(client: Client, namespace: &str, app: &str, stateful_set: &str) -> Self {
         Self {
             client,
             namespace: namespace.to_string(),
-            lease_name: names::bounded(&format!("stateward-app-{app}"), 63, false),
+            lease_name: names::bounded(&format!("stateward-sts-{stateful_set}"), 63, false),
+            legacy_lease: names::bounded(&format!("stateward-app-{app}"), 63, false),
         }
+    }
+
+    /// Moves a record left in the app-named Lease of an earlier manager to the
+    /// StatefulSet's Lease (when that has none), then deletes the old Lease. A leftover
+    /// whose holder is still alive while the StatefulSet's Lease is held by another stays,
+    /// and is returned: it blocks acquisitions until its holder ends.
+    async fn migrate_legacy(&self) -> Result<Option<LockRecord>, LockError> {
+        let Some(old) = self.api().get_opt(&self.legacy_lease).await? else {
+            return Ok(None);
+        };
+        if let Some(record) = Self::record_of(&old)? {
+            match self.api().get_opt(&self.lease_name).await? {
+                None => {
+                    let lease = self.lease_with(None, &record)?;
+                    match self.api().create(&PostParams::default(), &lease).await {
+                        Ok(_) => {
+                            tracing::info!(from = %self.legacy_lease, to = %self.lease_name, holder = %record.holder.identity(), "moved an operation lock to its StatefulSet's Lease");
+                        }
+                        // Someone else moved it, or took the new lock first.
+                        Err(kube::Error::Api(s)) if s.code == 409 => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Some(current) => {
+                    let same = Self::record_of(&current)?.is_some_and(|c| c.token == record.token);
+                    if !same
+                        && (record.incomplete_swap.is_some()
+                            || self.holder_alive(&record.holder).await?)
+                    {
+                        return Ok(Some(record));
+                    }
+                }
+            }
+        }
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                resource_version: old.metadata.resource_version.clone(),
+                uid: old.metadata.uid.clone(),
+            }),
+            ..DeleteParams::default()
+        };
+        match self.api().delete(&self.legacy_lease, &params).await {
+            Ok(_) => Ok(None),
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `existing` (or a new Lease) carrying `record`.
+    fn lease_with(&self, existing: Option<Lease>, record: &LockRecord) -> Result<Lease, LockError> {
+        let mut lease = existing.unwrap_or_else(|| Lease {
+            metadata: kube::api::ObjectMeta {
+                name: Some(self.lease_name.clone()),
+                labels: Some(
+                    [(
+                        "app.kubernetes.io/managed-by".to_string(),
+                        "stateward".to_string(),
+                    )]
+                    .into(),
+                ),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        lease
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(
+                RECORD_ANNOTATION.to_string(),
+                serde_json::to_string(record)?,
+            );
+        lease.spec = Some(LeaseSpec {
+            holder_identity: Some(record.holder.identity()),
+            acquire_time: Some(to_k8s_micro_time(record.acquired_at)),
+            renew_time: Some(to_k8s_micro_time(record.acquired_at)),
+            ..Default::default()
+        });
+        Ok(lease)
     }
 
     pub fn lease_name(&self) -> &str {
@@ -183,12 +272,17 @@ impl OperationLock {
         }
     }
 
-    /// The current record, if the lock is held.
+    /// The current record, if the lock is held (also in an earlier manager's app-named
+    /// Lease not moved yet).
     pub async fn current(&self) -> Result<Option<LockRecord>, LockError> {
-        match self.api().get_opt(&self.lease_name).await? {
-            Some(lease) => Self::record_of(&lease),
-            None => Ok(None),
+        for name in [&self.lease_name, &self.legacy_lease] {
+            if let Some(lease) = self.api().get_opt(name).await?
+                && let Some(record) = Self::record_of(&lease)?
+            {
+                return Ok(Some(record));
+            }
         }
+        Ok(None)
     }
 
     /// Whether the holder object still exists with the same uid and has not finished
@@ -230,6 +324,11 @@ impl OperationLock {
         parent_token: Option<&str>,
     ) -> Result<Acquired, LockError> {
         const ATTEMPTS: u32 = 5;
+        if let Some(blocker) = self.migrate_legacy().await?
+            && blocker.holder.uid != holder.uid
+        {
+            return Ok(Acquired::Busy(blocker));
+        }
         for _ in 0..ATTEMPTS {
             let existing = self.api().get_opt(&self.lease_name).await?;
             let current = match &existing {
@@ -272,34 +371,7 @@ impl OperationLock {
                 incomplete_swap: current.as_ref().and_then(|c| c.incomplete_swap.clone()),
                 nested: None,
             };
-            let mut lease = existing.unwrap_or_else(|| Lease {
-                metadata: kube::api::ObjectMeta {
-                    name: Some(self.lease_name.clone()),
-                    labels: Some(
-                        [(
-                            "app.kubernetes.io/managed-by".to_string(),
-                            "stateward".to_string(),
-                        )]
-                        .into(),
-                    ),
-                    ..Default::default()
-                },
-                ..Default::default()
-            });
-            lease
-                .metadata
-                .annotations
-                .get_or_insert_with(Default::default)
-                .insert(
-                    RECORD_ANNOTATION.to_string(),
-                    serde_json::to_string(&record)?,
-                );
-            lease.spec = Some(LeaseSpec {
-                holder_identity: Some(holder.identity()),
-                acquire_time: Some(to_k8s_micro_time(record.acquired_at)),
-                renew_time: Some(to_k8s_micro_time(record.acquired_at)),
-                ..Default::default()
-            });
+            let lease = self.lease_with(existing, &record)?;
             // create fails with 409 if someone created it first; replace carries the
             // resourceVersion we read and fails with 409 if someone wrote since.
             let written = if lease.metadata.resource_version.is_some() {
@@ -351,6 +423,7 @@ impl OperationLock {
         token: &str,
         change: impl Fn(&mut LockRecord) -> bool,
     ) -> Result<(), LockError> {
+        self.migrate_legacy().await?;
         for _ in 0..5 {
             let Some(mut lease) = self.api().get_opt(&self.lease_name).await? else {
                 return Err(LockError::NotHeld);
@@ -385,25 +458,30 @@ impl OperationLock {
     /// Releases the lock if `token` still holds it (deleting the Lease with a
     /// resourceVersion precondition). Releasing a lock one does not hold is a no-op.
     pub async fn release(&self, token: &str) -> Result<bool, LockError> {
-        let Some(lease) = self.api().get_opt(&self.lease_name).await? else {
-            return Ok(false);
-        };
-        match Self::record_of(&lease)? {
-            Some(record) if record.token == token => {}
-            _ => return Ok(false),
+        // Also the app-named Lease of an earlier manager, for an operation that began
+        // before the upgrade and ends before it acquires again.
+        for name in [&self.lease_name, &self.legacy_lease] {
+            let Some(lease) = self.api().get_opt(name).await? else {
+                continue;
+            };
+            match Self::record_of(&lease)? {
+                Some(record) if record.token == token => {}
+                _ => continue,
+            }
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    resource_version: lease.metadata.resource_version.clone(),
+                    uid: lease.metadata.uid.clone(),
+                }),
+                ..DeleteParams::default()
+            };
+            return match self.api().delete(name, &params).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(false),
+                Err(e) => Err(e.into()),
+            };
         }
-        let params = DeleteParams {
-            preconditions: Some(Preconditions {
-                resource_version: lease.metadata.resource_version.clone(),
-                uid: lease.metadata.uid.clone(),
-            }),
-            ..DeleteParams::default()
-        };
-        match self.api().delete(&self.lease_name, &params).await {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+        Ok(false)
     }
 }
 

@@ -33,7 +33,7 @@ async fn only_one_of_many_concurrent_acquirers_wins() -> Result<()> {
     for i in 0..6 {
         holders.push(holder(&maps, &format!("op-{i}")).await?);
     }
-    let lock = OperationLock::new(cluster.client.clone(), &ns.name, "db");
+    let lock = OperationLock::new(cluster.client.clone(), &ns.name, "db", "db");
     let attempts = holders.iter().cloned().map(|h| {
         let lock = lock.clone();
         tokio::spawn(async move { lock.acquire(h, Intent::Read, None).await })
@@ -97,13 +97,23 @@ async fn a_nested_operation_runs_under_its_parents_lock() -> Result<()> {
     let scale_down = holder(&maps, "scale-down").await?;
     let backup_first = holder(&maps, "backup-first").await?;
     let stranger = holder(&maps, "stranger").await?;
-    let lock = OperationLock::new(cluster.client.clone(), &ns.name, "db");
+    let lock = OperationLock::new(cluster.client.clone(), &ns.name, "db", "db");
     let Acquired::Held(parent) = lock
         .acquire(scale_down, Intent::Stop { replicas: 3 }, None)
         .await?
     else {
         bail!("the parent did not get the lock");
     };
+    // Before the parent names its child, the token alone opens nothing.
+    ensure!(
+        matches!(
+            lock.acquire(backup_first.clone(), Intent::Read, Some(&parent.token))
+                .await?,
+            Acquired::Busy(_)
+        ),
+        "the token opened the lock for an operation the parent did not name"
+    );
+    lock.allow_nested(&parent.token, &backup_first.uid).await?;
     match lock
         .acquire(backup_first, Intent::Read, Some(&parent.token))
         .await?
@@ -116,10 +126,19 @@ async fn a_nested_operation_runs_under_its_parents_lock() -> Result<()> {
     }
     ensure!(
         matches!(
-            lock.acquire(stranger, Intent::Read, Some("forged")).await?,
+            lock.acquire(stranger.clone(), Intent::Read, Some("forged"))
+                .await?,
             Acquired::Busy(_)
         ),
         "a wrong parent token got in"
+    );
+    ensure!(
+        matches!(
+            lock.acquire(stranger, Intent::Read, Some(&parent.token))
+                .await?,
+            Acquired::Busy(_)
+        ),
+        "the parent's real token, copied onto another operation, got in"
     );
     ensure!(
         lock.current().await?.map(|r| r.token) == Some(parent.token.clone()),
@@ -133,7 +152,7 @@ async fn a_lock_whose_holder_is_gone_or_finished_is_recovered() -> Result<()> {
     let cluster = Cluster::connect().await?;
     let ns = cluster.namespace("lock-recovery").await?;
     let maps: Api<ConfigMap> = cluster.api(&ns.name);
-    let lock = OperationLock::new(cluster.client.clone(), &ns.name, "db");
+    let lock = OperationLock::new(cluster.client.clone(), &ns.name, "db", "db");
 
     // The holder crashed and its object was deleted.
     let crashed = holder(&maps, "crashed").await?;
@@ -191,5 +210,66 @@ async fn a_lock_whose_holder_is_gone_or_finished_is_recovered() -> Result<()> {
         ),
         "a finished holder kept the lock"
     );
+    ns.cleanup().await
+}
+
+#[tokio::test]
+async fn a_lock_held_in_an_earlier_managers_app_named_lease_carries_over() -> Result<()> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let cluster = Cluster::connect().await?;
+    let ns = cluster.namespace("lock-upgrade").await?;
+    let maps: Api<ConfigMap> = cluster.api(&ns.name);
+    let leases: Api<Lease> = cluster.api(&ns.name);
+    // An earlier manager's lock: a Lease named after the app, holding a swap mark.
+    let restore = holder(&maps, "old-restore").await?;
+    let record = serde_json::json!({
+        "holder": restore, "intent": {"type": "Stop", "replicas": 2}, "token": "old-token",
+        "acquiredAt": "2026-12-01T10:00:00Z", "incompleteSwap": "Restore old-restore began swapping",
+    });
+    leases
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "stateward-app-shop", "annotations": {"stateward.io/operation-lock": record.to_string()}},
+            }))?,
+        )
+        .await?;
+    let lock = OperationLock::new(cluster.client.clone(), &ns.name, "shop", "shop-db");
+    ensure!(
+        lock.current().await?.map(|r| r.token).as_deref() == Some("old-token"),
+        "the new manager sees the old lock before it moves"
+    );
+    // A backup after the upgrade waits for the old holder, and the lock moves over.
+    let backup = holder(&maps, "new-backup").await?;
+    ensure!(
+        matches!(
+            lock.acquire(backup.clone(), Intent::Read, None).await?,
+            Acquired::Busy(_)
+        ),
+        "the old lock was ignored"
+    );
+    ensure!(
+        leases.get_opt("stateward-app-shop").await?.is_none(),
+        "the app-named Lease stays after the move"
+    );
+    let moved = lock
+        .current()
+        .await?
+        .context("the lock was lost in the move")?;
+    ensure!(
+        lock.lease_name() == "stateward-sts-shop-db"
+            && moved.token == "old-token"
+            && moved.incomplete_swap.is_some(),
+        "{moved:?}"
+    );
+    // The old holder's token still releases it.
+    ensure!(
+        lock.release("old-token").await?,
+        "the old token no longer releases"
+    );
+    ensure!(matches!(
+        lock.acquire(backup, Intent::Read, None).await?,
+        Acquired::Held(_)
+    ));
     ns.cleanup().await
 }

@@ -367,7 +367,12 @@ const OUR_CONDITIONS: [&str; 3] = [SCALING, BLOCKED, STOPPED];
 
 async fn pipeline(world: &mut World, ctx: &ScalingContext) -> Result<Action, ScalingError> {
     let now = ctx.base.clock.now();
-    let lock = OperationLock::new(ctx.base.client.clone(), &world.ns(), &world.app.name_any());
+    let lock = OperationLock::new(
+        ctx.base.client.clone(),
+        &world.ns(),
+        &world.app.name_any(),
+        &world.app.spec.stateful_set_name,
+    );
     let me = holder(&world.app);
     let current_lock = lock.current().await?;
 
@@ -910,7 +915,12 @@ async fn create_backup(
     };
     // Only this Backup may run under our lock: the token in its annotation alone opens
     // nothing (anyone who can read the Backup could copy it).
-    let lock = OperationLock::new(ctx.base.client.clone(), &world.ns(), &world.app.name_any());
+    let lock = OperationLock::new(
+        ctx.base.client.clone(),
+        &world.ns(),
+        &world.app.name_any(),
+        &world.app.spec.stateful_set_name,
+    );
     lock.allow_nested(token, &created.uid().unwrap_or_default())
         .await?;
     publish(
@@ -1020,7 +1030,12 @@ async fn fail(
         now,
     );
     finished(world, ctx, direction, "failed", message).await;
-    let lock = OperationLock::new(ctx.base.client.clone(), &world.ns(), &world.app.name_any());
+    let lock = OperationLock::new(
+        ctx.base.client.clone(),
+        &world.ns(),
+        &world.app.name_any(),
+        &world.app.spec.stateful_set_name,
+    );
     let current = lock.current().await?;
     release_ours(&lock, &current, &holder(&world.app)).await?;
     Ok(Action::requeue(STEADY))

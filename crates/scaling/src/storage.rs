@@ -134,7 +134,12 @@ pub(crate) async fn reconcile(
             return Ok(Some(Action::requeue(STEADY)));
         }
     }
-    let lock = OperationLock::new(ctx.base.client.clone(), &world.ns(), &world.app.name_any());
+    let lock = OperationLock::new(
+        ctx.base.client.clone(),
+        &world.ns(),
+        &world.app.name_any(),
+        &world.app.spec.stateful_set_name,
+    );
     if let Acquired::Busy(record) = lock
         .acquire(holder(&world.app), Intent::Reshape, None)
         .await?

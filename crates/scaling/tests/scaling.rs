@@ -172,7 +172,8 @@ impl World {
                 )?,
             )
             .await?;
-        let lock = OperationLock::new(self.cluster.client.clone(), &self.ns.name, app);
+        // The test apps manage a StatefulSet of their own name.
+        let lock = OperationLock::new(self.cluster.client.clone(), &self.ns.name, app, app);
         let acquired = lock
             .acquire(
                 Holder {

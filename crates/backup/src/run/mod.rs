@@ -446,7 +446,12 @@ async fn start(backup: &Backup, ctx: &RunContext) -> Result<Action, RunError> {
         Err(e) => return fail_before_start(backup, ctx, e.reason, e.message).await,
     };
     let ns = backup.namespace().unwrap_or_default();
-    let lock = OperationLock::new(ctx.base.client.clone(), &ns, &resolved.app.name_any());
+    let lock = OperationLock::new(
+        ctx.base.client.clone(),
+        &ns,
+        &resolved.app.name_any(),
+        &resolved.app.spec.stateful_set_name,
+    );
     let parent = backup
         .annotations()
         .get(PARENT_TOKEN_ANNOTATION)
@@ -1278,7 +1283,18 @@ async fn stop_agents(backup: &Backup, ctx: &RunContext) -> Result<bool, RunError
 
 async fn release_lock(backup: &Backup, ctx: &RunContext) -> Result<(), RunError> {
     let ns = backup.namespace().unwrap_or_default();
-    let lock = OperationLock::new(ctx.base.client.clone(), &ns, &backup.spec.app);
+    // The lock is the app's StatefulSet's. An app deleted since leaves its lock to be
+    // recovered by the next acquirer (this run's holder has finished by then).
+    let apps: Api<StatefulApp> = Api::namespaced(ctx.base.client.clone(), &ns);
+    let Some(app) = apps.get_opt(&backup.spec.app).await? else {
+        return Ok(());
+    };
+    let lock = OperationLock::new(
+        ctx.base.client.clone(),
+        &ns,
+        &app.name_any(),
+        &app.spec.stateful_set_name,
+    );
     if let Some(record) = lock.current().await?
         && Some(&record.holder.uid) == backup.uid().as_ref()
     {
