@@ -224,6 +224,10 @@ pub struct HookResult {
     /// In how many pods it failed.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub failed_count: i32,
+    /// Sessions of a `holdUntilPostHook` pre-hook still held open (the manager holds them
+    /// in memory: a restart while one is open loses the hold, and fails the run).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub held: i32,
     /// What went wrong first (exit code, timeout, last lines of stderr), or how a held
     /// session ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]

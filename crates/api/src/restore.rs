@@ -41,7 +41,7 @@ pub struct RestoreSpec {
     /// How long the restore may take before its swap begins, in seconds, counted from its
     /// start (waiting for the lock, stopping the app, staging): past it the restore ends
     /// `Failed` with `DeadlineExceeded`, the staged data is discarded and the app comes
-    /// back. Unset: the manager's default (`--restore-deadline`, 6 h). A swap that has
+    /// back. Unset: the manager's default (`--restore-deadline-seconds`, 6 h). A swap that has
     /// begun is never cut short: it is journaled and quick.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 60, max = 604800))]
@@ -163,6 +163,10 @@ pub struct RestoreVolumeStatus {
     /// A retry finished a swap that a crash interrupted.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub recovered: bool,
+    /// This volume's agent pod never started (refused, unschedulable) and its Job was
+    /// deleted: nothing of this restore touched the volume, so it needs no discard.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub agent_never_started: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }

@@ -872,11 +872,15 @@ async fn two_apps_sharing_a_repository_back_up_at_the_same_moment_three_rounds_i
     // its verdict), then the clock moves past `TRUST_READY_FOR` so that in rounds 2 and 3
     // both runs probe the repository at the same moment.
     let clock = stateward_runtime::time::ManualClock::new(chrono::Utc::now());
-    // The moved clock runs ahead of the API server's: the agent-start bound (measured from
-    // the Job's creation) must not fire because of that.
-    let mut config = stateward_backup::Config::default();
-    config.runs.agent_start_timeout = std::time::Duration::from_secs(3600);
-    let world = World::start("run-shared-repo", config, Loops::All, Some(clock.clone())).await?;
+    // The moved clock is ahead of the API server's: the agent-start bound is measured on
+    // the controller's clock alone, so it does not fire because of that.
+    let world = World::start(
+        "run-shared-repo",
+        Default::default(),
+        Loops::All,
+        Some(clock.clone()),
+    )
+    .await?;
     let apps = ["left", "right"];
     for name in apps {
         world.apply(&writer_statefulset(name, 1)).await?;

@@ -724,9 +724,12 @@ async fn deleting_backups_follows_their_policy_and_namespace_deletion_never_hang
     ensure!(w.keys(&format!("{}/", location(&retained))).await? == before_retained);
 
     // backupsOnDelete: Delete — deleting the app deletes its Backups (and, by their
-    // policy, their data).
+    // policy, their data). Its own StatefulSet: a second app on `del` would be
+    // AlreadyManaged.
+    w.apply(&writer_statefulset("gone", 1)).await?;
+    wait_pod_ready(&w.pods(), "gone-0", 2 * MINUTE).await?;
     w.apply(
-        &scheduled_app("gone", "del", "", "  backupsOnDelete: Delete\n")
+        &scheduled_app("gone", "gone", "", "  backupsOnDelete: Delete\n")
             .replace("    schedules:\n", ""),
     )
     .await?;

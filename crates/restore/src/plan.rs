@@ -19,6 +19,8 @@ pub const RESTORE_UID_LABEL: &str = "stateward.io/restore-uid";
 /// The full name of the Restore on its agent Jobs: the label value is bounded to 63
 /// characters (a readable prefix and a hash), so the Job maps back through this.
 pub const RESTORE_NAME_ANNOTATION: &str = "stateward.io/restore-name";
+/// Which step an agent Job runs (`stage`, `swap`, `discard`, `exec`).
+pub const STEP_LABEL: &str = "stateward.io/restore-step";
 pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
 pub const AGENT_COMPONENT: &str = "restore-agent";
 /// On clone PVCs and StatefulSets: the Restore that created them (they are not owned by
@@ -717,6 +719,7 @@ pub fn agent_job(inputs: &JobInputs<'_>, item: &Item, index: usize, step: JobSte
         COMPONENT_LABEL: AGENT_COMPONENT,
         RESTORE_LABEL: names::label_value(&name),
         RESTORE_UID_LABEL: uid,
+        STEP_LABEL: step.as_str(),
     });
     let mut spec = json!({
         "restartPolicy": "Never",

@@ -193,6 +193,30 @@ impl Pass<'_> {
         );
     }
 
+    /// Whether a stage Job of this restore has not finished yet.
+    async fn stage_jobs_running(&self) -> Result<bool, RestoreError> {
+        let jobs = self
+            .api::<Job>()
+            .list(&ListParams::default().labels(&format!(
+                "{}={},{}={}",
+                plan::RESTORE_UID_LABEL,
+                self.restore.uid().unwrap_or_default(),
+                plan::STEP_LABEL,
+                JobStep::Stage.as_str()
+            )))
+            .await?;
+        Ok(jobs.items.iter().any(|job| {
+            !job.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| {
+                    c.iter().any(|c| {
+                        (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True"
+                    })
+                })
+        }))
+    }
+
     /// The instant past which the restore fails unless its swap began.
     fn deadline(&self) -> Option<chrono::DateTime<chrono::Utc>> {
         let start = self
@@ -226,7 +250,9 @@ impl Pass<'_> {
             .find_map(|(volume, state)| Some((&volume.target, state.waiting_note()?)));
         match waiting {
             Some((target, note)) => {
-                let (reason, message) = note.split_once(": ").unwrap_or(("AgentNotStarted", note));
+                let (reason, message) = note
+                    .split_once(": ")
+                    .unwrap_or(("AgentNotStarted", note.as_str()));
                 let message = format!("{step}: {target}: {message}");
                 self.set_ready(false, leak_reason(reason), message);
             }
@@ -432,6 +458,26 @@ impl Pass<'_> {
                     ),
                 })
                 .await;
+        }
+        // Staging past the deadline: the stage Jobs carry the remaining time and end on
+        // their own; when none is left running (none could be created), staging ends here.
+        if self.status.step.as_deref() == Some("Staging")
+            && self.seconds_left() <= 0
+            && !self.stage_jobs_running().await?
+        {
+            for volume in self.status.volumes.iter_mut().filter(|v| {
+                !v.agent_never_started && !matches!(v.phase.as_str(), "Failed" | "Staged")
+            }) {
+                volume.phase = "Failed".into();
+                volume.message =
+                    Some("DeadlineExceeded: the restore's deadline passed while staging".into());
+            }
+            self.status.step = Some("Discarding".into());
+            self.set_ready(
+                false,
+                "Discarding",
+                "DeadlineExceeded: discarding the staged data, the old data is untouched",
+            );
         }
         // 1. The source.
         let source = match source::resolve(&self.ctx.base.client, &self.restore).await {
@@ -811,7 +857,7 @@ impl Pass<'_> {
                 Ok(Action::requeue(POLL))
             }
             JobStep::Discard | JobStep::Exec => {
-                if states.iter().all(|s| !matches!(s, JobState::Running(_))) {
+                if states.iter().all(|s| !s.is_running()) {
                     // The first failed volume's "<reason>: <message>" decides.
                     let failed = self
                         .status
@@ -963,15 +1009,27 @@ impl Pass<'_> {
         let mut states = Vec::new();
         for (index, item) in plan.items.iter().enumerate() {
             let name = plan::job_name(&self.name(), step, index);
-            // A stage Job that never started was deleted: nothing was staged there, and
-            // its discard would only wait on the same refusal.
-            if step == JobStep::Discard
-                && jobs
-                    .get_opt(&plan::job_name(&self.name(), JobStep::Stage, index))
-                    .await?
-                    .is_none()
+            // This volume's agent never started (its Job was given up on): nothing of this
+            // restore touched it, so it needs no discard, and its Job is not created again.
+            if let Some(volume) = self
+                .status
+                .volumes
+                .get(index)
+                .filter(|v| v.agent_never_started)
             {
-                states.push(JobState::Succeeded(RestoreResult::default()));
+                states.push(if step == JobStep::Discard {
+                    JobState::Succeeded(RestoreResult::default())
+                } else if jobs.get_opt(&name).await?.is_some() {
+                    JobState::Running(Some(format!(
+                        "{}; deleting its agent Job",
+                        volume.message.clone().unwrap_or_default()
+                    )))
+                } else {
+                    let note = volume.message.clone().unwrap_or_default();
+                    let (reason, message) =
+                        note.split_once(": ").unwrap_or(("AgentNotStarted", &note));
+                    JobState::NeverStarted(reason.into(), message.into())
+                });
                 continue;
             }
             let job = match jobs.get_opt(&name).await? {
@@ -980,10 +1038,31 @@ impl Pass<'_> {
                     if step != JobStep::Exec {
                         // A disaster-recovery restore into a fresh namespace has no agent
                         // ServiceAccount yet; the Job's pods would be refused without it.
-                        self.ensure_agent_service_account().await?;
+                        match self.ensure_agent_service_account().await {
+                            Ok(()) => {}
+                            Err(RestoreError::Kube(kube::Error::Api(e)))
+                                if matches!(e.code, 400 | 403 | 422) =>
+                            {
+                                states.push(JobState::Failed(
+                                    "AgentJobRefused".into(),
+                                    format!(
+                                        "the API server refused the agent ServiceAccount {}: {}",
+                                        plan::AGENT_SERVICE_ACCOUNT,
+                                        e.message
+                                    ),
+                                ));
+                                continue;
+                            }
+                            Err(e) => return Err(e),
+                        }
                     }
-                    let body: Job =
+                    let mut body: Job =
                         serde_json::from_value(plan::agent_job(&inputs, item, index, step))?;
+                    // The agent-start bound is measured on our clock, from here.
+                    body.annotations_mut().insert(
+                        agent_start::CREATED_AT_ANNOTATION.into(),
+                        time::rfc3339(self.now()),
+                    );
                     match jobs.create(&PostParams::default(), &body).await {
                         Ok(job) => job,
                         Err(kube::Error::Api(e)) if e.code == 409 => jobs.get(&name).await?,
@@ -1012,17 +1091,23 @@ impl Pass<'_> {
                     }
                 }
             };
-            states.push(self.job_state(&job).await?);
+            states.push(self.job_state(&job, step).await?);
         }
         Ok(states)
     }
 
     /// A Job that has not finished: running, waiting for its pod (and for what), or never
-    /// started within the bound — then it is deleted, so its pod cannot start later beside
-    /// whatever runs next on the volume, and the volume fails with the cause.
-    async fn unfinished_job_state(&self, job: &Job) -> Result<JobState, RestoreError> {
+    /// started within the bound — then it is deleted (foreground: its pods go first), so
+    /// its pod cannot start later beside whatever runs next on the volume. A swap Job is
+    /// never given up on: the app stays down after a swap began anyway, and the swap
+    /// goes on once its pod can start.
+    async fn unfinished_job_state(
+        &self,
+        job: &Job,
+        step: JobStep,
+    ) -> Result<JobState, RestoreError> {
         let status = job.status.clone().unwrap_or_default();
-        if status.ready.unwrap_or(0) > 0 || status.failed.unwrap_or(0) > 0 {
+        if status.ready.unwrap_or(0) > 0 {
             return Ok(JobState::Running(None));
         }
         let signals = agent_start::observe(&self.ctx.base.client, job).await?;
@@ -1031,22 +1116,27 @@ impl Pass<'_> {
             AgentStart::Waiting {
                 reason, message, ..
             } => Ok(JobState::Running(Some(format!("{reason}: {message}")))),
+            AgentStart::Failed { reason, message } if step == JobStep::Swap => {
+                Ok(JobState::Running(Some(format!(
+                    "{reason}: {message}; the swap goes on once its agent starts"
+                ))))
+            }
             AgentStart::Failed { reason, message } => {
                 match self
                     .api::<Job>()
-                    .delete(&job.name_any(), &DeleteParams::background())
+                    .delete(&job.name_any(), &DeleteParams::foreground())
                     .await
                 {
                     Ok(_) => {}
                     Err(kube::Error::Api(e)) if e.code == 404 => {}
                     Err(e) => return Err(e.into()),
                 }
-                Ok(JobState::NeverStarted(reason.into(), message))
+                Ok(JobState::Refusing(reason.into(), message))
             }
         }
     }
 
-    async fn job_state(&self, job: &Job) -> Result<JobState, RestoreError> {
+    async fn job_state(&self, job: &Job, step: JobStep) -> Result<JobState, RestoreError> {
         let condition = |type_: &str| {
             job.status
                 .as_ref()
@@ -1057,7 +1147,7 @@ impl Pass<'_> {
         let complete = condition("Complete").is_some();
         let failed = condition("Failed");
         if !complete && failed.is_none() {
-            return self.unfinished_job_state(job).await;
+            return self.unfinished_job_state(job, step).await;
         }
         // The agent's own words, from the newest terminated pod of the Job.
         let pods = self
@@ -1256,7 +1346,10 @@ enum JobState {
     Running(Option<String>),
     Succeeded(RestoreResult),
     Failed(String, String),
-    /// Its pod never started within the bound: nothing of this step touched the volume.
+    /// Its pod never started within the bound; its Job is being deleted.
+    Refusing(String, String),
+    /// Its pod never started within the bound and its Job is gone: nothing of this step
+    /// touched the volume.
     NeverStarted(String, String),
 }
 
@@ -1270,11 +1363,17 @@ impl JobState {
         }
     }
 
-    fn waiting_note(&self) -> Option<&str> {
+    /// `<reason>: <message>` of what a running Job waits for.
+    fn waiting_note(&self) -> Option<String> {
         match self {
-            Self::Running(note) => note.as_deref(),
+            Self::Running(note) => note.clone(),
+            Self::Refusing(reason, message) => Some(format!("{reason}: {message}")),
             _ => None,
         }
+    }
+
+    fn is_running(&self) -> bool {
+        matches!(self, Self::Running(_) | Self::Refusing(..))
     }
 }
 
@@ -1284,6 +1383,10 @@ fn volume_phase(volume: &mut RestoreVolumeStatus, step: JobStep, state: &JobStat
         return;
     }
     match state {
+        JobState::Refusing(reason, message) => {
+            volume.agent_never_started = true;
+            volume.message = Some(format!("{reason}: {message}"));
+        }
         JobState::Running(note) => {
             volume.message = note.clone();
             volume.phase = match step {

@@ -118,6 +118,12 @@ async fn refused_agents_fail_the_operation_and_the_app_comes_back(
         failed.conditions
     );
     println!("Backup failed after {:?}: {message}", started.elapsed());
+    // It waited for the bound, and not for ever (generous: the machine may be busy).
+    ensure!(
+        started.elapsed() >= START_BOUND && started.elapsed() < START_BOUND + 3 * MINUTE,
+        "the Backup ended after {:?}",
+        started.elapsed()
+    );
     world.wait_ready("pr", 1).await?;
 
     let started = std::time::Instant::now();
@@ -135,6 +141,16 @@ async fn refused_agents_fail_the_operation_and_the_app_comes_back(
         "{reason}: {message}"
     );
     println!("Restore failed after {:?}: {message}", started.elapsed());
+    ensure!(
+        started.elapsed() >= START_BOUND && started.elapsed() < START_BOUND + 3 * MINUTE,
+        "the Restore ended after {:?}",
+        started.elapsed()
+    );
+    let volumes = restore.status.clone().unwrap_or_default().volumes;
+    ensure!(
+        volumes.iter().all(|v| v.agent_never_started),
+        "the never-started volume needs no discard: {volumes:?}"
+    );
     // The app stopped for the restore comes back (its own pods pass the namespace).
     world.wait_ready("pr", 1).await?;
     world.finish().await

@@ -15,12 +15,20 @@ use kube::{Api, ResourceExt};
 
 use crate::time;
 
+/// The controller's own clock at a Job's creation, on the Job: the bound is measured on
+/// one clock (the API server's `creationTimestamp` is another machine's, and tests move
+/// the controller's).
+pub const CREATED_AT_ANNOTATION: &str = "stateward.io/created-at";
+
 /// What the cluster says about an agent Job that has not finished.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Signals {
-    /// When the Job was created.
+    /// When the Job was created (by the controller's clock when it stamped the Job).
     pub created: DateTime<Utc>,
-    /// A pod of the Job ran (a container started, or the pod ended).
+    /// When its last failed pod ended: a replacement pod's wait starts there.
+    pub last_ended: Option<DateTime<Utc>>,
+    /// A pod of the Job runs or succeeded (a failed pod does not count: its replacement
+    /// may be the one refused).
     pub started: bool,
     /// The newest `FailedCreate` event's message: the pod was refused by the API server.
     pub refused: Option<String>,
@@ -71,7 +79,10 @@ pub fn decide(signals: &Signals, now: DateTime<Utc>, bound: Duration) -> AgentSt
     if signals.started {
         return AgentStart::Started;
     }
-    let until = signals.created + chrono::Duration::from_std(bound).unwrap_or_default();
+    let since = signals
+        .last_ended
+        .map_or(signals.created, |e| e.max(signals.created));
+    let until = since + chrono::Duration::from_std(bound).unwrap_or_default();
     let (reason, cause) = if let Some(message) = &signals.refused {
         (
             "AgentPodRefused",
@@ -115,11 +126,18 @@ pub fn decide(signals: &Signals, now: DateTime<Utc>, bound: Duration) -> AgentSt
 /// `FailedCreate` events.
 pub async fn observe(client: &kube::Client, job: &Job) -> Result<Signals, kube::Error> {
     let ns = job.namespace().unwrap_or_default();
-    let created = job
-        .metadata
-        .creation_timestamp
-        .as_ref()
-        .map(time::to_chrono)
+    let stamped = job
+        .annotations()
+        .get(CREATED_AT_ANNOTATION)
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc));
+    let created = stamped
+        .or_else(|| {
+            job.metadata
+                .creation_timestamp
+                .as_ref()
+                .map(time::to_chrono)
+        })
         .unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let pods = pods
@@ -128,7 +146,13 @@ pub async fn observe(client: &kube::Client, job: &Job) -> Result<Signals, kube::
         .items;
     let mut signals = pod_signals(&pods);
     signals.created = created;
-    if pods.is_empty() {
+    let live = pods.iter().any(|p| {
+        matches!(
+            p.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Pending" | "Running")
+        )
+    });
+    if !live {
         let events: Api<Event> = Api::namespaced(client.clone(), &ns);
         let uid = job.uid().unwrap_or_default();
         let list = events
@@ -140,10 +164,13 @@ pub async fn observe(client: &kube::Client, job: &Job) -> Result<Signals, kube::
         signals.refused = list
             .items
             .iter()
+            // Events written through events.k8s.io carry eventTime, not lastTimestamp.
             .max_by_key(|e| {
                 e.last_timestamp
                     .as_ref()
                     .map(time::to_chrono)
+                    .or_else(|| e.event_time.as_ref().map(|t| time::from_jiff(t.0)))
+                    .or_else(|| e.metadata.creation_timestamp.as_ref().map(time::to_chrono))
                     .unwrap_or_default()
             })
             .and_then(|e| e.message.clone());
@@ -156,17 +183,23 @@ pub fn pod_signals(pods: &[Pod]) -> Signals {
     let mut signals = Signals::default();
     for pod in pods {
         let Some(status) = &pod.status else { continue };
-        let ended = matches!(
-            status.phase.as_deref(),
-            Some("Running" | "Succeeded" | "Failed")
-        );
         let containers = status.container_statuses.iter().flatten();
-        let ran = containers.clone().any(|c| {
-            c.state
-                .as_ref()
-                .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
-        });
-        if ended || ran {
+        if status.phase.as_deref() == Some("Failed") {
+            let ended = containers
+                .clone()
+                .filter_map(|c| c.state.as_ref()?.terminated.as_ref()?.finished_at.as_ref())
+                .map(time::to_chrono)
+                .max();
+            signals.last_ended = signals.last_ended.max(ended);
+            continue;
+        }
+        let runs = matches!(status.phase.as_deref(), Some("Running" | "Succeeded"))
+            || containers.clone().any(|c| {
+                c.state
+                    .as_ref()
+                    .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+            });
+        if runs {
             signals.started = true;
         }
         for condition in status.conditions.iter().flatten() {
@@ -316,5 +349,31 @@ mod tests {
         assert_eq!(pod_signals(&[creating]).waiting, None);
         let running = pod("metadata: {name: a}\nstatus: {phase: Running}");
         assert!(pod_signals(&[running]).started);
+        // A failed pod is not a start: its replacement may be the one refused, and the
+        // wait for it counts from the failure.
+        let failed = pod(
+            "metadata: {name: a}\nstatus: {phase: Failed, containerStatuses: [{name: agent, image: i, imageID: '', ready: false, restartCount: 0, state: {terminated: {exitCode: 1, finishedAt: '2027-01-15T08:00:00Z'}}}]}",
+        );
+        let s = pod_signals(&[failed]);
+        assert!(!s.started);
+        assert_eq!(
+            s.last_ended.map(|t| t.to_rfc3339()).as_deref(),
+            Some("2027-01-15T08:00:00+00:00")
+        );
+        let bound = Duration::from_secs(60);
+        let replaced = Signals {
+            created: at(0),
+            last_ended: Some(at(100)),
+            refused: Some("quota".into()),
+            ..Signals::default()
+        };
+        assert!(matches!(
+            decide(&replaced, at(150), bound),
+            AgentStart::Waiting { .. }
+        ));
+        assert!(matches!(
+            decide(&replaced, at(160), bound),
+            AgentStart::Failed { .. }
+        ));
     }
 }

@@ -254,6 +254,11 @@ async fn step(cached: &StatefulApp, ctx: &ScalingContext) -> Result<Action, Scal
         .cloned()
         .collect();
     let mut section = status.scaling.clone().unwrap_or_default();
+    // Our cache of StatefulApps is filled once the first list completed: before that, an
+    // app would find no older one.
+    if ctx.apps.wait_until_ready().await.is_err() {
+        return Ok(Action::requeue(STEADY));
+    }
     // Another StatefulApp manages this StatefulSet: this one does nothing. Its owner's
     // deletion does not wake it, so it looks again after a while.
     let cached = ctx.apps.state();
@@ -784,6 +789,18 @@ async fn scale_down(
                         )).await;
                     }
                     _ => {
+                        // Idempotent: also names a Backup created before this manager
+                        // recorded nested uids (or whose naming a crash interrupted).
+                        if let Some(uid) = backup.as_ref().and_then(|b| b.uid()) {
+                            OperationLock::new(
+                                ctx.base.client.clone(),
+                                &world.ns(),
+                                &world.app.name_any(),
+                                &world.app.spec.stateful_set_name,
+                            )
+                            .allow_nested(token, &uid)
+                            .await?;
+                        }
                         world.section.operation = Some(op);
                         world.set(
                             SCALING,

@@ -652,13 +652,16 @@ async fn running(backup: &Backup, ctx: &RunContext) -> Result<Action, RunError> 
         && let Some(lost) = status
             .hooks
             .iter()
-            .find(|h| h.stage == HookStage::Pre && h.message.as_deref() == Some(HOLDING))
+            .find(|h| h.stage == HookStage::Pre && h.held > 0)
     {
         let message = format!(
             "pre-hook {} held its session while the data was copied, and the manager restarted: the hold ended, so the copy cannot be trusted; run the backup again",
             lost.name
         );
         set_failure(backup, &mut status, "HookSessionLost", message, now);
+        for result in status.hooks.iter_mut() {
+            result.held = 0;
+        }
     }
 
     // Pre-hooks, each recorded once.
@@ -797,7 +800,11 @@ async fn run_hook(
         };
         tracing::info!(hook = %hook.name, %pod, ?stage, succeeded = outcome.is_ok(), "hook ended");
         let failure = outcome.as_ref().err().cloned();
+        let holding = matches!(&outcome, Ok(Some(note)) if note == HOLDING);
         let result = hook_progress::entry(&mut status.hooks, stage, &hook.name, pods.len());
+        if holding {
+            result.held += 1;
+        }
         hook_progress::record_end(result, &pod, outcome);
         if let Some(message) = failure {
             let message = format!("hook {} in {pod}: {message}", hook.name);
@@ -856,13 +863,15 @@ async fn release_held(backup: &Backup, ctx: &RunContext, status: &mut BackupStat
     for session in held {
         // Sessions are named `<hook>@<pod>`.
         let name = session.name.clone();
-        let (hook, pod) = name.split_once('@').unwrap_or((name.as_str(), ""));
+        // Hook names may contain `@`; pod names never do.
+        let (hook, pod) = name.rsplit_once('@').unwrap_or((name.as_str(), ""));
         let outcome = session.release().await;
         if let Some(result) = status
             .hooks
             .iter_mut()
             .find(|h| h.stage == HookStage::Pre && h.name == hook)
         {
+            result.held = (result.held - 1).max(0);
             match &outcome {
                 Ok(()) if result.succeeded => {
                     result.message =
@@ -974,7 +983,7 @@ fn set_agents_condition(backup: &Backup, status: &mut BackupStatus, now: DateTim
 /// Whether an unfinished agent Job's pod started, waits (for what) or never will.
 async fn agent_start(ctx: &RunContext, job: &Job) -> Result<AgentStart, RunError> {
     let status = job.status.clone().unwrap_or_default();
-    if status.ready.unwrap_or(0) > 0 || status.failed.unwrap_or(0) > 0 {
+    if status.ready.unwrap_or(0) > 0 {
         return Ok(AgentStart::Started);
     }
     let signals = stateward_runtime::agent_start::observe(&ctx.base.client, job).await?;
@@ -1176,8 +1185,13 @@ async fn create_jobs(
             node: node.clone(),
             claim: (resolved.settings.method == BackupMethod::Volume).then(|| volume.name.clone()),
         };
-        let job: Job = serde_json::from_value(plan::agent_job(&inputs, &target, app_pod))
+        let mut job: Job = serde_json::from_value(plan::agent_job(&inputs, &target, app_pod))
             .map_err(|e| RunError::Store(format!("building the agent Job: {e}")))?;
+        // The agent-start bound is measured on our clock, from here.
+        job.annotations_mut().insert(
+            stateward_runtime::agent_start::CREATED_AT_ANNOTATION.into(),
+            time::rfc3339(ctx.base.clock.now()),
+        );
         match jobs_api.create(&PostParams::default(), &job).await {
             Ok(_) => {}
             // Created by an earlier reconcile whose status write was lost: adopt it.
