@@ -1165,7 +1165,11 @@ async fn create_jobs(
         .filter(|v| names.contains(&v.name))
     {
         let node = volume.node.clone().unwrap_or_default();
-        let on_node = per_node.get(&node).copied().unwrap_or(0);
+        // Jobs carry the node as a (bounded) label value: count by the same key.
+        let on_node = per_node
+            .get(&stateward_runtime::names::label_value(&node))
+            .copied()
+            .unwrap_or(0);
         if running_total >= ctx.config.max_jobs || on_node >= ctx.config.max_jobs_per_node {
             volume.message = Some(format!(
                 "waiting for an agent slot ({running_total} agent Jobs running of {} allowed, {on_node} on node {node} of {})",
@@ -1202,7 +1206,9 @@ async fn create_jobs(
         volume.phase = BackupPhase::Running;
         volume.message = None;
         running_total += 1;
-        *per_node.entry(node).or_default() += 1;
+        *per_node
+            .entry(stateward_runtime::names::label_value(&node))
+            .or_default() += 1;
     }
     Ok(())
 }

@@ -430,7 +430,7 @@ fn agent_labels(backup: &Backup, node: &str) -> BTreeMap<String, String> {
             APP_LABEL.to_string(),
             names::bounded(&backup.spec.app, 63, false),
         ),
-        (NODE_LABEL.to_string(), names::bounded(node, 63, false)),
+        (NODE_LABEL.to_string(), names::label_value(node)),
     ])
 }
 
