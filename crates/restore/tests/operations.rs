@@ -247,10 +247,6 @@ async fn a_clone_from_a_repository_path_completes_in_a_namespace_stateward_never
 #[tokio::test]
 async fn a_second_statefulapp_on_one_statefulset_is_already_managed_and_a_copied_parent_token_waits()
 -> Result<()> {
-    use k8s_openapi::api::core::v1::ConfigMap;
-    use kube::ResourceExt;
-    use stateward_runtime::lock::{Acquired, Holder, Intent, OperationLock};
-
     let world = World::new("rst-owner").await?;
     world.apply(&writer("own", 1, "32Mi")).await?;
     world.apply(&app("own", "own", "")).await?;
@@ -301,24 +297,7 @@ async fn a_second_statefulapp_on_one_statefulset_is_already_managed_and_a_copied
 
     // Another operation holds the lock; a Backup that copies its token into the parent
     // annotation waits like any other, then runs once the lock is free.
-    let maps: kube::Api<ConfigMap> = world.api();
-    let holder_map = maps
-        .create(
-            &Default::default(),
-            &serde_json::from_value(serde_json::json!({"metadata": {"name": "parent-op"}}))?,
-        )
-        .await?;
-    let lock = OperationLock::new(world.cluster.client.clone(), &world.ns.name, "own", "own");
-    let holder = Holder {
-        api_version: "v1".into(),
-        kind: "ConfigMap".into(),
-        resource: "configmaps".into(),
-        name: "parent-op".into(),
-        uid: holder_map.uid().unwrap_or_default(),
-    };
-    let Acquired::Held(record) = lock.acquire(holder, Intent::Reshape, None).await? else {
-        anyhow::bail!("could not take the lock for the test");
-    };
+    let (lock, record) = hold_lock(&world, "parent-op", "own").await?;
     world
         .apply(&format!(
             "apiVersion: stateward.io/v1alpha1\nkind: Backup\nmetadata:\n  name: copied-token\n  annotations: {{ stateward.io/parent-operation-token: \"{}\" }}\nspec: {{ app: own }}",
@@ -356,10 +335,6 @@ async fn a_second_statefulapp_on_one_statefulset_is_already_managed_and_a_copied
 
 #[tokio::test]
 async fn a_backup_that_cannot_get_the_lock_fails_after_the_bound_naming_the_holder() -> Result<()> {
-    use k8s_openapi::api::core::v1::ConfigMap;
-    use kube::ResourceExt;
-    use stateward_runtime::lock::{Acquired, Holder, Intent, OperationLock};
-
     let mut backup_config = stateward_backup::Config::default();
     backup_config.runs.lock_wait = std::time::Duration::from_secs(10);
     let world = World::with_configs(
@@ -371,24 +346,7 @@ async fn a_backup_that_cannot_get_the_lock_fails_after_the_bound_naming_the_hold
     world.apply(&writer("lw", 1, "32Mi")).await?;
     world.apply(&app("lw", "lw", "")).await?;
     world.wait_ready("lw", 1).await?;
-    let maps: kube::Api<ConfigMap> = world.api();
-    let holder_map = maps
-        .create(
-            &Default::default(),
-            &serde_json::from_value(serde_json::json!({"metadata": {"name": "long-op"}}))?,
-        )
-        .await?;
-    let lock = OperationLock::new(world.cluster.client.clone(), &world.ns.name, "lw", "lw");
-    let holder = Holder {
-        api_version: "v1".into(),
-        kind: "ConfigMap".into(),
-        resource: "configmaps".into(),
-        name: "long-op".into(),
-        uid: holder_map.uid().unwrap_or_default(),
-    };
-    let Acquired::Held(record) = lock.acquire(holder, Intent::Reshape, None).await? else {
-        anyhow::bail!("could not take the lock for the test");
-    };
+    let (lock, record) = hold_lock(&world, "long-op", "lw").await?;
     world
         .apply("apiVersion: stateward.io/v1alpha1\nkind: Backup\nmetadata: { name: lw-b1 }\nspec: { app: lw }")
         .await?;

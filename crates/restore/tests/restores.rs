@@ -8,11 +8,10 @@ mod common;
 use anyhow::{Context as _, Result, ensure};
 use aws_sdk_s3::primitives::ByteStream;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod};
-use kube::api::{DeleteParams, PostParams};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::api::DeleteParams;
 use kube::{Api, ResourceExt};
 use stateward_api::{Backup, RestorePhase};
-use stateward_runtime::lock::{Acquired, Holder, Intent, OperationLock};
 
 use common::*;
 
@@ -424,24 +423,7 @@ async fn bad_input_names_the_problem_and_touches_nothing() -> Result<()> {
     ensure!(ready(&r).1 == "BackupNotCompleted", "{:?}", ready(&r));
 
     // Another operation holds the app's lock: the restore waits and says so.
-    let maps: Api<ConfigMap> = world.api();
-    let holder_map = maps
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(serde_json::json!({"metadata": {"name": "other-op"}}))?,
-        )
-        .await?;
-    let lock = OperationLock::new(world.cluster.client.clone(), &world.ns.name, "bad", "bad");
-    let holder = Holder {
-        api_version: "v1".into(),
-        kind: "ConfigMap".into(),
-        resource: "configmaps".into(),
-        name: "other-op".into(),
-        uid: holder_map.uid().unwrap_or_default(),
-    };
-    let Acquired::Held(record) = lock.acquire(holder, Intent::Reshape, None).await? else {
-        anyhow::bail!("could not take the lock for the test");
-    };
+    let (lock, record) = hold_lock(&world, "other-op", "bad").await?;
     world.apply("apiVersion: stateward.io/v1alpha1\nkind: Restore\nmetadata: { name: waits }\nspec:\n  source: { backup: bad-b1 }\n  target: { app: bad }").await?;
     let restores: Api<stateward_api::Restore> = world.api();
     let waiting =

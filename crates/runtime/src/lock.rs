@@ -235,14 +235,7 @@ impl OperationLock {
             },
             ..Default::default()
         });
-        lease
-            .metadata
-            .annotations
-            .get_or_insert_with(Default::default)
-            .insert(
-                RECORD_ANNOTATION.to_string(),
-                serde_json::to_string(record)?,
-            );
+        Self::write_record(&mut lease, record)?;
         lease.spec = Some(LeaseSpec {
             holder_identity: Some(record.holder.identity()),
             acquire_time: Some(to_k8s_micro_time(record.acquired_at)),
@@ -258,6 +251,19 @@ impl OperationLock {
 
     fn api(&self) -> Api<Lease> {
         Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Puts `record` into the Lease's annotation (the inverse of [`Self::record_of`]).
+    fn write_record(lease: &mut Lease, record: &LockRecord) -> Result<(), LockError> {
+        lease
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(
+                RECORD_ANNOTATION.to_string(),
+                serde_json::to_string(record)?,
+            );
+        Ok(())
     }
 
     fn record_of(lease: &Lease) -> Result<Option<LockRecord>, LockError> {
@@ -434,14 +440,7 @@ impl OperationLock {
             if !change(&mut record) {
                 return Ok(());
             }
-            lease
-                .metadata
-                .annotations
-                .get_or_insert_with(Default::default)
-                .insert(
-                    RECORD_ANNOTATION.to_string(),
-                    serde_json::to_string(&record)?,
-                );
+            Self::write_record(&mut lease, &record)?;
             match self
                 .api()
                 .replace(&self.lease_name, &PostParams::default(), &lease)

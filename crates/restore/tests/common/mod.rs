@@ -392,3 +392,36 @@ pub fn pids_with(parts: &[&str]) -> Vec<i32> {
     }
     out
 }
+
+/// Takes the operation lock of `app` (whose StatefulSet has its name) for another
+/// operation, a ConfigMap `holder` standing in for it, as a busy cluster would.
+pub async fn hold_lock(
+    world: &World,
+    holder: &str,
+    app: &str,
+) -> Result<(
+    stateward_runtime::lock::OperationLock,
+    stateward_runtime::lock::LockRecord,
+)> {
+    use kube::ResourceExt;
+    use stateward_runtime::lock::{Acquired, Holder, Intent, OperationLock};
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> = world.api();
+    let map = maps
+        .create(
+            &Default::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": holder}}))?,
+        )
+        .await?;
+    let lock = OperationLock::new(world.cluster.client.clone(), &world.ns.name, app, app);
+    let holder = Holder {
+        api_version: "v1".into(),
+        kind: "ConfigMap".into(),
+        resource: "configmaps".into(),
+        name: holder.into(),
+        uid: map.uid().unwrap_or_default(),
+    };
+    let Acquired::Held(record) = lock.acquire(holder, Intent::Reshape, None).await? else {
+        anyhow::bail!("could not take the lock for the test");
+    };
+    Ok((lock, record))
+}
