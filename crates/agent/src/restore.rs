@@ -69,15 +69,9 @@ impl StoredArgs {
         let text = std::env::var(IDENTITY_ENV).map_err(|_| {
             Failure::refused("NoIdentity", format!("--decrypt needs {IDENTITY_ENV}"))
         })?;
-        text.trim()
-            .parse::<age::x25519::Identity>()
+        crate::crypto::parse_identity(&text)
             .map(Some)
-            .map_err(|_| {
-                Failure::refused(
-                    "NoIdentity",
-                    format!("{IDENTITY_ENV} is not an age identity (expected AGE-SECRET-KEY-1...)"),
-                )
-            })
+            .map_err(|e| Failure::refused("NoIdentity", format!("{IDENTITY_ENV} is {e}")))
     }
 }
 

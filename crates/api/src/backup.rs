@@ -3,7 +3,7 @@
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use crate::common::Conditions;
+use crate::common::{BACKUP_PATH, Conditions, DNS_SUBDOMAIN};
 use crate::statefulapp::{BackupMethod, ReplicaSelection};
 
 /// One backup of one StatefulApp. Its data lives in the app's repository under
@@ -26,14 +26,16 @@ use crate::statefulapp::{BackupMethod, ReplicaSelection};
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self == oldSelf || (has(self.cancel) && self.cancel && oldSelf.app == self.app)").message("a Backup's spec is immutable, except setting cancel: true"))]
+#[x_kube(validation = immutable_but_cancel())]
+#[x_kube(validation = Rule::new("!has(self.importPath) || self.deletionPolicy != 'Delete'").message("an imported backup was made elsewhere: its data is never deleted with this object (use deletionPolicy: Retain)").field_path(".deletionPolicy"))]
+#[x_kube(validation = Rule::new("!has(self.importPath) || (!has(self.method) && !has(self.replicas) && !has(self.activeDeadlineSeconds))").message("method, replicas and activeDeadlineSeconds mean nothing for an import: nothing runs").field_path(".importPath"))]
 pub struct BackupSpec {
     /// Name of the StatefulApp (same namespace) to back up.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub app: String,
     /// Repository override (default: the app's `spec.backup.repository`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub repository: Option<String>,
     /// Method override (default: the app's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -51,7 +53,8 @@ pub struct BackupSpec {
     #[schemars(range(min = 60, max = 604800))]
     pub active_deadline_seconds: Option<i64>,
     /// Set to true to cancel a running backup: its Jobs stop, uploads are aborted, no
-    /// manifest is written and the Backup ends Failed with reason `Cancelled`.
+    /// manifest is written and the Backup ends Failed with reason `Cancelled`. The only
+    /// change a Backup's spec admits, and only to true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel: Option<bool>,
     /// Import instead of run: the path of a backup already in the repository, below its
@@ -59,9 +62,41 @@ pub struct BackupSpec {
     /// whose Backup object was deleted). Nothing runs: the Backup is completed from the
     /// backup's manifest, and can then be restored, listed and retained like any other.
     /// Another namespace's path needs the repository's `allowRestoreFromNamespaces`.
+    /// An import takes neither `method`, `replicas`, `activeDeadlineSeconds` nor
+    /// `deletionPolicy: Delete`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^[^/]+/[^/]+/[^/]+$"))]
+    #[schemars(length(min = 1, max = 1024), regex(pattern = BACKUP_PATH))]
     pub import_path: Option<String>,
+}
+
+/// The spec fields besides `app` and `cancel`: each must stay as it was (set or unset,
+/// and to the same value) when `cancel` is set.
+const FIXED_FIELDS: [&str; 6] = [
+    "repository",
+    "method",
+    "replicas",
+    "deletionPolicy",
+    "activeDeadlineSeconds",
+    "importPath",
+];
+
+/// A Backup's spec is immutable, except that `cancel` may be set to true (and then never
+/// back): CEL cannot compare two objects minus one field, so the rule names every other
+/// field (a unit test keeps [`FIXED_FIELDS`] complete).
+fn immutable_but_cancel() -> kube::core::Rule {
+    let same = FIXED_FIELDS
+        .iter()
+        .map(|f| {
+            format!(
+                "has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" && ");
+    kube::core::Rule::new(format!(
+        "self == oldSelf || (has(self.cancel) && self.cancel && self.app == oldSelf.app && {same})"
+    ))
+    .message("a Backup's spec is immutable, except setting cancel: true")
 }
 
 /// What happens to stored data when a Backup object is deleted.
@@ -236,4 +271,27 @@ pub struct HookResult {
 
 fn is_zero(n: &i32) -> bool {
     *n == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The immutability rule names every spec field but `app` and `cancel`: a field added
+    /// to the spec and not to [`FIXED_FIELDS`] could change with `cancel: true`.
+    #[test]
+    fn the_immutability_rule_covers_every_spec_field() -> Result<(), serde_json::Error> {
+        let crd = serde_json::to_value(<Backup as kube::CustomResourceExt>::crd())?;
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        let mut fields: Vec<String> = spec["properties"]
+            .as_object()
+            .map(|p| p.keys().cloned().collect())
+            .unwrap_or_default();
+        fields.retain(|f| f != "app" && f != "cancel");
+        fields.sort();
+        let mut fixed: Vec<String> = FIXED_FIELDS.iter().map(|f| f.to_string()).collect();
+        fixed.sort();
+        assert_eq!(fields, fixed);
+        Ok(())
+    }
 }

@@ -3,7 +3,7 @@
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use crate::common::{Conditions, SecretKeyRef};
+use crate::common::{Conditions, DNS_LABEL, SecretKeyRef};
 
 /// An S3 bucket (and prefix) that stores backups. Credentials come only from Secret
 /// references; the backup controller checks reachability and shows it as `Ready`.
@@ -32,9 +32,11 @@ pub struct BackupRepositorySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<Encryption>,
     /// Namespaces (other than the repository's own) whose backups may be restored from
-    /// this repository. Empty (default): only this namespace's prefix is readable.
+    /// this repository. Empty (default): only this namespace's prefix is readable. A set
+    /// of namespace names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 63), regex(pattern = DNS_LABEL)))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
     pub allow_restore_from_namespaces: Vec<String>,
 }
 
@@ -88,23 +90,40 @@ pub enum ChecksumMode {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct S3Location {
-    /// Bucket name.
+    /// Bucket name, per S3's naming rules: 3-63 lower-case letters, digits, `.` and `-`,
+    /// no `..`, not shaped like an IP address, no reserved prefix (`xn--`, `sthree-`) or
+    /// suffix (`-s3alias`, `--ol-s3`).
     #[schemars(
         length(min = 3, max = 63),
         regex(pattern = r"^[a-z0-9][a-z0-9.\-]*[a-z0-9]$")
     )]
+    #[x_kube(validation = Rule::new("!self.contains('..')").message("a bucket name has no two adjacent periods"))]
+    #[x_kube(validation = Rule::new("!self.matches('^[0-9]+[.][0-9]+[.][0-9]+[.][0-9]+$')").message("a bucket name must not be shaped like an IP address"))]
+    #[x_kube(validation = Rule::new("!self.startsWith('xn--') && !self.startsWith('sthree-') && !self.endsWith('-s3alias') && !self.endsWith('--ol-s3')").message("a bucket name must not use S3's reserved prefixes (xn--, sthree-) or suffixes (-s3alias, --ol-s3)"))]
     pub bucket: String,
-    /// Key prefix under which this repository's backups live (no leading or trailing `/`).
+    /// Key prefix under which this repository's backups live: `/`-separated segments, no
+    /// leading or trailing `/`, no empty, `.` or `..` segment, no control character, no
+    /// leading `-`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 512), regex(pattern = r"^[^/].*[^/]$|^[^/]$"))]
+    #[schemars(
+        length(min = 1, max = 512),
+        regex(pattern = r"^[^-/[:cntrl:]][^/[:cntrl:]]*(/[^/[:cntrl:]]+)*$")
+    )]
+    #[x_kube(validation = Rule::new("!self.split('/').exists(p, p == '.' || p == '..')").message("a prefix has no . or .. segment"))]
     pub prefix: Option<String>,
-    /// Region (default `us-east-1`).
+    /// Region (default `us-east-1`): lower-case letters, digits and `-`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 64))]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z0-9][a-z0-9-]*$"))]
     pub region: Option<String>,
-    /// Endpoint URL for S3-compatible servers, e.g. `https://s3.example.com:9000`.
+    /// Endpoint URL for S3-compatible servers, e.g. `https://s3.example.com:9000`: a
+    /// scheme, a host and optionally a port (1-65535); no user, query or fragment
+    /// (credentials come only from the Secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 2048), regex(pattern = r"^https?://"))]
+    #[schemars(length(max = 256), regex(pattern = r"^https?://[^/?#@]"))]
+    #[x_kube(validation = Rule::new("isURL(self) && url(self).getHostname() != ''").message("endpoint must be a URL with a host, such as https://s3.example.com:9000"))]
+    #[x_kube(validation = Rule::new("!self.matches('^https?://[^/?#]*:[0-9]+([/?#].*)?$') || self.matches('^https?://[^/?#]*:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])([/?#].*)?$')").message("endpoint port must be between 1 and 65535"))]
+    #[x_kube(validation = Rule::new("!self.contains('?') && !self.contains('#')").message("endpoint has no query or fragment"))]
+    #[x_kube(validation = Rule::new("!self.contains('@')").message("endpoint must not carry a user or password: credentials come from spec.s3.credentials"))]
     pub endpoint: Option<String>,
     /// Address buckets by path (`endpoint/bucket/key`) rather than virtual host.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -3,7 +3,7 @@
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use crate::common::Conditions;
+use crate::common::{BACKUP_PATH, Conditions, DNS_LABEL, DNS_SUBDOMAIN};
 
 /// Restore a backup into the same app (in place) or into a new StatefulSet (a clone).
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -27,7 +27,7 @@ use crate::common::Conditions;
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self == oldSelf").message("a Restore's spec is immutable: create a new Restore"))]
-#[x_kube(validation = Rule::new("!self.target.createStatefulSet || has(self.target.cloneStatefulSetName)").message("target.createStatefulSet needs target.cloneStatefulSetName"))]
+#[x_kube(validation = Rule::new("!self.target.createStatefulSet || has(self.target.cloneStatefulSetName)").message("target.createStatefulSet needs target.cloneStatefulSetName").field_path(".target.createStatefulSet"))]
 pub struct RestoreSpec {
     /// What to restore: exactly one of `backup` or `repositoryPath`.
     pub source: RestoreSource,
@@ -55,7 +55,7 @@ pub struct RestoreSpec {
 pub struct RestoreSource {
     /// A Backup in this namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub backup: Option<String>,
     /// A backup made elsewhere (another cluster, a deleted Backup with Retain), found by
     /// its path in a repository.
@@ -68,10 +68,10 @@ pub struct RestoreSource {
 #[serde(rename_all = "camelCase")]
 pub struct RepositoryPath {
     /// Name of the BackupRepository (same namespace).
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub repository: String,
     /// Path of the backup below the repository prefix: `<namespace>/<app>/<backup>-<uid>`.
-    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^[^/]+/[^/]+/[^/]+$"))]
+    #[schemars(length(min = 1, max = 1024), regex(pattern = BACKUP_PATH))]
     pub path: String,
 }
 
@@ -81,7 +81,7 @@ pub struct RepositoryPath {
 pub struct RestoreTarget {
     /// The StatefulApp to restore into (in place: its data is replaced; the old data is
     /// kept until the new data is in place).
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub app: String,
     /// Clone instead: restore into fresh volumes named as this new StatefulSet's
     /// volumeClaimTemplates would name them (`<template>-<name>-<ordinal>`); the app's own
@@ -90,7 +90,7 @@ pub struct RestoreTarget {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 1, max = 52),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+        regex(pattern = DNS_LABEL)
     )]
     pub clone_stateful_set_name: Option<String>,
     /// With a clone, also create the StatefulSet from the spec recorded in the backup

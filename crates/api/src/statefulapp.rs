@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use crate::common::Conditions;
+use crate::common::{
+    Conditions, DNS_LABEL, DNS_SUBDOMAIN, DURATION_PATTERN, RELATIVE_PATH, duration_rule,
+};
 
 /// Manage an existing StatefulSet: its backups (and their schedules), scaling and
 /// monitoring. Each section is acted on by its own controller.
@@ -26,13 +28,17 @@ use crate::common::Conditions;
     printcolumn = r#"{"name":"Healthy","type":"string","jsonPath":".status.conditions[?(@.type==\"Healthy\")].status"}"#,
     printcolumn = r#"{"name":"Backups","type":"string","jsonPath":".status.conditions[?(@.type==\"BackupsHealthy\")].status"}"#,
     printcolumn = r#"{"name":"Last Backup","type":"date","jsonPath":".status.backup.lastSuccessfulTime"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    // A claim never shrinks: the size is compared with the largest one applied (kept in
+    // status by the scaling controller), so unsetting it and then setting a smaller one
+    // is refused too.
+    validation = Rule::new("!has(self.spec.scaling) || !has(self.spec.scaling.storage) || !has(self.spec.scaling.storage.size) || !isQuantity(self.spec.scaling.storage.size) || !has(self.status) || !has(self.status.scaling) || !has(self.status.scaling.appliedSize) || !isQuantity(self.status.scaling.appliedSize) || quantity(self.spec.scaling.storage.size).compareTo(quantity(self.status.scaling.appliedSize)) >= 0").message("storage size can never shrink below the size already applied to the claims (status.scaling.appliedSize)").field_path(".spec.scaling.storage.size")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct StatefulAppSpec {
     /// Name of the StatefulSet (same namespace) this app manages. The StatefulSet is
     /// never recreated; Stateward attaches to it as it is.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("statefulSetName is immutable: create another StatefulApp"))]
     pub stateful_set_name: String,
     /// Backup policy: repository, method, hooks and schedules.
@@ -92,7 +98,7 @@ pub enum ReplicaSelection {
 #[x_kube(validation = Rule::new("self.method != 'Exec' || (has(self.exec) && size(self.exec.command) > 0)").message("method Exec requires exec.command").field_path(".exec").reason(Reason::FieldValueRequired))]
 pub struct BackupPolicy {
     /// Name of the BackupRepository (same namespace) that stores the backups.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub repository: String,
     /// How data is copied: `Volume` (files of each PVC, default) or `Exec` (a dump command's
     /// output).
@@ -123,18 +129,19 @@ pub struct BackupPolicy {
 /// A dump (and load) command run in the app container.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.restoreFile) || !has(self.restoreCommand) || size(self.restoreCommand) == 0").message("set restoreCommand or restoreFile, not both: a dump is restored one way").field_path(".restoreFile"))]
 pub struct ExecSpec {
     /// Container to run in (default: the pod's first container).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 63))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL))]
     pub container: Option<String>,
     /// Command whose standard output is the backup, e.g. `[pg_dumpall, -U, postgres]`.
-    #[schemars(length(min = 1, max = 64))]
+    #[schemars(length(min = 1, max = 64), inner(length(min = 1)))]
     pub command: Vec<String>,
     /// Command that reads a backup from standard input on restore, e.g. `[psql, -U, postgres]`.
     /// The app keeps running; the dump is verified in full before the command sees a byte.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 64), inner(length(min = 1)))]
     pub restore_command: Vec<String>,
     /// Restore by placing the dump as a file the app loads on start (redis: `dump.rdb`),
     /// instead of a restore command: the app is stopped, the file swapped in on each
@@ -148,7 +155,8 @@ pub struct ExecSpec {
 #[serde(rename_all = "camelCase")]
 pub struct RestoreFileContent {
     /// Path relative to the volume, under the same top-level entry as `restoreFile.path`.
-    #[schemars(length(min = 1, max = 255), regex(pattern = r"^[^/]+(/[^/]+)*$"))]
+    #[schemars(length(min = 1, max = 255), regex(pattern = RELATIVE_PATH))]
+    #[x_kube(validation = Rule::new("!self.split('/').exists(p, p == '.' || p == '..')").message("restoreFile.files[].path must stay inside the volume: no . or .. segment"))]
     pub path: String,
     /// The file's content.
     #[schemars(length(max = 4096))]
@@ -160,13 +168,13 @@ pub struct RestoreFileContent {
 #[serde(rename_all = "camelCase")]
 pub struct RestoreFile {
     /// The volumeClaimTemplate whose volume receives the file (e.g. `data`).
-    #[schemars(length(min = 1, max = 63))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL))]
     pub volume: String,
     /// The file's path, relative to that volume (e.g. `dump.rdb`; for redis with AOF,
     /// `appendonlydir/appendonly.aof.1.base.rdb`). The swap replaces its top-level entry
     /// as a whole.
-    #[schemars(length(min = 1, max = 255), regex(pattern = r"^[^/]+(/[^/]+)*$"))]
-    #[x_kube(validation = Rule::new("!self.split('/').exists(p, p == '.' || p == '..')").message("restoreFile.path must stay inside the volume"))]
+    #[schemars(length(min = 1, max = 255), regex(pattern = RELATIVE_PATH))]
+    #[x_kube(validation = Rule::new("!self.split('/').exists(p, p == '.' || p == '..')").message("restoreFile.path must stay inside the volume: no . or .. segment"))]
     pub path: String,
     /// Small files written beside it, in the same swap (redis with AOF: the manifest
     /// `appendonlydir/appendonly.aof.manifest` naming the restored file as the AOF base).
@@ -176,7 +184,13 @@ pub struct RestoreFile {
     /// Other names at the volume root that go in the same swap, so the app cannot load
     /// them instead of the restored file (redis with AOF: `appendonlydir`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
+    #[schemars(
+        length(max = 16),
+        inner(
+            length(min = 1, max = 255),
+            regex(pattern = r"^[^-/[:cntrl:]][^/[:cntrl:]]*$")
+        )
+    )]
     #[x_kube(validation = Rule::new("self.all(n, !n.contains('/') && n != '.' && n != '..' && n != 'lost+found')").message("restoreFile.alsoRemove holds names at the volume root"))]
     pub also_remove: Vec<String>,
 }
@@ -215,14 +229,14 @@ pub enum OnError {
 #[serde(rename_all = "camelCase")]
 pub struct Hook {
     /// Name shown in status and events.
-    #[schemars(length(min = 1, max = 63))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[^[:cntrl:]]+$"))]
     pub name: String,
     /// Container to run in (default: the pod's first container).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 63))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL))]
     pub container: Option<String>,
     /// The command (no shell unless you call one).
-    #[schemars(length(min = 1, max = 64))]
+    #[schemars(length(min = 1, max = 64), inner(length(min = 1)))]
     pub command: Vec<String>,
     /// Seconds before the hook is considered failed.
     #[serde(default = "default_hook_timeout")]
@@ -274,7 +288,7 @@ pub struct Schedule {
     /// Unique name of the schedule within the app (a DNS label).
     #[schemars(
         length(min = 1, max = 40),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+        regex(pattern = DNS_LABEL)
     )]
     pub name: String,
     /// Five-field cron expression (`minute hour day-of-month month day-of-week`) or a macro
@@ -287,8 +301,12 @@ pub struct Schedule {
     )]
     pub cron: String,
     /// IANA time zone the cron expression is read in (default `UTC`), e.g. `Europe/Paris`.
+    /// Its shape is checked at admission; whether the zone exists, by the controller.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 64))]
+    #[schemars(
+        length(min = 1, max = 64),
+        regex(pattern = r"^[A-Za-z][-+_A-Za-z0-9]*(/[-+_A-Za-z0-9]+)*$")
+    )]
     pub time_zone: Option<String>,
     /// Stop creating backups from this schedule (existing ones are kept).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -315,7 +333,7 @@ pub struct Schedule {
     /// Repository for this schedule's backups (default: the app's `backup.repository`),
     /// e.g. a cheaper bucket for the hourly schedule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub repository: Option<String>,
     /// Method for this schedule's backups (default: the app's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -367,8 +385,9 @@ pub struct Retention {
 pub struct ScalingPolicy {
     /// Desired replicas. Unset (default), Stateward does not manage the StatefulSet's
     /// replicas and `/scale` is unavailable. Not bounded here so that an HPA write is never
-    /// rejected: the scaling controller clamps to min/max and reports it.
+    /// rejected: the scaling controller clamps to min/max and reports it. Never negative.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
     pub replicas: Option<i32>,
     /// Lowest replica count the scaling controller will set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -439,11 +458,13 @@ fn default_true() -> bool {
 /// Volume size of the app's claims.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.size) || !has(self.autoExpand) || !isQuantity(self.size) || !isQuantity(self.autoExpand.maxSize) || quantity(self.autoExpand.maxSize).compareTo(quantity(self.size)) >= 0").message("autoExpand.maxSize must be at least size").field_path(".autoExpand.maxSize"))]
 pub struct StoragePolicy {
     /// Size every data claim should have (a quantity such as `20Gi`). It can only grow.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("isQuantity(self)").message("size must be a quantity such as 20Gi"))]
+    #[x_kube(validation = Rule::new("!isQuantity(self) || quantity(self).isGreaterThan(quantity('0'))").message("size must be positive"))]
     #[x_kube(validation = Rule::new("!isQuantity(self) || !isQuantity(oldSelf) || quantity(self).compareTo(quantity(oldSelf)) >= 0").message("storage size can never shrink"))]
     pub size: Option<String>,
     /// Grow volumes automatically when they fill up.
@@ -466,11 +487,13 @@ pub struct AutoExpand {
     /// Never grow beyond this size (a quantity).
     #[schemars(length(min = 1, max = 32))]
     #[x_kube(validation = Rule::new("isQuantity(self)").message("maxSize must be a quantity such as 100Gi"))]
+    #[x_kube(validation = Rule::new("!isQuantity(self) || quantity(self).isGreaterThan(quantity('0'))").message("maxSize must be positive"))]
     pub max_size: String,
     /// At most one expansion per this long, e.g. `1h` (default), so a runaway writer
-    /// cannot grow the volume step after step.
+    /// cannot grow the volume step after step. Between `10s` and `30d`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(s|m|h|d))+$"))]
+    #[schemars(length(min = 2, max = 32), regex(pattern = DURATION_PATTERN))]
+    #[x_kube(validation = duration_rule(10, 30 * 86_400))]
     pub cooldown: Option<String>,
 }
 
@@ -501,9 +524,10 @@ pub struct MonitoringPolicy {
     #[serde(default = "default_true")]
     pub alert_rules: bool,
     /// The newest successful backup may be at most this old before `BackupsHealthy`
-    /// turns False and alerts fire, e.g. `26h`.
+    /// turns False and alerts fire, e.g. `26h`. Between `1m` and `400d`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(s|m|h|d))+$"))]
+    #[schemars(length(min = 2, max = 32), regex(pattern = DURATION_PATTERN))]
+    #[x_kube(validation = duration_rule(60, 400 * 86_400))]
     pub backup_max_age: Option<String>,
 }
 
@@ -663,6 +687,11 @@ pub struct ScalingStatusSection {
     /// The volume size in effect: `storage.size`, or larger after auto-expansion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_size: Option<String>,
+    /// The largest `storage.size` the controller has applied to the claims. Admission
+    /// refuses a smaller `storage.size` (also one set again after being unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub applied_size: Option<String>,
     /// When auto-expansion last grew the volumes (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_expansion: Option<String>,

@@ -15,6 +15,7 @@ use kube::{Api, Resource, ResourceExt};
 use stateward_agent::repository::AccessError;
 use stateward_api::BackupRepository;
 use stateward_api::common::SecretKeyRef;
+use stateward_api::repository::Encryption;
 use stateward_runtime::{Context, apply, conditions, time};
 
 /// How often a ready repository is checked again.
@@ -25,13 +26,25 @@ pub const RECHECK: Duration = Duration::from_secs(300);
 pub enum Verdict {
     Ready,
     SecretNotFound(String),
-    KeyMissing { secret: String, key: String },
+    KeyMissing {
+        secret: String,
+        key: String,
+    },
     InvalidCredentials(String),
     AccessDenied(String),
     NoSuchBucket(String),
     EndpointUnreachable(String),
     ProbeFailed(String),
-    EncryptionKeyInvalid { secret: String, key: String },
+    EncryptionKeyInvalid {
+        secret: String,
+        key: String,
+    },
+    /// The identity Secret holds a valid key that is not the recipient's private half:
+    /// backups encrypted to the recipient could never be restored with it.
+    EncryptionKeyMismatch {
+        recipient: SecretKeyRef,
+        identity: SecretKeyRef,
+    },
 }
 
 impl Verdict {
@@ -46,6 +59,7 @@ impl Verdict {
             Self::EndpointUnreachable(_) => "EndpointUnreachable",
             Self::ProbeFailed(_) => "ProbeFailed",
             Self::EncryptionKeyInvalid { .. } => "EncryptionKeyInvalid",
+            Self::EncryptionKeyMismatch { .. } => "EncryptionKeyMismatch",
         }
     }
 
@@ -69,7 +83,14 @@ impl Verdict {
                 format!("writing a probe object under the prefix failed: {detail}")
             }
             Self::EncryptionKeyInvalid { secret, key } => format!(
-                "Secret {secret} key {key} is not an age recipient (expected age1..., from `age-keygen -y`)"
+                "Secret {secret} key {key} is not an age key of the kind spec.encryption expects (the recipient: age1..., from `age-keygen -y`; the identity: AGE-SECRET-KEY-1...)"
+            ),
+            Self::EncryptionKeyMismatch {
+                recipient,
+                identity,
+            } => format!(
+                "spec.encryption.identity (Secret {} key {}) is not the private key of spec.encryption.recipient (Secret {} key {}): backups encrypted to that recipient could not be restored with it, so none are taken; put the matching pair in the Secrets (`age-keygen -y` prints an identity's recipient)",
+                identity.name, identity.key, recipient.name, recipient.key
             ),
         }
     }
@@ -132,6 +153,34 @@ pub async fn s3_client(
     Ok(stateward_agent::repository::s3_client(client, repo).await?)
 }
 
+/// Judges the encryption keys read from their Secrets: the recipient must parse before any
+/// backup relies on it, the identity too, and the identity must be the recipient's
+/// private half (a pair that does not match would take backups no one can restore).
+pub fn encryption_verdict(
+    encryption: &Encryption,
+    recipient: &str,
+    identity: Option<&str>,
+) -> Result<(), Verdict> {
+    let invalid = |r: &SecretKeyRef| Verdict::EncryptionKeyInvalid {
+        secret: r.name.clone(),
+        key: r.key.clone(),
+    };
+    let parsed_recipient = stateward_agent::crypto::parse_recipient(recipient)
+        .map_err(|_| invalid(&encryption.recipient))?;
+    let (Some(reference), Some(identity)) = (&encryption.identity, identity) else {
+        return Ok(());
+    };
+    let parsed_identity =
+        stateward_agent::crypto::parse_identity(identity).map_err(|_| invalid(reference))?;
+    if !stateward_agent::crypto::identity_matches(&parsed_identity, &parsed_recipient) {
+        return Err(Verdict::EncryptionKeyMismatch {
+            recipient: encryption.recipient.clone(),
+            identity: reference.clone(),
+        });
+    }
+    Ok(())
+}
+
 /// Runs every check; the first failure decides.
 pub async fn check(client: &kube::Client, repo: &BackupRepository) -> Verdict {
     let ns = repo.namespace().unwrap_or_default();
@@ -147,15 +196,14 @@ pub async fn check(client: &kube::Client, repo: &BackupRepository) -> Verdict {
             Ok(v) => v,
             Err(v) => return v,
         };
-        if stateward_agent::crypto::parse_recipient(&recipient).is_err() {
-            return Verdict::EncryptionKeyInvalid {
-                secret: encryption.recipient.name.clone(),
-                key: encryption.recipient.key.clone(),
-            };
-        }
-        if let Some(identity) = &encryption.identity
-            && let Err(v) = secret_value(&secrets, identity).await
-        {
+        let identity = match &encryption.identity {
+            Some(r) => match secret_value(&secrets, r).await {
+                Ok(v) => Some(v),
+                Err(v) => return v,
+            },
+            None => None,
+        };
+        if let Err(v) = encryption_verdict(encryption, &recipient, identity.as_deref()) {
             return v;
         }
     }
@@ -579,6 +627,99 @@ mod tests {
             "bucket backups does not exist"
         );
         assert_eq!(Verdict::Ready.reason(), "Reachable");
+    }
+
+    /// Two pairs made with `age-keygen` for this test (no secret: they guard nothing).
+    const RECIPIENT_1: &str = "age1pyhe75njgjzyacud99lvs863skul2zx2q5y38m2tgsyz4640l9eqema7ud";
+    const IDENTITY_1: &str =
+        "AGE-SECRET-KEY-1VV0MZ33GGHN5PZ4VUSW6NL82U5P9TMTJE6XSSVXJ0XSQUATELF5QVZXFWH";
+    const RECIPIENT_2: &str = "age1vjy5hw0xh775xws8nyk7ujwxv9tx4l03f6nvw3dd6g6s9dn999gqkcjtp9";
+
+    #[test]
+    fn an_identity_that_is_not_the_recipients_private_key_is_a_mismatch() {
+        let key = |key: &str| SecretKeyRef {
+            name: "age".into(),
+            key: key.into(),
+        };
+        let encryption = |identity: bool| Encryption {
+            recipient: key("recipient"),
+            identity: identity.then(|| key("identity")),
+        };
+        let key_file =
+            format!("# created: 2026-12-02T21:55:19Z\n# public key: {RECIPIENT_1}\n{IDENTITY_1}\n");
+        let mismatch = Verdict::EncryptionKeyMismatch {
+            recipient: key("recipient"),
+            identity: key("identity"),
+        };
+        let invalid = |k: &str| Verdict::EncryptionKeyInvalid {
+            secret: "age".into(),
+            key: k.into(),
+        };
+        // (case, with an identity reference, recipient, identity, verdict)
+        type Case<'a> = (&'a str, bool, &'a str, Option<&'a str>, Result<(), Verdict>);
+        let cases: [Case; 7] = [
+            ("the pair", true, RECIPIENT_1, Some(IDENTITY_1), Ok(())),
+            (
+                "the pair, identity as a key file",
+                true,
+                RECIPIENT_1,
+                Some(&key_file),
+                Ok(()),
+            ),
+            (
+                "no identity (backups only)",
+                false,
+                RECIPIENT_2,
+                None,
+                Ok(()),
+            ),
+            (
+                "another pair's recipient",
+                true,
+                RECIPIENT_2,
+                Some(IDENTITY_1),
+                Err(mismatch.clone()),
+            ),
+            (
+                "a recipient that does not parse",
+                true,
+                "age1nope",
+                Some(IDENTITY_1),
+                Err(invalid("recipient")),
+            ),
+            (
+                "an identity that does not parse",
+                true,
+                RECIPIENT_1,
+                Some("AGE-SECRET-KEY-1NOPE"),
+                Err(invalid("identity")),
+            ),
+            (
+                "a recipient in the identity's place",
+                true,
+                RECIPIENT_1,
+                Some(RECIPIENT_1),
+                Err(invalid("identity")),
+            ),
+        ];
+        for (case, with_identity, recipient, identity, expected) in cases {
+            assert_eq!(
+                encryption_verdict(&encryption(with_identity), recipient, identity),
+                expected,
+                "{case}"
+            );
+        }
+        assert_eq!(mismatch.reason(), "EncryptionKeyMismatch");
+        let message = mismatch.message("b");
+        assert!(
+            message.contains("spec.encryption.identity")
+                && message.contains("spec.encryption.recipient"),
+            "{message}"
+        );
+        assert!(
+            !message.contains("AGE-SECRET") && !message.contains("age1"),
+            "{message}"
+        );
     }
 
     fn at(seconds: i64) -> DateTime<Utc> {

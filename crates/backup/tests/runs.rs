@@ -628,8 +628,8 @@ fn zstd_decode(data: &[u8]) -> Result<Vec<u8>> {
 }
 
 #[tokio::test]
-async fn an_encrypted_backup_decrypts_with_age_by_hand_and_a_bad_recipient_is_refused() -> Result<()>
-{
+async fn an_encrypted_backup_decrypts_with_age_by_hand_and_bad_or_mismatched_keys_are_refused()
+-> Result<()> {
     let world = World::new("run-age").await?;
     // Keys made with the standard tool, as a user would.
     let work = std::env::temp_dir().join(format!("runs-{}", world.ns.name));
@@ -637,7 +637,15 @@ async fn an_encrypted_backup_decrypts_with_age_by_hand_and_a_bad_recipient_is_re
     let key_file = work.join("key.txt");
     sh(&format!("age-keygen -o {} 2>/dev/null", key_file.display()))?;
     let recipient = sh(&format!("age-keygen -y {}", key_file.display()))?;
+    // The identity as `age-keygen -o` writes it, comments and all: what a user puts in
+    // the Secret with `--from-file`.
     let identity = std::fs::read_to_string(&key_file)?;
+    let other_key = work.join("other.txt");
+    sh(&format!(
+        "age-keygen -o {} 2>/dev/null",
+        other_key.display()
+    ))?;
+    let other_recipient = sh(&format!("age-keygen -y {}", other_key.display()))?;
     let secrets: Api<Secret> = world.cluster.api(&world.ns.name);
     let mut secret: Secret = from_yaml("metadata: { name: age }")?;
     secret.string_data = Some(
@@ -645,6 +653,7 @@ async fn an_encrypted_backup_decrypts_with_age_by_hand_and_a_bad_recipient_is_re
             ("recipient".to_string(), recipient.clone()),
             ("identity".to_string(), identity.clone()),
             ("bad".to_string(), "age1notakey".to_string()),
+            ("other-recipient".to_string(), other_recipient.clone()),
         ]
         .into(),
     );
@@ -653,7 +662,12 @@ async fn an_encrypted_backup_decrypts_with_age_by_hand_and_a_bad_recipient_is_re
         + "  encryption:\n    recipient: { name: age, key: recipient }\n    identity: { name: age, key: identity }\n";
     let broken = world.repository("broken", "s3")
         + "  encryption:\n    recipient: { name: age, key: bad }\n";
-    world.apply(&format!("{sealed}---\n{broken}")).await?;
+    // A valid recipient, and a valid identity that is not its private key.
+    let mismatched = world.repository("mismatched", "s3")
+        + "  encryption:\n    recipient: { name: age, key: other-recipient }\n    identity: { name: age, key: identity }\n";
+    world
+        .apply(&format!("{sealed}---\n{broken}---\n{mismatched}"))
+        .await?;
     world.apply(&writer_statefulset("secret-files", 1)).await?;
     world
         .apply(&app("secret-files", "secret-files", ""))
@@ -714,6 +728,62 @@ async fn an_encrypted_backup_decrypts_with_age_by_hand_and_a_bad_recipient_is_re
         !message.contains(&identity) && !message.contains(&recipient),
         "a key leaked into the message"
     );
+
+    // A pair that does not match: backups no one could restore are never taken. The
+    // Backup fails before any Job, and the repository says why, with a Warning event.
+    let mismatch = world
+        .backup("mismatch-1", "secret-files", "  repository: mismatched\n")
+        .await?;
+    let (_, reason, message) = condition(&mismatch, "Failed").context("no Failed condition")?;
+    ensure!(reason == "EncryptionKeyMismatch", "{reason}: {message}");
+    ensure!(
+        message.contains("spec.encryption.identity")
+            && message.contains("spec.encryption.recipient"),
+        "the message does not name the fields: {message}"
+    );
+    for key in [identity.trim(), recipient.trim(), other_recipient.trim()] {
+        let secret_line = key.lines().last().unwrap_or(key);
+        ensure!(
+            !message.contains(secret_line),
+            "a key leaked into the message"
+        );
+    }
+    let jobs: Api<Job> = world.cluster.api(&world.ns.name);
+    let started = jobs
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|j| {
+            j.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n.contains("mismatch-1"))
+        })
+        .count();
+    ensure!(
+        started == 0,
+        "{started} agent Job(s) ran for the mismatched backup"
+    );
+    let repositories: Api<stateward_api::BackupRepository> = world.cluster.api(&world.ns.name);
+    let deadline = std::time::Instant::now() + 2 * MINUTE;
+    loop {
+        let repo = repositories.get("mismatched").await?;
+        let ready = repo
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| (c.status.clone(), c.reason.clone()));
+        let warned = !world.warnings("EncryptionKeyMismatch").await?.is_empty();
+        if ready == Some(("False".into(), "EncryptionKeyMismatch".into())) && warned {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the repository shows {ready:?} (Warning event: {warned}), not Ready=False/EncryptionKeyMismatch"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     let _ = std::fs::remove_dir_all(&work);
     world.finish().await
 }

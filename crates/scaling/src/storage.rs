@@ -72,6 +72,10 @@ pub(crate) async fn reconcile(
         return Ok(None);
     };
     world.section.storage_size = Some(plan::quantity_of(desired));
+    world.section.applied_size = raised_applied_size(
+        world.section.applied_size.as_deref(),
+        policy.size.as_deref(),
+    );
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.base.client.clone(), &world.ns());
     let request = |c: &PersistentVolumeClaim| {
         c.spec
@@ -184,6 +188,20 @@ pub(crate) async fn reconcile(
         recreate_with_size(world, ctx, &size).await?;
     }
     Ok(Some(Action::requeue(STEP)))
+}
+
+/// The largest `storage.size` taken on, with `spec_size` now in effect: kept in
+/// `status.scaling.appliedSize`, where admission compares a new `storage.size` with it, so a
+/// shrink is refused even when the size was unset in between. It never goes down, stays
+/// when the size is unset, and is the user's own quantity (not rounded), so applying the
+/// same size again is always admitted.
+fn raised_applied_size(applied: Option<&str>, spec_size: Option<&str>) -> Option<String> {
+    let bytes = |q: Option<&str>| q.and_then(plan::quantity_bytes);
+    match (bytes(applied), bytes(spec_size)) {
+        (Some(a), Some(s)) if s <= a => applied.map(str::to_string),
+        (_, Some(_)) => spec_size.map(str::to_string),
+        (_, None) => applied.map(str::to_string),
+    }
 }
 
 fn capacity(claim: &PersistentVolumeClaim) -> u64 {
@@ -500,6 +518,42 @@ pub fn parse_df(out: &str) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_applied_size_only_grows_and_survives_an_unset_size() {
+        let cases = [
+            ("first size", None, Some("2Gi"), Some("2Gi")),
+            ("grown", Some("2Gi"), Some("3Gi"), Some("3Gi")),
+            ("same size", Some("2Gi"), Some("2Gi"), Some("2Gi")),
+            (
+                "same size, other units",
+                Some("2Gi"),
+                Some("2048Mi"),
+                Some("2Gi"),
+            ),
+            (
+                "kept as written, not rounded",
+                None,
+                Some("1500M"),
+                Some("1500M"),
+            ),
+            (
+                "a smaller one (ratcheted in) never lowers it",
+                Some("3Gi"),
+                Some("1Gi"),
+                Some("3Gi"),
+            ),
+            ("size unset", Some("3Gi"), None, Some("3Gi")),
+            ("never set", None, None, None),
+        ];
+        for (case, applied, spec, expected) in cases {
+            assert_eq!(
+                raised_applied_size(applied, spec).as_deref(),
+                expected,
+                "{case}"
+            );
+        }
+    }
 
     #[test]
     fn reads_posix_df() {

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result, bail, ensure};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod};
@@ -673,9 +673,25 @@ async fn growing_storage_size_expands_every_claim_and_the_template_without_touch
         .and_then(|s| s.scaling)
         .context("scaling status")?;
     ensure!(
-        scaling.storage_size.as_deref() == Some("32Mi"),
+        scaling.storage_size.as_deref() == Some("32Mi")
+            && scaling.applied_size.as_deref() == Some("32Mi"),
         "{scaling:?}"
     );
+    // A shrink in two steps: unsetting the size is admitted (the claims stay as they
+    // are), setting a smaller one again is refused by the API server, naming the field.
+    w.apply(&app("grow", "grow", "  scaling: { storage: {} }\n"))
+        .await?;
+    match w
+        .apply(&app(
+            "grow",
+            "grow",
+            "  scaling: { storage: { size: 16Mi } }\n",
+        ))
+        .await
+    {
+        Err(e) if format!("{e:#}").contains("spec.scaling.storage.size") => {}
+        other => bail!("a shrink after unsetting the size was not refused: {other:?}"),
+    }
     // The filesystem: grown online where the node can, otherwise pending until the pod
     // restarts (this machine's node cannot resize online; docs/local-cluster.md).
     let apps: Api<StatefulApp> = w.api();
