@@ -322,14 +322,26 @@ async fn bad_input_fails_with_a_reason_that_names_the_problem() -> Result<()> {
     wait_pod_ready(&world.pods(), "ok-0", 2 * MINUTE).await?;
 
     let cases = [
-        ("no-app", "absent-app", "", "AppNotFound", "absent-app"),
-        ("no-sts", "no-sts", "", "StatefulSetNotFound", "absent-sts"),
+        (
+            "no-app",
+            "absent-app",
+            "",
+            "AppNotFound",
+            "absent-app (spec.app)",
+        ),
+        (
+            "no-sts",
+            "no-sts",
+            "",
+            "StatefulSetNotFound",
+            "absent-sts (spec.statefulSetName",
+        ),
         (
             "no-repo",
             "ok",
             "  repository: absent-repo\n",
             "RepositoryNotFound",
-            "absent-repo",
+            "absent-repo (spec.repository)",
         ),
         (
             "no-secret",

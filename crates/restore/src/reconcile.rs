@@ -497,7 +497,7 @@ impl Pass<'_> {
                 .fail(Refusal {
                     reason: "AppNotFound",
                     message: format!(
-                        "StatefulApp {target} does not exist in namespace {}",
+                        "StatefulApp {target} (spec.target.app) does not exist in namespace {}",
                         self.ns
                     ),
                 })

@@ -65,7 +65,7 @@ pub async fn resolve(client: &kube::Client, restore: &Restore) -> Result<Source,
             let backup = backups.get_opt(name).await.map_err(unavailable)?.ok_or_else(|| {
                 refused(
                     "BackupNotFound",
-                    format!("Backup {name} does not exist in namespace {ns} (to restore a backup whose object is gone, use source.repositoryPath)"),
+                    format!("Backup {name} (spec.source.backup) does not exist in namespace {ns} (to restore a backup whose object is gone, use spec.source.repositoryPath)"),
                 )
             })?;
             let status = backup.status.clone().unwrap_or_default();
@@ -105,7 +105,7 @@ pub async fn resolve(client: &kube::Client, restore: &Restore) -> Result<Source,
                     refused(
                         "RepositoryNotFound",
                         format!(
-                            "BackupRepository {} does not exist in namespace {ns}",
+                            "BackupRepository {} (spec.source.repositoryPath.repository) does not exist in namespace {ns}",
                             rp.repository
                         ),
                     )

@@ -388,7 +388,11 @@ async fn bad_input_names_the_problem_and_touches_nothing() -> Result<()> {
             "  source: { backup: nope }\n  target: { app: bad }",
         )
         .await?;
-    ensure!(ready(&r).1 == "BackupNotFound", "{:?}", ready(&r));
+    ensure!(
+        ready(&r).1 == "BackupNotFound" && ready(&r).2.contains("nope (spec.source.backup)"),
+        "{:?}",
+        ready(&r)
+    );
     let r = world
         .restore(
             "no-app",
@@ -396,7 +400,7 @@ async fn bad_input_names_the_problem_and_touches_nothing() -> Result<()> {
         )
         .await?;
     ensure!(
-        ready(&r).1 == "AppNotFound" && ready(&r).2.contains("ghost"),
+        ready(&r).1 == "AppNotFound" && ready(&r).2.contains("ghost (spec.target.app)"),
         "{:?}",
         ready(&r)
     );

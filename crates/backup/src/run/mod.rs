@@ -284,7 +284,7 @@ async fn resolve(
         return invalid(
             "AppNotFound",
             format!(
-                "StatefulApp {} not found in namespace {ns}",
+                "StatefulApp {} (spec.app) not found in namespace {ns}",
                 backup.spec.app
             ),
         );
@@ -295,10 +295,16 @@ async fn resolve(
     };
     let repos: Api<BackupRepository> = Api::namespaced(client.clone(), &ns);
     let Some(repository) = repos.get_opt(&settings.repository).await? else {
+        // Which field named it: the Backup's own (a schedule's override lands there) or
+        // the app's.
+        let field = match backup.spec.repository {
+            Some(_) => "spec.repository".to_string(),
+            None => format!("spec.backup.repository of StatefulApp {}", app.name_any()),
+        };
         return invalid(
             "RepositoryNotFound",
             format!(
-                "BackupRepository {} not found in namespace {ns}",
+                "BackupRepository {} ({field}) not found in namespace {ns}",
                 settings.repository
             ),
         );
@@ -308,7 +314,7 @@ async fn resolve(
         return invalid(
             "StatefulSetNotFound",
             format!(
-                "StatefulSet {} (named by StatefulApp {}) not found in namespace {ns}",
+                "StatefulSet {} (spec.statefulSetName of StatefulApp {}) not found in namespace {ns}",
                 app.spec.stateful_set_name,
                 app.name_any()
             ),
