@@ -461,6 +461,47 @@ async fn scale_down_backs_up_first_hooks_each_leaving_replica_and_never_reuses_a
 }
 
 #[tokio::test]
+async fn an_app_naming_a_missing_statefulset_is_blocked_with_the_field_named_and_one_warning()
+-> Result<()> {
+    let w = World::new("scale-missing", false).await?;
+    w.apply(&app("ghost", "absent", "  scaling: { replicas: 2 }\n"))
+        .await?;
+    let message = w
+        .wait_condition("ghost", "ScalingBlocked", "True", "StatefulSetNotFound")
+        .await?;
+    ensure!(
+        message.contains("absent (spec.statefulSetName)"),
+        "{message}"
+    );
+    let warnings = wait_for("a StatefulSetNotFound Warning", MINUTE, || async {
+        let list = w.events("StatefulSetNotFound").await?;
+        Ok((!list.is_empty()).then_some(list))
+    })
+    .await?;
+    ensure!(
+        warnings
+            .iter()
+            .all(|e| e.type_.as_deref() == Some("Warning")
+                && e.note
+                    .as_deref()
+                    .is_some_and(|n| n.contains("spec.statefulSetName"))),
+        "{warnings:?}"
+    );
+    // Nothing was created for it, and the Warning is said once, not per pass.
+    let sets: Api<StatefulSet> = w.api();
+    ensure!(sets.get_opt("absent").await?.is_none());
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let again = w.events("StatefulSetNotFound").await?;
+    let count = |list: &[Event]| -> i32 {
+        list.iter()
+            .map(|e| e.series.as_ref().map_or(1, |s| s.count))
+            .sum()
+    };
+    ensure!(count(&again) == 1, "{again:?}");
+    w.finish().await
+}
+
+#[tokio::test]
 async fn a_stop_holder_gets_the_app_at_zero_with_its_volumes_then_it_comes_back() -> Result<()> {
     let w = World::new("scale-stop", false).await?;
     w.apply(&statefulset(
@@ -677,21 +718,6 @@ async fn growing_storage_size_expands_every_claim_and_the_template_without_touch
             && scaling.applied_size.as_deref() == Some("32Mi"),
         "{scaling:?}"
     );
-    // A shrink in two steps: unsetting the size is admitted (the claims stay as they
-    // are), setting a smaller one again is refused by the API server, naming the field.
-    w.apply(&app("grow", "grow", "  scaling: { storage: {} }\n"))
-        .await?;
-    match w
-        .apply(&app(
-            "grow",
-            "grow",
-            "  scaling: { storage: { size: 16Mi } }\n",
-        ))
-        .await
-    {
-        Err(e) if format!("{e:#}").contains("spec.scaling.storage.size") => {}
-        other => bail!("a shrink after unsetting the size was not refused: {other:?}"),
-    }
     // The filesystem: grown online where the node can, otherwise pending until the pod
     // restarts (this machine's node cannot resize online; docs/local-cluster.md).
     let apps: Api<StatefulApp> = w.api();
@@ -739,6 +765,22 @@ async fn growing_storage_size_expands_every_claim_and_the_template_without_touch
     for pod in ["grow-0", "grow-1"] {
         let (_, size) = df(&w, pod).await?;
         ensure!(size > 24 * 1024, "the filesystem in {pod} is {size} KiB");
+    }
+    // A shrink in two steps: unsetting the size is admitted (the claims stay as they
+    // are), setting a smaller one again is refused by the API server, naming the field.
+    // Done last: with no size managed, status no longer reports pending resizes.
+    w.apply(&app("grow", "grow", "  scaling: { storage: {} }\n"))
+        .await?;
+    match w
+        .apply(&app(
+            "grow",
+            "grow",
+            "  scaling: { storage: { size: 16Mi } }\n",
+        ))
+        .await
+    {
+        Err(e) if format!("{e:#}").contains("spec.scaling.storage.size") => {}
+        other => bail!("a shrink after unsetting the size was not refused: {other:?}"),
     }
     w.finish().await
 }
