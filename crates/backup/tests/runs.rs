@@ -284,8 +284,13 @@ async fn bad_input_fails_with_a_reason_that_names_the_problem() -> Result<()> {
     world.apply(&writer_statefulset("ok", 1)).await?;
     world
         .apply(&format!(
-            "{}\n---\n{}\n---\n{}\n---\n{}\n---\n{}",
+            "{}\n---\n{}\n---\n{}\n---\n{}\n---\n{}\n---\n{}",
             app("ok", "ok", ""),
+            app(
+                "wrong-container",
+                "ok",
+                "    hooks: { pre: [{ name: flush, container: sidecar, command: [sync] }] }\n"
+            ),
             app("no-sts", "absent-sts", ""),
             world.repository("no-secret-repo", "absent-secret"),
             "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: { name: zero }\nspec:\n  replicas: 0\n  serviceName: zero\n  selector: { matchLabels: { app: zero } }\n  template:\n    metadata: { labels: { app: zero } }\n    spec: { containers: [{ name: main, image: stateward-probe }] }\n",
@@ -366,6 +371,13 @@ async fn bad_input_fails_with_a_reason_that_names_the_problem() -> Result<()> {
             "no-such-bucket-here",
         ),
         ("rwop", "rwop", "", "ReadWriteOncePod", "data-rwop-0"),
+        (
+            "no-container",
+            "wrong-container",
+            "",
+            "ContainerNotFound",
+            "sidecar (spec.backup.hooks.pre[flush].container)",
+        ),
     ];
     for (name, app_name, extra, reason, names) in cases {
         let backup = world.backup(name, app_name, extra).await?;

@@ -19,6 +19,26 @@ pub struct Verdict {
     pub message: String,
 }
 
+/// The event an assessment deserves, if any: a change of health either way, and a
+/// Warning the first time the app names a StatefulSet that does not exist (a mistake in
+/// the spec, reported also on the first assessment, when there is no change to report).
+/// `was` is the previous `Healthy` condition's status and reason.
+pub fn event_for(was: Option<(&str, &str)>, verdict: &Verdict) -> Option<(bool, &'static str)> {
+    let status = if verdict.healthy { "True" } else { "False" };
+    match was {
+        Some((_, reason)) if reason == verdict.reason && verdict.reason == MISSING_SET => None,
+        _ if verdict.reason == MISSING_SET => Some((true, MISSING_SET)),
+        Some((was_status, _)) if was_status != status => Some(if verdict.healthy {
+            (false, "Healthy")
+        } else {
+            (true, "Unhealthy")
+        }),
+        _ => None,
+    }
+}
+
+const MISSING_SET: &str = "StatefulSetNotFound";
+
 /// Why a pod is not ready, in the words the user would look for.
 pub fn unready_reason(pod: &Pod) -> Option<String> {
     if pod.metadata.deletion_timestamp.is_some() {
@@ -78,8 +98,11 @@ pub fn assess(
     let Some(sts) = sts else {
         let verdict = Verdict {
             healthy: false,
-            reason: "StatefulSetNotFound",
-            message: format!("StatefulSet {} does not exist", app.spec.stateful_set_name),
+            reason: MISSING_SET,
+            message: format!(
+                "StatefulSet {} (spec.statefulSetName) does not exist",
+                app.spec.stateful_set_name
+            ),
         };
         return (section, verdict);
     };
@@ -254,6 +277,50 @@ fn human(seconds: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_mark_changes_and_a_missing_statefulset_once() {
+        let verdict = |healthy, reason| Verdict {
+            healthy,
+            reason,
+            message: String::new(),
+        };
+        let rows: [(Option<(&str, &str)>, Verdict, Option<(bool, &str)>); 8] = [
+            // First assessment: healthy or not yet ready says nothing.
+            (None, verdict(true, "Healthy"), None),
+            (None, verdict(false, "PodsNotReady"), None),
+            // First assessment of a missing StatefulSet: a Warning at once.
+            (None, verdict(false, MISSING_SET), Some((true, MISSING_SET))),
+            // Still missing: said once.
+            (
+                Some(("False", MISSING_SET)),
+                verdict(false, MISSING_SET),
+                None,
+            ),
+            // Went missing from unhealthy for another reason: said.
+            (
+                Some(("False", "PodsNotReady")),
+                verdict(false, MISSING_SET),
+                Some((true, MISSING_SET)),
+            ),
+            // Changes of health either way.
+            (
+                Some(("True", "Healthy")),
+                verdict(false, "PodsNotReady"),
+                Some((true, "Unhealthy")),
+            ),
+            (
+                Some(("False", MISSING_SET)),
+                verdict(true, "Healthy"),
+                Some((false, "Healthy")),
+            ),
+            // No change.
+            (Some(("True", "Healthy")), verdict(true, "Healthy"), None),
+        ];
+        for (was, verdict, want) in rows {
+            assert_eq!(event_for(was, &verdict), want, "{was:?} -> {verdict:?}");
+        }
+    }
 
     fn yaml<T: serde::de::DeserializeOwned>(text: &str) -> T {
         serde_yaml::from_str(text).unwrap()

@@ -259,7 +259,7 @@ async fn step(app: &StatefulApp, ctx: &MonitoringContext) -> Result<Action, Moni
         .as_ref()
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
-    let was = conditions::get(&current, HEALTHY).map(|c| c.status.clone());
+    let was = conditions::get(&current, HEALTHY).map(|c| (c.status.clone(), c.reason.clone()));
     let generation = app.meta().generation;
     conditions::set(
         &mut current,
@@ -307,12 +307,12 @@ async fn step(app: &StatefulApp, ctx: &MonitoringContext) -> Result<Action, Moni
         .healthy
         .get_or_create(&labels)
         .set(i64::from(verdict.healthy));
-    let now_status = if verdict.healthy { "True" } else { "False" };
-    if was.as_deref() != Some(now_status) && was.is_some() {
-        let (type_, reason) = if verdict.healthy {
-            (EventType::Normal, "Healthy")
+    let was = was.as_ref().map(|(s, r)| (s.as_str(), r.as_str()));
+    if let Some((warning, reason)) = health::event_for(was, &verdict) {
+        let type_ = if warning {
+            EventType::Warning
         } else {
-            (EventType::Warning, "Unhealthy")
+            EventType::Normal
         };
         ctx.base
             .publish(

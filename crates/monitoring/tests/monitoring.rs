@@ -98,6 +98,12 @@ spec:
   statefulSetName: mon
   backup: { repository: repo }
   monitoring: { metricsPort: 9100, backupMaxAge: 26h }
+---
+apiVersion: stateward.io/v1alpha1
+kind: StatefulApp
+metadata: { name: ghost }
+spec:
+  statefulSetName: absent
 "#,
         "test",
     )
@@ -137,6 +143,37 @@ spec:
         "{reason}: {message}"
     );
     println!("without the CRDs: {message}");
+    // An app naming a StatefulSet that does not exist: the field named, one Warning.
+    let message = wait_for(
+        "ghost: Healthy=False (StatefulSetNotFound)",
+        MINUTE,
+        || async {
+            let app = apps.get("ghost").await?;
+            Ok(condition(&app, "Healthy")
+                .filter(|c| c.0 == "False" && c.1 == "StatefulSetNotFound")
+                .map(|c| c.2))
+        },
+    )
+    .await?;
+    ensure!(
+        message.contains("absent (spec.statefulSetName)"),
+        "{message}"
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> = cluster.api(&ns.name);
+    let warning = wait_for("a StatefulSetNotFound Warning event", MINUTE, || async {
+        Ok(events
+            .list(&Default::default())
+            .await?
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("StatefulSetNotFound")
+                    && e.type_.as_deref() == Some("Warning")
+            })
+            .and_then(|e| e.note))
+    })
+    .await?;
+    ensure!(warning.contains("spec.statefulSetName"), "{warning}");
     let text = metrics.encode();
     ensure!(
         text.contains(&format!(

@@ -225,6 +225,9 @@ impl World {
     }
 }
 
+/// The reason while the app's StatefulSet does not exist.
+const MISSING_SET: &str = "StatefulSetNotFound";
+
 fn holder(app: &StatefulApp) -> Holder {
     Holder {
         api_version: StatefulApp::api_version(&()).to_string(),
@@ -322,17 +325,20 @@ async fn step(cached: &StatefulApp, ctx: &ScalingContext) -> Result<Action, Scal
             conditions,
             selector: None,
         };
-        world.set(
-            BLOCKED,
-            true,
-            "StatefulSetNotFound",
-            format!(
-                "StatefulSet {} not found in namespace {ns}",
-                app.spec.stateful_set_name
-            ),
-            now,
+        // Said once as an event (the condition carries it after that).
+        let first = !world
+            .conditions
+            .iter()
+            .any(|c| c.type_ == BLOCKED && c.reason == MISSING_SET);
+        let message = format!(
+            "StatefulSet {} (spec.statefulSetName) not found in namespace {ns}",
+            app.spec.stateful_set_name
         );
+        world.set(BLOCKED, true, MISSING_SET, message.clone(), now);
         write_status(&world, ctx).await?;
+        if first {
+            publish(ctx, &app, EventType::Warning, MISSING_SET, message).await;
+        }
         return Ok(Action::requeue(STEADY));
     };
     let selector = sts

@@ -320,6 +320,9 @@ async fn resolve(
             ),
         );
     };
+    if let Err(e) = plan::named_containers_exist(&settings, &sts) {
+        return Ok(Err(e));
+    }
     let selector = sts
         .spec
         .as_ref()

@@ -104,6 +104,48 @@ pub fn settings(backup: &Backup, app: &StatefulApp) -> Result<Settings, Invalid>
     })
 }
 
+/// Every container the app's spec names (`exec.container`, each hook's `container`) is
+/// one of the StatefulSet's pod template: caught before anything runs, not when the exec
+/// fails halfway through a run with the app quiesced. (An init or ephemeral container is
+/// not a place to run a command in.)
+pub fn named_containers_exist(settings: &Settings, sts: &StatefulSet) -> Result<(), Invalid> {
+    let have: Vec<&str> = sts
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .map(|p| p.containers.iter().map(|c| c.name.as_str()).collect())
+        .unwrap_or_default();
+    let mut named: Vec<(String, &str)> = Vec::new();
+    if let Some(c) = settings.exec.as_ref().and_then(|e| e.container.as_deref()) {
+        named.push(("spec.backup.exec.container".into(), c));
+    }
+    for (stage, hooks) in [("pre", &settings.hooks.pre), ("post", &settings.hooks.post)] {
+        for hook in hooks {
+            if let Some(c) = hook.container.as_deref() {
+                named.push((
+                    format!("spec.backup.hooks.{stage}[{}].container", hook.name),
+                    c,
+                ));
+            }
+        }
+    }
+    match named.into_iter().find(|(_, c)| !have.contains(c)) {
+        None => Ok(()),
+        Some((field, container)) => Err(invalid(
+            "ContainerNotFound",
+            format!(
+                "container {container} ({field}) is not in the pod template of StatefulSet {}; it has: {}",
+                sts.name_any(),
+                if have.is_empty() {
+                    "none".to_string()
+                } else {
+                    have.join(", ")
+                }
+            ),
+        )),
+    }
+}
+
 /// One unit of work: a volume (Volume method) or a pod's dump (Exec method).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
@@ -498,6 +540,64 @@ status: {{conditions: [{{type: Ready, status: "{}"}}]}}
         yaml(&format!(
             "metadata: {{name: {name}}}\nspec: {{accessModes: [{mode}]}}"
         ))
+    }
+
+    #[test]
+    fn named_containers_must_be_in_the_pod_template() {
+        let sts: StatefulSet = yaml(
+            "metadata: {name: db}\nspec: {serviceName: db, selector: {}, template: {spec: {containers: [{name: db}, {name: sidecar}]}}}",
+        );
+        let settings = |exec: Option<&str>, pre: Option<&str>, post: Option<&str>| {
+            let hook = |c: Option<&str>| -> Vec<stateward_api::statefulapp::Hook> {
+                c.map(|c| yaml(&format!("{{name: h, container: {c}, command: [true]}}")))
+                    .into_iter()
+                    .collect()
+            };
+            Settings {
+                repository: "r".into(),
+                method: BackupMethod::Exec,
+                replicas: ReplicaSelection::One,
+                exec: exec.map(|c| yaml(&format!("{{container: {c}, command: [true]}}"))),
+                hooks: Hooks {
+                    pre: hook(pre),
+                    post: hook(post),
+                },
+                deadline_seconds: None,
+            }
+        };
+        let rows = [
+            (None, None, None, None),
+            (Some("db"), Some("sidecar"), Some("db"), None),
+            (Some("dbx"), None, None, Some("spec.backup.exec.container")),
+            (
+                None,
+                Some("nope"),
+                None,
+                Some("spec.backup.hooks.pre[h].container"),
+            ),
+            (
+                Some("db"),
+                None,
+                Some("nope"),
+                Some("spec.backup.hooks.post[h].container"),
+            ),
+        ];
+        for (exec, pre, post, field) in rows {
+            let got = named_containers_exist(&settings(exec, pre, post), &sts);
+            match field {
+                None => assert_eq!(got, Ok(()), "{exec:?} {pre:?} {post:?}"),
+                Some(field) => {
+                    let err = got.expect_err(field);
+                    assert_eq!(err.reason, "ContainerNotFound");
+                    assert!(err.message.contains(field), "{}", err.message);
+                    assert!(
+                        err.message.contains("it has: db, sidecar"),
+                        "{}",
+                        err.message
+                    );
+                }
+            }
+        }
     }
 
     #[test]
