@@ -285,7 +285,9 @@ mod tests {
             reason,
             message: String::new(),
         };
-        let rows: [(Option<(&str, &str)>, Verdict, Option<(bool, &str)>); 8] = [
+        // (previous Healthy status and reason, verdict, expected (warning?, reason)).
+        type Row<'a> = (Option<(&'a str, &'a str)>, Verdict, Option<(bool, &'a str)>);
+        let rows: [Row; 8] = [
             // First assessment: healthy or not yet ready says nothing.
             (None, verdict(true, "Healthy"), None),
             (None, verdict(false, "PodsNotReady"), None),
