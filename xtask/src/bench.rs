@@ -156,7 +156,7 @@ fn generate(dir: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
-fn release_agent() -> Result<PathBuf> {
+pub(crate) fn release_agent() -> Result<PathBuf> {
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(crate::repo_root())
         .args(["build", "--release", "-p", "stateward-manager"])

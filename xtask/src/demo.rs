@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{AttachParams, DynamicObject, Patch, PatchParams};
-use kube::discovery::{Discovery, Scope};
+use kube::api::{AttachParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde::Deserialize;
 use tokio::io::AsyncReadExt;
@@ -415,7 +414,7 @@ async fn verify_postgres_backup(env: &Env, backup: &stateward_api::Backup) -> Re
     Ok(())
 }
 
-async fn create_bucket(env: &Env, bucket: &str) -> Result<()> {
+pub(crate) async fn create_bucket(env: &Env, bucket: &str) -> Result<()> {
     // The same client construction the operator uses.
     let s3 = stateward_agent::cli::s3_client_with(
         &env.s3_access_key,
@@ -464,7 +463,7 @@ fn say(what: &str) {
     println!("\n==> {what}");
 }
 
-async fn client(env: &Env) -> Result<Client> {
+pub(crate) async fn client(env: &Env) -> Result<Client> {
     let kubeconfig = kube::config::Kubeconfig::read_from(&env.kubeconfig)?;
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
     Ok(Client::try_from(config)?)
@@ -504,37 +503,11 @@ fn install_chart(helm: &std::path::Path, env: &Env) -> Result<()> {
 }
 
 async fn apply(client: &Client, yaml: &str) -> Result<()> {
-    let discovery = Discovery::new(client.clone()).run().await?;
-    for doc in serde_yaml_docs(yaml)? {
-        let object: DynamicObject = serde_json::from_value(doc)?;
-        let types = object
-            .types
-            .clone()
-            .context("a document without apiVersion/kind")?;
-        let gvk = kube::api::GroupVersionKind::try_from(&types)?;
-        let (resource, caps) = discovery
-            .resolve_gvk(&gvk)
-            .context("unknown kind (are the CRDs installed?)")?;
-        let api: Api<DynamicObject> = match caps.scope {
-            Scope::Namespaced => Api::namespaced_with(client.clone(), NAMESPACE, &resource),
-            Scope::Cluster => Api::all_with(client.clone(), &resource),
-        };
-        let name = object
-            .metadata
-            .name
-            .clone()
-            .context("a document without a name")?;
-        api.patch(
-            &name,
-            &PatchParams::apply("stateward-demo").force(),
-            &Patch::Apply(&object),
-        )
-        .await?;
-    }
+    stateward_testkit::harness::apply_yaml(client, NAMESPACE, yaml, "stateward-demo").await?;
     Ok(())
 }
 
-fn serde_yaml_docs(yaml: &str) -> Result<Vec<serde_json::Value>> {
+pub(crate) fn serde_yaml_docs(yaml: &str) -> Result<Vec<serde_json::Value>> {
     let mut docs = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(yaml) {
         let value = serde_json::Value::deserialize(doc)?;

@@ -5,6 +5,7 @@
 //! `cargo xtask demo` and `cargo xtask test`.
 
 mod bench;
+mod bench_scale;
 mod demo;
 mod deps;
 mod pki;
@@ -66,6 +67,10 @@ enum BenchKind {
     /// The backup bench's data set restored by the agent (stream, verify, unpack, swap)
     /// and by restic from the same S3 server.
     Restore(bench::RestoreBench),
+    /// What an idle manager costs at scale: N apps and M Backups, the release manager under
+    /// the chart's RBAC; time to current status, requests by verb and resource over idle
+    /// cycles (from the audit log), reconciles, RSS, and same-minute schedules.
+    Scale(bench_scale::ScaleBench),
 }
 
 #[derive(Subcommand)]
@@ -103,6 +108,7 @@ fn main() -> Result<()> {
         Command::Bench { which } => match which {
             BenchKind::Backup(args) => bench::backup(args),
             BenchKind::Restore(args) => bench::restore(args),
+            BenchKind::Scale(args) => bench_scale::scale(args),
         },
         Command::Tools => {
             let tools = tools::ensure_all()?;

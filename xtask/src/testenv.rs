@@ -17,6 +17,17 @@ use sha2::{Digest, Sha256};
 use crate::procs;
 use crate::{deps, pki, tools};
 
+/// Metadata for every request, once it completes (and once a watch starts); health
+/// probes are left out.
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: None
+    nonResourceURLs: [/healthz*, /livez*, /readyz*]
+  - level: Metadata
+";
+
 /// The bridge every pod's network namespace hangs off, and the host's address on it.
 /// One testenv per machine: the bridge and the namespace prefix are fixed names.
 const BRIDGE: &str = "stw0";
@@ -59,6 +70,10 @@ pub struct Env {
     /// monitoring tests, which install them).
     #[serde(default)]
     pub prometheus_crds: PathBuf,
+    /// The API server's audit log (metadata level, JSON lines): requests by user, for
+    /// tests and benches that count an operator's API cost.
+    #[serde(default)]
+    pub audit_log: PathBuf,
 }
 
 pub fn state_dir() -> PathBuf {
@@ -217,6 +232,7 @@ pub fn up() -> Result<Env> {
         kubernetes_version: tools::KUBERNETES_VERSION.into(),
         helm: tool("helm"),
         prometheus_crds: tools::prometheus_crds(&tool("controller-gen"))?,
+        audit_log: dir.join("logs/audit.log"),
     };
 
     let logs = dir.join("logs");
@@ -254,8 +270,18 @@ pub fn up() -> Result<Env> {
         Duration::from_secs(60),
     ))?;
 
-    // kube-apiserver
+    // kube-apiserver, with an audit log of every request at metadata level (who, verb,
+    // object, code; never bodies, so no Secret values), rotated so a long run stays bounded.
+    let audit_policy = dir.join("pki/audit-policy.yaml");
+    std::fs::write(&audit_policy, AUDIT_POLICY)?;
     let mut apiserver = Command::new(tool("kube-apiserver"));
+    apiserver.args([
+        format!("--audit-policy-file={}", audit_policy.display()),
+        format!("--audit-log-path={}", env.audit_log.display()),
+        "--audit-log-format=json".into(),
+        "--audit-log-maxsize=200".into(),
+        "--audit-log-maxbackup=2".into(),
+    ]);
     apiserver.args([
         &format!("--etcd-servers=http://127.0.0.1:{}", port("etcd")),
         &format!("--secure-port={}", port("apiserver")),

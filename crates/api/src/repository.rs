@@ -169,7 +169,4 @@ pub struct BackupRepositoryStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Conditions,
-    /// When the repository was last checked (RFC 3339).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_checked_time: Option<String>,
 }

@@ -753,9 +753,6 @@ pub struct HealthStatusSection {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 100))]
     pub unready_pods: Vec<UnreadyPod>,
-    /// Age of the newest successful backup, in seconds (when there is one).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_backup_age_seconds: Option<i64>,
     /// The age beyond which the newest backup counts as too old (`monitoring.backupMaxAge`,
     /// or twice the most frequent schedule's longest gap).
     #[serde(default, skip_serializing_if = "Option::is_none")]

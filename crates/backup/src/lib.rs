@@ -83,8 +83,17 @@ pub async fn run_backups(base: Context, namespace: Option<String>, config: RunCo
         "1 when the repository's last check succeeded",
         gauge.clone(),
     );
+    let checked_gauge = prometheus_client::metrics::family::Family::default();
+    base.metrics.register(
+        "backup_repository_last_check_timestamp_seconds",
+        "When the repository was last checked (Unix time; status changes only with the verdict)",
+        checked_gauge.clone(),
+    );
+    let checks = Arc::new(repository::RecentChecks::default());
     let repo_ctx = Arc::new(repository::RepositoryContext {
         base: base.clone(),
+        checks: checks.clone(),
+        checked_gauge,
         ready_gauge: gauge,
         next_check: Default::default(),
         orphan_grace: config.orphan_grace,
@@ -104,6 +113,7 @@ pub async fn run_backups(base: Context, namespace: Option<String>, config: RunCo
         config,
         scope: namespace.clone(),
         held: Default::default(),
+        checks,
     });
     let (repos, backups, jobs): (Api<BackupRepository>, Api<Backup>, Api<Job>) = match &namespace {
         Some(ns) => (

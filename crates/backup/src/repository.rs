@@ -21,6 +21,12 @@ use stateward_runtime::{Context, apply, conditions, time};
 /// How often a ready repository is checked again.
 pub const RECHECK: Duration = Duration::from_secs(300);
 
+/// What the repository loop writes in a repository's status.
+const STATUS_FIELDS: apply::StatusFields = apply::StatusFields {
+    keys: &["observedGeneration"],
+    conditions: &["Ready"],
+};
+
 /// Why a repository is not ready; each variant is a condition reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -282,28 +288,49 @@ fn probe_nonce() -> u64 {
 }
 
 /// How long a run trusts the repository loop's last `Ready` verdict instead of probing
-/// itself. The loop already records when it checked (`status.lastCheckedTime`), so this
-/// costs no write; it is short because the loop does not watch the Secret or the bucket,
-/// and long enough that the runs started together right after a check (a schedule
-/// firing for several apps, a demo) do not each probe again.
+/// itself. Short because the loop does not watch the Secret or the bucket, long enough
+/// that the runs started together right after a check (a schedule firing for several
+/// apps, a demo) do not each probe again.
 pub const TRUST_READY_FOR: Duration = Duration::from_secs(60);
+
+/// The repository loop's last check of one repository, kept in memory (the loop and the
+/// runs live in the same process): status records the verdict only when it changes, so
+/// an idle repository costs no write, and the check's time lives here and in
+/// `stateward_backup_repository_last_check_timestamp_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checked {
+    /// The spec generation checked.
+    pub generation: Option<i64>,
+    pub ready: bool,
+    pub at: DateTime<Utc>,
+}
+
+/// The last check of every repository, by uid.
+#[derive(Debug, Default)]
+pub struct RecentChecks(std::sync::Mutex<std::collections::HashMap<String, Checked>>);
+
+impl RecentChecks {
+    pub fn record(&self, repo: &BackupRepository, checked: Checked) {
+        if let Ok(mut map) = self.0.lock() {
+            map.insert(repo.uid().unwrap_or_default(), checked);
+        }
+    }
+
+    pub fn get(&self, repo: &BackupRepository) -> Option<Checked> {
+        let uid = repo.uid().unwrap_or_default();
+        self.0.lock().ok().and_then(|map| map.get(&uid).copied())
+    }
+}
 
 /// Whether the repository loop found `repo` ready, for its current spec, less than
 /// [`TRUST_READY_FOR`] before `now` (a check stamped after `now` is not trusted).
-pub fn recently_ready(repo: &BackupRepository, now: DateTime<Utc>) -> bool {
-    let Some(status) = &repo.status else {
+pub fn recently_ready(repo: &BackupRepository, last: Option<Checked>, now: DateTime<Utc>) -> bool {
+    let Some(last) = last else {
         return false;
     };
-    let generation = repo.meta().generation;
-    let ready = conditions::get(&status.conditions, "Ready")
-        .is_some_and(|c| c.status == "True" && c.observed_generation == generation);
-    let age = status
-        .last_checked_time
-        .as_deref()
-        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-        .and_then(|at| (now - at.with_timezone(&Utc)).to_std().ok());
-    ready
-        && status.observed_generation == generation
+    let age = (now - last.at).to_std().ok();
+    last.ready
+        && last.generation == repo.meta().generation
         && age.is_some_and(|age| age < TRUST_READY_FOR)
 }
 
@@ -432,6 +459,13 @@ async fn sweep_orphans(ctx: &RepositoryContext, repo: &BackupRepository) -> Resu
 /// Shared state of the repository loop.
 pub struct RepositoryContext {
     pub base: Context,
+    /// The last check of each repository (shared with the runs).
+    pub checks: Arc<RecentChecks>,
+    /// `stateward_backup_repository_last_check_timestamp_seconds`.
+    pub checked_gauge: prometheus_client::metrics::family::Family<
+        RepoLabels,
+        prometheus_client::metrics::gauge::Gauge,
+    >,
     /// When each repository (namespace/name) is due for its next check. Our own status
     /// writes wake the controller too; this keeps them from starting a check storm.
     pub next_check: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
@@ -512,20 +546,40 @@ pub async fn reconcile(
     let status = serde_json::json!({
         "observedGeneration": repo.meta().generation,
         "conditions": list,
-        "lastCheckedTime": time::rfc3339(now),
     });
     let api: Api<BackupRepository> = Api::namespaced(ctx.base.client.clone(), &ns);
-    let written = apply::apply_status(&api, &name, apply::managers::BACKUP, status).await;
+    // Written only when the verdict (or its message, or the spec checked) changed.
+    let written = apply::apply_status_if_changed(
+        &api,
+        &name,
+        apply::managers::BACKUP,
+        &STATUS_FIELDS,
+        repo.status.as_ref(),
+        status,
+    )
+    .await;
     if let Err(e) = written {
         timer.finish("error");
         return Err(RepositoryError::Status(e));
     }
-    ctx.ready_gauge
-        .get_or_create(&RepoLabels {
-            namespace: ns.clone(),
-            repository: name.clone(),
-        })
-        .set(i64::from(ready));
+    ctx.checks.record(
+        &repo,
+        Checked {
+            generation: repo.meta().generation,
+            ready,
+            at: now,
+        },
+    );
+    let labels = RepoLabels {
+        namespace: ns.clone(),
+        repository: name.clone(),
+    };
+    ctx.ready_gauge.get_or_create(&labels).set(i64::from(ready));
+    ctx.checked_gauge
+        .get_or_create(&labels)
+        .set(now.timestamp());
+    // A failing repository is said at every check (a failing repository is not idle; a
+    // healthy one sends nothing).
     if !ready {
         let event = Event {
             type_: EventType::Warning,
@@ -770,76 +824,30 @@ mod tests {
         assert_eq!(plan, crate::sweep::SweepPlan::default());
     }
 
-    fn repository(
-        ready: bool,
-        checked: Option<i64>,
-        observed: i64,
-        generation: i64,
-    ) -> BackupRepository {
-        let mut repo = BackupRepository::new("repo", Default::default());
-        repo.metadata.generation = Some(generation);
-        let mut list = Vec::new();
-        conditions::set(
-            &mut list,
-            conditions::condition("Ready", ready, "Reachable", "", Some(observed)),
-            at(-3600),
-        );
-        repo.status = Some(stateward_api::repository::BackupRepositoryStatus {
-            observed_generation: Some(observed),
-            conditions: list,
-            last_checked_time: checked.map(|s| time::rfc3339(at(s))),
-        });
-        repo
-    }
-
     #[test]
     fn a_run_trusts_only_a_fresh_ready_verdict_about_the_current_spec() {
         let now = at(100);
+        let mut repo = BackupRepository::new("repo", Default::default());
+        repo.metadata.generation = Some(2);
+        let checked = |ready: bool, seconds: i64, generation: i64| {
+            Some(Checked {
+                generation: Some(generation),
+                ready,
+                at: at(seconds),
+            })
+        };
         let cases = [
-            (
-                "ready, checked 10 s ago",
-                repository(true, Some(90), 2, 2),
-                true,
-            ),
-            (
-                "ready, checked just now",
-                repository(true, Some(100), 2, 2),
-                true,
-            ),
-            (
-                "ready, checked 60 s ago",
-                repository(true, Some(40), 2, 2),
-                false,
-            ),
-            (
-                "ready, checked an hour ago",
-                repository(true, Some(-3500), 2, 2),
-                false,
-            ),
-            (
-                "not ready, checked 10 s ago",
-                repository(false, Some(90), 2, 2),
-                false,
-            ),
-            (
-                "spec changed since",
-                repository(true, Some(90), 2, 3),
-                false,
-            ),
-            ("never checked", repository(true, None, 2, 2), false),
-            (
-                "checked after now",
-                repository(true, Some(130), 2, 2),
-                false,
-            ),
-            (
-                "no status",
-                BackupRepository::new("repo", Default::default()),
-                false,
-            ),
+            ("ready, checked 10 s ago", checked(true, 90, 2), true),
+            ("ready, checked just now", checked(true, 100, 2), true),
+            ("ready, checked 60 s ago", checked(true, 40, 2), false),
+            ("ready, checked an hour ago", checked(true, -3500, 2), false),
+            ("not ready, checked 10 s ago", checked(false, 90, 2), false),
+            ("spec changed since", checked(true, 90, 1), false),
+            ("never checked", None, false),
+            ("checked after now", checked(true, 130, 2), false),
         ];
-        for (case, repo, trusted) in cases {
-            assert_eq!(recently_ready(&repo, now), trusted, "{case}");
+        for (case, last, trusted) in cases {
+            assert_eq!(recently_ready(&repo, last, now), trusted, "{case}");
         }
     }
 
@@ -947,7 +955,7 @@ mod tests {
 
     #[test]
     fn the_waiting_message_names_the_repository_the_failure_and_the_deadline() {
-        let mut repo = repository(false, None, 1, 1);
+        let mut repo = BackupRepository::new("repo", Default::default());
         repo.spec.s3.bucket = "backups".into();
         let verdict = Verdict::ProbeFailed("ExistingObjectIsDirectory".into());
         assert_eq!(

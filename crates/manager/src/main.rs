@@ -322,10 +322,15 @@ async fn run(args: RunArgs) -> Result<()> {
         default_deadline: std::time::Duration::from_secs(args.restore_deadline_seconds.max(60)),
         ..Default::default()
     };
-    let client = Client::try_default()
+    let metrics = Metrics::new();
+    // Every request the controllers send is counted (`stateward_kube_requests_total`).
+    let requests = stateward_runtime::kube_requests::RequestCounter::register(&metrics);
+    let config = kube::Config::infer()
         .await
         .context("no Kubernetes configuration (in-cluster or KUBECONFIG)")?;
-    let metrics = Metrics::new();
+    let client = kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&requests.layer())
+        .build();
     for controller in &controllers {
         metrics.reconcile.init(controller);
     }

@@ -1,6 +1,10 @@
 //! An app's health from what the cluster says (pure: unit-tested): desired and ready
-//! replicas, each unready pod with its reason, the age of the newest good backup against
-//! the same maximum the backup controller uses, and the PVCs' capacity.
+//! replicas, each unready pod with its reason, the newest good backup against the same
+//! maximum age the backup controller uses, and the PVCs' capacity.
+//!
+//! Status carries instants, never ages (an age changes every second, and writing it would
+//! make an idle app cost writes): the verdict flips when the newest backup's deadline
+//! passes, and the controller wakes at that instant ([`backup_deadline`]).
 
 use std::time::Duration;
 
@@ -135,15 +139,6 @@ pub fn assess(
 
     let max_age = max_backup_age(app, now);
     section.backup_max_age_seconds = max_age.map(|d| d.as_secs() as i64);
-    let last_success = app
-        .status
-        .as_ref()
-        .and_then(|s| s.backup.as_ref())
-        .and_then(|b| b.last_successful_time.as_deref())
-        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-        .map(|t| t.with_timezone(&Utc));
-    section.last_backup_age_seconds = last_success.map(|t| (now - t).num_seconds().max(0));
-
     let stopped = app
         .status
         .as_ref()
@@ -181,56 +176,44 @@ pub fn assess(
                 )
             },
         }
-    } else if let (Some(max), true) = (max_age, app.spec.backup.is_some()) {
-        match section.last_backup_age_seconds {
-            Some(age) if age as u64 > max.as_secs() => Verdict {
+    } else if let (Some(max), Some(deadline)) = (max_age, backup_deadline(app, now)) {
+        let allowed = human(max.as_secs());
+        let due = rfc3339(deadline);
+        match last_success(app) {
+            Some(last) if now > deadline => Verdict {
                 healthy: false,
                 reason: "BackupTooOld",
                 message: format!(
-                    "the newest successful backup is {} old, more than the allowed {}",
-                    human(age as u64),
-                    human(max.as_secs())
+                    "the newest successful backup completed at {} and was due again by {due} \
+                     (allowed age {allowed})",
+                    rfc3339(last)
                 ),
             },
-            None => {
-                // A new app has until the maximum age for its first backup.
-                let created = app
-                    .metadata
-                    .creation_timestamp
-                    .as_ref()
-                    .map(stateward_runtime::time::to_chrono)
-                    .unwrap_or(now);
-                let age = (now - created).num_seconds().max(0) as u64;
-                if age > max.as_secs() {
-                    Verdict {
-                        healthy: false,
-                        reason: "NoBackup",
-                        message: format!(
-                            "no successful backup in the {} since the app was created (allowed {})",
-                            human(age),
-                            human(max.as_secs())
-                        ),
-                    }
-                } else {
-                    Verdict {
-                        healthy: true,
-                        reason: "Healthy",
-                        message: format!(
-                            "all {} replicas ready; no backup yet, the first is due within {}",
-                            section.desired_replicas,
-                            human(max.as_secs() - age)
-                        ),
-                    }
-                }
-            }
-            Some(age) => Verdict {
+            None if now > deadline => Verdict {
+                healthy: false,
+                reason: "NoBackup",
+                message: format!(
+                    "no successful backup since the app was created; the first was due by {due} \
+                     (allowed age {allowed})"
+                ),
+            },
+            Some(last) => Verdict {
                 healthy: true,
                 reason: "Healthy",
                 message: format!(
-                    "all {} replicas ready; newest backup {} old (allowed {})",
+                    "all {} replicas ready; newest backup completed at {}, the next is due by \
+                     {due} (allowed age {allowed})",
                     section.desired_replicas,
-                    human(age as u64),
-                    human(max.as_secs())
+                    rfc3339(last)
+                ),
+            },
+            None => Verdict {
+                healthy: true,
+                reason: "Healthy",
+                message: format!(
+                    "all {} replicas ready; no backup yet, the first is due by {due} (allowed \
+                     age {allowed})",
+                    section.desired_replicas
                 ),
             },
         }
@@ -242,6 +225,35 @@ pub fn assess(
         }
     };
     (section, verdict)
+}
+
+/// When the app's newest successful backup (or, before the first, the app's creation)
+/// becomes older than the maximum age: the instant the verdict flips by time alone.
+/// `None` when the app has no backups or no maximum.
+pub fn backup_deadline(app: &StatefulApp, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    app.spec.backup.as_ref()?;
+    let max = chrono::Duration::from_std(max_backup_age(app, now)?).ok()?;
+    let since = last_success(app).or_else(|| {
+        app.metadata
+            .creation_timestamp
+            .as_ref()
+            .map(stateward_runtime::time::to_chrono)
+    })?;
+    Some(since + max)
+}
+
+/// Completion time of the newest successful backup, as the backup controller records it.
+fn last_success(app: &StatefulApp) -> Option<DateTime<Utc>> {
+    app.status
+        .as_ref()
+        .and_then(|s| s.backup.as_ref())
+        .and_then(|b| b.last_successful_time.as_deref())
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// The same maximum age the backup controller's `BackupsHealthy` uses.
@@ -406,8 +418,25 @@ mod tests {
             now(),
         );
         assert!(verdict.healthy, "{verdict:?}");
-        assert_eq!(section.last_backup_age_seconds, Some(10 * 3600));
+        assert_eq!(
+            verdict.message,
+            "all 1 replicas ready; newest backup completed at 2026-12-01T02:00:00Z, the next is \
+             due by 2026-12-02T04:00:00Z (allowed age 1d2h)"
+        );
         assert_eq!(section.backup_max_age_seconds, Some(26 * 3600));
+        // The controller wakes when the verdict would flip by time alone.
+        assert_eq!(
+            backup_deadline(&fresh, now()).map(rfc3339).as_deref(),
+            Some("2026-12-02T04:00:00Z")
+        );
+        let (_, later) = assess(
+            &fresh,
+            Some(&sts(1)),
+            &[pod("db-0", true, None)],
+            &[],
+            now() + chrono::Duration::hours(17),
+        );
+        assert_eq!(later.reason, "BackupTooOld", "{later:?}");
         let stale = app(backed, Some("2026-11-29T12:00:00Z"));
         let (_, verdict) = assess(
             &stale,

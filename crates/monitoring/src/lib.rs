@@ -38,6 +38,12 @@ pub const CONTROLLER: &str = "monitoring";
 const HEALTHY: &str = "Healthy";
 const MONITORING_OBJECTS: &str = "MonitoringObjects";
 
+/// What the monitoring controller writes in an app's status.
+const STATUS_FIELDS: apply::StatusFields = apply::StatusFields {
+    keys: &["health"],
+    conditions: &[HEALTHY, MONITORING_OBJECTS],
+};
+
 /// Operator settings.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -288,10 +294,14 @@ async fn step(app: &StatefulApp, ctx: &MonitoringContext) -> Result<Action, Moni
         .filter(|c| c.type_ == HEALTHY || c.type_ == MONITORING_OBJECTS)
         .collect();
     let apps: Api<StatefulApp> = Api::namespaced(ctx.base.client.clone(), &ns);
-    apply::apply_status(
+    // Compared with the cached app: if the cache lags behind our own last write, the
+    // watch event of that write brings this app back with the written status.
+    apply::apply_status_if_changed(
         &apps,
         &name,
         apply::managers::MONITORING,
+        &STATUS_FIELDS,
+        app.status.as_ref(),
         serde_json::json!({"health": section, "conditions": ours}),
     )
     .await?;
@@ -324,7 +334,12 @@ async fn step(app: &StatefulApp, ctx: &MonitoringContext) -> Result<Action, Moni
             )
             .await;
     }
-    Ok(Action::requeue(ctx.config.recheck))
+    // Time changes the verdict only when the newest backup's deadline passes: wake then.
+    let recheck = health::backup_deadline(app, now)
+        .and_then(|at| (at - now).to_std().ok())
+        .map(|until| until + Duration::from_secs(1))
+        .map_or(ctx.config.recheck, |until| until.min(ctx.config.recheck));
+    Ok(Action::requeue(recheck))
 }
 
 /// Looks up (or reuses a fresh lookup of) the Prometheus Operator's kinds.

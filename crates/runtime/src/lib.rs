@@ -8,6 +8,7 @@ pub mod apply;
 pub mod backoff;
 pub mod conditions;
 pub mod hooks;
+pub mod kube_requests;
 pub mod lock;
 pub mod metrics;
 pub mod names;
@@ -36,15 +37,16 @@ pub struct Context {
 
 impl Context {
     pub fn new(client: kube::Client, controller: &str, metrics: metrics::Metrics) -> Self {
+        let reporter = kube::runtime::events::Reporter {
+            controller: format!("stateward-{controller}"),
+            instance: std::env::var("POD_NAME").ok(),
+        };
         Self {
             client,
             metrics,
             clock: Arc::new(time::SystemClock),
             backoff: Arc::new(backoff::Backoff::default()),
-            reporter: kube::runtime::events::Reporter {
-                controller: format!("stateward-{controller}"),
-                instance: std::env::var("POD_NAME").ok(),
-            },
+            reporter,
             shutdown: tokio_util::sync::CancellationToken::new(),
         }
     }
@@ -84,7 +86,11 @@ impl Context {
         }
     }
 
-    /// An event recorder for this controller.
+    /// An event recorder for this controller. A fresh one per event, on purpose: kube's
+    /// recorder aggregates by (type, reason, action, object) and ignores the note, so a
+    /// shared one would fold two different facts (a hook in pod 3, then in pod 2) into
+    /// one Event that shows only the first. Aggregating repeats of the *same* note needs
+    /// our own correlator (issue #16, to do).
     pub fn recorder(&self) -> kube::runtime::events::Recorder {
         kube::runtime::events::Recorder::new(self.client.clone(), self.reporter.clone())
     }

@@ -286,7 +286,7 @@ async fn step(cached: &StatefulApp, ctx: &ScalingContext) -> Result<Action, Scal
             message.clone(),
             now,
         );
-        write_status(&world, ctx).await?;
+        write_status(&mut world, ctx).await?;
         if first {
             publish(
                 ctx,
@@ -305,7 +305,7 @@ async fn step(cached: &StatefulApp, ctx: &ScalingContext) -> Result<Action, Scal
     if let Some(action) =
         storage::recreate_if_journaled(&app, &mut section, existing.as_ref(), ctx).await?
     {
-        let world = World {
+        let mut world = World {
             app: app.clone(),
             sts: existing.unwrap_or_default(),
             pods: Vec::new(),
@@ -313,7 +313,7 @@ async fn step(cached: &StatefulApp, ctx: &ScalingContext) -> Result<Action, Scal
             conditions,
             selector: status.selector.clone(),
         };
-        write_status(&world, ctx).await?;
+        write_status(&mut world, ctx).await?;
         return Ok(action);
     }
     let Some(sts) = existing else {
@@ -335,7 +335,7 @@ async fn step(cached: &StatefulApp, ctx: &ScalingContext) -> Result<Action, Scal
             app.spec.stateful_set_name
         );
         world.set(BLOCKED, true, MISSING_SET, message.clone(), now);
-        write_status(&world, ctx).await?;
+        write_status(&mut world, ctx).await?;
         if first {
             publish(ctx, &app, EventType::Warning, MISSING_SET, message).await;
         }
@@ -367,7 +367,7 @@ async fn step(cached: &StatefulApp, ctx: &ScalingContext) -> Result<Action, Scal
     world.section.observed_generation = world.app.meta().generation;
     world.section.ready_replicas = world.sts.status.as_ref().and_then(|s| s.ready_replicas);
     let action = pipeline(&mut world, ctx).await?;
-    write_status(&world, ctx).await?;
+    write_status(&mut world, ctx).await?;
     Ok(action)
 }
 
@@ -1238,7 +1238,16 @@ async fn start(world: &mut World, ctx: &ScalingContext) -> Result<Action, Scalin
     Ok(Action::requeue(STEP))
 }
 
-async fn write_status(world: &World, ctx: &ScalingContext) -> Result<(), ScalingError> {
+/// What the scaling controller writes in an app's status.
+const STATUS_FIELDS: apply::StatusFields = apply::StatusFields {
+    keys: &["scaling", "selector", "replicas"],
+    conditions: &OUR_CONDITIONS,
+};
+
+/// Writes the section and our conditions when they changed (compared with the app as
+/// last read or written), and keeps `world.app` as written, so a second write in the same
+/// pass compares with the first.
+async fn write_status(world: &mut World, ctx: &ScalingContext) -> Result<(), ScalingError> {
     let apps: Api<StatefulApp> = Api::namespaced(ctx.base.client.clone(), &world.ns());
     let mut status = serde_json::json!({
         "scaling": serde_json::to_value(&world.section)?,
@@ -1254,13 +1263,18 @@ async fn write_status(world: &World, ctx: &ScalingContext) -> Result<(), Scaling
             .unwrap_or_default()
             .into();
     }
-    apply::apply_status(
+    if let Some(written) = apply::apply_status_if_changed(
         &apps,
         &world.app.name_any(),
         apply::managers::SCALING,
+        &STATUS_FIELDS,
+        world.app.status.as_ref(),
         status,
     )
-    .await?;
+    .await?
+    {
+        world.app.status = written.status;
+    }
     Ok(())
 }
 

@@ -35,6 +35,9 @@ pub struct TestEnv {
     /// The Prometheus Operator's CRD manifests (generated from its pinned API types).
     #[serde(default)]
     pub prometheus_crds: PathBuf,
+    /// The API server's audit log (read with [`crate::audit`]).
+    #[serde(default)]
+    pub audit_log: PathBuf,
 }
 
 /// A connection to the local cluster.
@@ -486,4 +489,49 @@ pub async fn apply_yaml(
         applied.push(result);
     }
     Ok(applied)
+}
+
+/// Sums a counter family of a Prometheus text exposition by one label:
+/// `counter_by_label(text, "controller_runtime_reconcile_total", "controller")`.
+pub fn counter_by_label(text: &str, family: &str, label: &str) -> Vec<(String, f64)> {
+    let prefix = format!("{family}{{");
+    let key = format!("{label}=\"");
+    let mut totals: Vec<(String, f64)> = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some(value) = rest.split(&key).nth(1).and_then(|s| s.split('"').next()) else {
+            continue;
+        };
+        let n: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        match totals.iter_mut().find(|(v, _)| v == value) {
+            Some((_, total)) => *total += n,
+            None => totals.push((value.to_string(), n)),
+        }
+    }
+    totals.sort_by(|a, b| a.0.cmp(&b.0));
+    totals
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_sum_by_one_label() {
+        let text = "# TYPE controller_runtime_reconcile_total counter\n\
+            controller_runtime_reconcile_total{controller=\"backup\",result=\"success\"} 3\n\
+            controller_runtime_reconcile_total{controller=\"backup\",result=\"error\"} 1\n\
+            controller_runtime_reconcile_total{controller=\"scaling\",result=\"success\"} 2\n\
+            controller_runtime_reconcile_time_seconds_count{controller=\"backup\"} 9\n";
+        assert_eq!(
+            counter_by_label(text, "controller_runtime_reconcile_total", "controller"),
+            vec![("backup".to_string(), 4.0), ("scaling".to_string(), 2.0)]
+        );
+    }
 }

@@ -167,6 +167,8 @@ pub struct RunContext {
     pub scope: Option<String>,
     pub config: RunConfig,
     pub metrics: RunMetrics,
+    /// The repository loop's last checks (a fresh Ready verdict spares a probe).
+    pub checks: Arc<crate::repository::RecentChecks>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -375,7 +377,8 @@ async fn start(backup: &Backup, ctx: &RunContext) -> Result<Action, RunError> {
     // anything is written. A transient failure keeps the run Pending with back-off up to
     // a bound; a permanent one fails it.
     let repository = &resolved.repository;
-    let verdict = if crate::repository::recently_ready(repository, now) {
+    let verdict = if crate::repository::recently_ready(repository, ctx.checks.get(repository), now)
+    {
         crate::repository::Verdict::Ready
     } else {
         crate::repository::check(&ctx.base.client, repository).await

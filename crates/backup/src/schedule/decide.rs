@@ -63,11 +63,14 @@ pub fn decide(input: &Input<'_>) -> Decision {
     // Slots are compared against `now - jitter`: slot s is due once now >= s + jitter.
     let horizon = input.now - jitter;
     if input.suspended {
+        // The cursor moves to the newest slot passed, not to `now`: it changes once per
+        // slot, so a suspended schedule costs no status write per pass.
+        let passed = input.schedule.latest_at_or_before(horizon);
         return Decision {
             fire: None,
             missed: 0,
             skipped: None,
-            decided_until: horizon,
+            decided_until: passed.max(input.decided_until).unwrap_or(horizon),
             next_fire: None,
         };
     }
@@ -231,6 +234,16 @@ mod tests {
         i.suspended = true;
         let d = decide(&i);
         assert_eq!((d.fire, d.missed, d.next_fire), (None, 0, None));
+        assert_eq!(
+            d.decided_until,
+            utc(25, 15, 0),
+            "the newest slot passed, not now"
+        );
+        // Later in the same hour: the same cursor (no status write per pass).
+        i.now = utc(25, 15, 50);
+        i.decided_until = Some(d.decided_until);
+        assert_eq!(decide(&i).decided_until, utc(25, 15, 0));
+        i.now = utc(25, 15, 30);
         i.suspended = false;
         i.decided_until = Some(d.decided_until);
         i.now = utc(25, 15, 31);

@@ -337,7 +337,15 @@ async fn step(cached: &StatefulApp, ctx: &ScheduleContext) -> Result<Action, Sch
         "conditions": ours,
         "backup": serde_json::to_value(&section)?,
     });
-    apply::apply_status(&apps, &app.name_any(), apply::managers::BACKUP, status).await?;
+    apply::apply_status_if_changed(
+        &apps,
+        &app.name_any(),
+        apply::managers::BACKUP,
+        &STATUS_FIELDS,
+        app.status.as_ref(),
+        status,
+    )
+    .await?;
     let until = (wake - ctx.base.clock.now())
         .to_std()
         .unwrap_or_default()
@@ -347,6 +355,12 @@ async fn step(cached: &StatefulApp, ctx: &ScheduleContext) -> Result<Action, Sch
 
 const SCHEDULES_VALID: &str = "SchedulesValid";
 const BACKUPS_HEALTHY: &str = "BackupsHealthy";
+
+/// What the scheduler writes in an app's status.
+const STATUS_FIELDS: apply::StatusFields = apply::StatusFields {
+    keys: &["backup"],
+    conditions: &[SCHEDULES_VALID, BACKUPS_HEALTHY],
+};
 
 fn not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)

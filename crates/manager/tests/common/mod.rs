@@ -21,13 +21,19 @@ pub struct Manager {
 
 impl Manager {
     pub fn start(cluster: &Cluster, extra: &[&str]) -> Result<Self> {
+        Self::start_with(&cluster.env.kubeconfig, extra)
+    }
+
+    /// A manager with its own kubeconfig (another identity, so the audit log tells its
+    /// requests from the test's).
+    pub fn start_with(kubeconfig: &std::path::Path, extra: &[&str]) -> Result<Self> {
         let port = free_port()?;
         let child = Command::new(env!("CARGO_BIN_EXE_stateward"))
             .arg("run")
             .arg("--admin-addr")
             .arg(format!("127.0.0.1:{port}"))
             .args(extra)
-            .env("KUBECONFIG", &cluster.env.kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
