@@ -49,10 +49,15 @@ fn children_cpu() -> f64 {
 }
 
 fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    proc_status_kib(pid, "VmHWM:")
+}
+
+/// A KiB field of `/proc/<pid>/status` (`VmHWM:`, `VmRSS:`).
+pub(crate) fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()

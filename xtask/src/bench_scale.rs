@@ -114,7 +114,7 @@ async fn run(
         started.elapsed().as_secs_f64()
     );
 
-    let admin_port = free_port()?;
+    let admin_port = testenv::free_port()?;
     let mut process = start_manager(manager, &kubeconfig, admin_port, out)?;
     let pid = process.id();
     let log = audit_log(env)?;
@@ -611,28 +611,12 @@ fn audit_log(env: &Env) -> Result<PathBuf> {
     Ok(env.audit_log.clone())
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 fn rss_kib(pid: u32) -> Option<u64> {
-    status_kib(pid, "VmRSS:")
+    crate::bench::proc_status_kib(pid, "VmRSS:")
 }
 
 fn hwm_kib(pid: u32) -> Option<u64> {
-    status_kib(pid, "VmHWM:")
+    crate::bench::proc_status_kib(pid, "VmHWM:")
 }
 
 fn mib(kib: Option<u64>) -> String {

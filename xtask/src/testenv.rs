@@ -101,7 +101,7 @@ fn save_state(dir: &Path, state: &State) -> Result<()> {
     Ok(())
 }
 
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     let listener = TcpListener::bind("0.0.0.0:0").context("finding a free port")?;
     Ok(listener.local_addr()?.port())
 }
