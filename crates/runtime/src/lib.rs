@@ -17,6 +17,7 @@ pub mod quantity;
 pub mod schedule;
 pub mod telemetry;
 pub mod time;
+pub mod watch;
 
 use std::sync::Arc;
 

@@ -152,6 +152,12 @@ fn decide(
 /// The holder kind that may take over a lock marked `incomplete_swap`.
 const RESTORE_KIND: &str = "Restore";
 
+/// The name of the Lease that locks StatefulSet `stateful_set` (one lock per StatefulSet,
+/// whichever app manages it).
+pub fn lease_name(stateful_set: &str) -> String {
+    names::bounded(&format!("stateward-sts-{stateful_set}"), 63, false)
+}
+
 /// The lock of one app.
 #[derive(Clone)]
 pub struct OperationLock {
@@ -168,7 +174,7 @@ impl OperationLock {
         Self {
             client,
             namespace: namespace.to_string(),
-            lease_name: names::bounded(&format!("stateward-sts-{stateful_set}"), 63, false),
+            lease_name: lease_name(stateful_set),
             legacy_lease: names::bounded(&format!("stateward-app-{app}"), 63, false),
         }
     }

@@ -1,0 +1,710 @@
+//! Shared watches: one watch and one cache (a kube reflector store) per kind, for every
+//! controller in the manager.
+//!
+//! Why not a `Controller::new` per controller: each one opens its own watch of the same
+//! kind and keeps its own copy of every object, and four controllers watching StatefulApp
+//! meant four copies of 1,000 apps, each one woken by the other three's status writes.
+//! Here one task per kind runs the watch, applies it to one store and fans the changes out
+//! to subscribers over a broadcast channel:
+//!
+//! - a subscriber first gets every cached object once the cache is ready, then each change
+//!   (an applied or a deleted object) — so the order in which watches and controllers start
+//!   does not matter;
+//! - a subscriber that falls behind (more than [`BUFFER`] changes) or a watch that re-lists
+//!   gets a resync: the objects whose key changed, and the last state of those that left
+//!   the cache, so nothing is missed, only folded;
+//! - [`Shared::subscribe_by`] emits an object only when the key it is given changes (a
+//!   predicate, so a controller is not woken by status it does not read);
+//! - cached objects are slim: `managedFields` and the last-applied annotation are dropped.
+//!
+//! Only Stateward's own Jobs and Leases are watched (by label), never every Job or Lease
+//! in the cluster; Pods and PVCs are not cached at all (they are read when a reconcile
+//! needs them, which only a change of something watched or a timer triggers).
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Debug;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::Api;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::{WatchStreamExt, controller};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use stateward_api::common::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+use stateward_api::{Backup, Restore, StatefulApp};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+/// Changes a subscriber may fall behind by before it gets a resync instead.
+pub const BUFFER: usize = 1024;
+/// Reconciles one controller runs at once (kube's default is unbounded).
+pub const RECONCILE_CONCURRENCY: u16 = 8;
+/// How long a cache may stay unsynced before the manager says so, naming the kind.
+pub const SYNC_WARNING_AFTER: Duration = Duration::from_secs(30);
+
+/// The controller settings every Stateward controller uses.
+pub fn controller_config() -> controller::Config {
+    controller::Config::default().concurrency(RECONCILE_CONCURRENCY)
+}
+
+/// What the watch task tells subscribers.
+#[derive(Clone, Debug)]
+enum Signal<K> {
+    /// Applied (created or changed): the cached object.
+    Changed(Arc<K>),
+    /// Deleted: its last state.
+    Deleted(Arc<K>),
+    /// The cache was re-listed: compare everything.
+    Resync,
+}
+
+type IndexFn<K> = Arc<dyn Fn(&K) -> Option<String> + Send + Sync>;
+
+/// A secondary index: key → the objects carrying it (kept by the watch task).
+struct Index<K: Resource<DynamicType = ()>> {
+    key: IndexFn<K>,
+    entries: RwLock<IndexEntries<K>>,
+}
+
+struct IndexEntries<K: Resource<DynamicType = ()>> {
+    by_key: HashMap<String, HashSet<ObjectRef<K>>>,
+    key_of: HashMap<ObjectRef<K>, String>,
+}
+
+impl<K> Index<K>
+where
+    K: Resource<DynamicType = ()> + Clone,
+{
+    fn new(key: IndexFn<K>) -> Self {
+        Self {
+            key,
+            entries: RwLock::new(IndexEntries {
+                by_key: HashMap::new(),
+                key_of: HashMap::new(),
+            }),
+        }
+    }
+
+    fn remove(entries: &mut IndexEntries<K>, r: &ObjectRef<K>) {
+        if let Some(old) = entries.key_of.remove(r)
+            && let Some(set) = entries.by_key.get_mut(&old)
+        {
+            set.remove(r);
+            if set.is_empty() {
+                entries.by_key.remove(&old);
+            }
+        }
+    }
+
+    fn apply(&self, object: &K) {
+        let r = ObjectRef::from_obj(object);
+        let Ok(mut entries) = self.entries.write() else {
+            return;
+        };
+        Self::remove(&mut entries, &r);
+        if let Some(key) = (self.key)(object) {
+            entries
+                .by_key
+                .entry(key.clone())
+                .or_default()
+                .insert(r.clone());
+            entries.key_of.insert(r, key);
+        }
+    }
+
+    fn delete(&self, object: &K) {
+        if let Ok(mut entries) = self.entries.write() {
+            Self::remove(&mut entries, &ObjectRef::from_obj(object));
+        }
+    }
+
+    /// Rebuilds the index from the whole cache (after a re-list).
+    fn rebuild(&self, all: &[Arc<K>]) {
+        let Ok(mut entries) = self.entries.write() else {
+            return;
+        };
+        entries.by_key.clear();
+        entries.key_of.clear();
+        for object in all {
+            if let Some(key) = (self.key)(object) {
+                let r = ObjectRef::from_obj(object.as_ref());
+                entries
+                    .by_key
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(r.clone());
+                entries.key_of.insert(r, key);
+            }
+        }
+    }
+
+    fn get(&self, key: &str) -> Vec<ObjectRef<K>> {
+        self.entries
+            .read()
+            .map(|e| {
+                e.by_key
+                    .get(key)
+                    .map(|s| s.iter().cloned().collect())
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// One kind's shared watch: its cache, its change feed and its optional index.
+pub struct Shared<K: Resource<DynamicType = ()> + 'static> {
+    reader: Store<K>,
+    signals: broadcast::Sender<Signal<K>>,
+    index: Option<Arc<Index<K>>>,
+}
+
+impl<K> Shared<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    /// Starts the watch of `api` (until `stop`), keeping an index when `index` is given.
+    fn start(
+        api: Api<K>,
+        config: watcher::Config,
+        index: Option<IndexFn<K>>,
+        stop: CancellationToken,
+    ) -> Self {
+        let (reader, writer) = reflector::store();
+        let (signals, _) = broadcast::channel(BUFFER);
+        let index = index.map(|key| Arc::new(Index::new(key)));
+        let kind = K::kind(&()).to_string();
+        let task_reader = reader.clone();
+        let task_signals = signals.clone();
+        let task_index = index.clone();
+        tokio::spawn(async move {
+            let events = watcher::watcher(api, config)
+                .default_backoff()
+                .modify(slim)
+                .reflect(writer);
+            let mut events = std::pin::pin!(events);
+            loop {
+                let event = tokio::select! {
+                    () = stop.cancelled() => break,
+                    event = events.next() => event,
+                };
+                let Some(event) = event else { break };
+                let signal = match event {
+                    Ok(Event::Apply(object)) => {
+                        if let Some(index) = &task_index {
+                            index.apply(&object);
+                        }
+                        let cached = task_reader
+                            .get(&ObjectRef::from_obj(&object))
+                            .unwrap_or_else(|| Arc::new(object));
+                        Signal::Changed(cached)
+                    }
+                    Ok(Event::Delete(object)) => {
+                        if let Some(index) = &task_index {
+                            index.delete(&object);
+                        }
+                        Signal::Deleted(Arc::new(object))
+                    }
+                    Ok(Event::InitDone) => {
+                        if let Some(index) = &task_index {
+                            index.rebuild(&task_reader.state());
+                        }
+                        tracing::debug!(%kind, objects = task_reader.len(), "cache synced");
+                        Signal::Resync
+                    }
+                    Ok(Event::Init | Event::InitApply(_)) => continue,
+                    Err(e) => {
+                        // The backoff spaces these out; a 403 here names the missing verb.
+                        tracing::warn!(%kind, error = %e, "watch failed; retrying");
+                        continue;
+                    }
+                };
+                // No subscriber yet is fine: each one starts from the cache.
+                let _ = task_signals.send(signal);
+            }
+        });
+        Self {
+            reader,
+            signals,
+            index,
+        }
+    }
+
+    /// The cache (ready once the first list completed).
+    pub fn reader(&self) -> Store<K> {
+        self.reader.clone()
+    }
+
+    /// Every object once the cache is ready, then every change (applied or deleted).
+    pub fn subscribe(&self) -> impl Stream<Item = Arc<K>> + Send + 'static {
+        self.subscribe_by(|o: &K| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            o.meta().resource_version.hash(&mut h);
+            h.finish()
+        })
+    }
+
+    /// Like [`Self::subscribe`], but an applied object is emitted only when `key` of it
+    /// differs from the last one emitted (a deletion always is).
+    pub fn subscribe_by(
+        &self,
+        key: impl Fn(&K) -> u64 + Send + Sync + 'static,
+    ) -> impl Stream<Item = Arc<K>> + Send + 'static {
+        let state = Subscriber {
+            signals: self.signals.subscribe(),
+            reader: self.reader.clone(),
+            seen: HashMap::new(),
+            pending: Vec::new(),
+            started: false,
+            key: Box::new(key),
+        };
+        futures::stream::unfold(state, |mut s| async move {
+            let next = s.next().await?;
+            Some((next, s))
+        })
+    }
+
+    /// The cached objects whose index key is `key`.
+    pub fn indexed(&self, key: &str) -> Vec<Arc<K>> {
+        let Some(index) = &self.index else {
+            return Vec::new();
+        };
+        index
+            .get(key)
+            .iter()
+            .filter_map(|r| self.reader.get(r))
+            .collect()
+    }
+}
+
+struct Subscriber<K: Resource<DynamicType = ()> + 'static> {
+    signals: broadcast::Receiver<Signal<K>>,
+    reader: Store<K>,
+    /// What was last emitted per object, by key (and the object, to report its
+    /// deletion if a resync finds it gone).
+    seen: HashMap<ObjectRef<K>, (u64, Arc<K>)>,
+    pending: Vec<Arc<K>>,
+    started: bool,
+    key: Box<dyn Fn(&K) -> u64 + Send + Sync>,
+}
+
+impl<K> Subscriber<K>
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + Send + Sync + 'static,
+{
+    async fn next(&mut self) -> Option<Arc<K>> {
+        loop {
+            if let Some(object) = self.pending.pop() {
+                return Some(object);
+            }
+            if !self.started {
+                self.started = true;
+                self.reader.wait_until_ready().await.ok()?;
+                self.resync();
+                continue;
+            }
+            match self.signals.recv().await {
+                Ok(Signal::Changed(object)) => {
+                    if let Some(object) = self.changed(object) {
+                        return Some(object);
+                    }
+                }
+                Ok(Signal::Deleted(object)) => {
+                    self.seen.remove(&ObjectRef::from_obj(object.as_ref()));
+                    return Some(object);
+                }
+                Ok(Signal::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => self.resync(),
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    /// `object` if its key changed since it was last emitted.
+    fn changed(&mut self, object: Arc<K>) -> Option<Arc<K>> {
+        let key = (self.key)(&object);
+        let r = ObjectRef::from_obj(object.as_ref());
+        if self.seen.get(&r).is_some_and(|(k, _)| *k == key) {
+            return None;
+        }
+        self.seen.insert(r, (key, object.clone()));
+        Some(object)
+    }
+
+    /// Queues what changed or left since the last emission, compared with the cache.
+    fn resync(&mut self) {
+        let all = self.reader.state();
+        let present: HashSet<ObjectRef<K>> = all
+            .iter()
+            .map(|o| ObjectRef::from_obj(o.as_ref()))
+            .collect();
+        let gone: Vec<ObjectRef<K>> = self
+            .seen
+            .keys()
+            .filter(|r| !present.contains(*r))
+            .cloned()
+            .collect();
+        for r in gone {
+            if let Some((_, last)) = self.seen.remove(&r) {
+                self.pending.push(last);
+            }
+        }
+        for object in all {
+            if let Some(object) = self.changed(object) {
+                self.pending.push(object);
+            }
+        }
+    }
+}
+
+/// Drops what no controller reads from a cached object: managed fields are often most of
+/// its size.
+fn slim<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// A predicate key: what a controller reading only the spec and metadata of an object
+/// cares about (its generation, deletion, finalizers, labels and annotations), so status
+/// writes — its own or another controller's — do not wake it.
+pub fn spec_and_metadata<K: Resource>(object: &K) -> u64 {
+    let meta = object.meta();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    meta.generation.hash(&mut h);
+    meta.deletion_timestamp.is_some().hash(&mut h);
+    meta.finalizers.hash(&mut h);
+    meta.labels.hash(&mut h);
+    meta.annotations.hash(&mut h);
+    h.finish()
+}
+
+/// The label selector of Stateward's agent Jobs.
+pub const AGENT_JOBS: &str = "app.kubernetes.io/managed-by=stateward,app.kubernetes.io/component in (backup-agent,restore-agent)";
+
+/// The shared watches of the manager: every kind more than one controller reads, or that
+/// a controller reads on every pass.
+pub struct Stores {
+    pub apps: Shared<StatefulApp>,
+    pub backups: Shared<Backup>,
+    pub restores: Shared<Restore>,
+    pub statefulsets: Shared<StatefulSet>,
+    /// Stateward's agent Jobs only.
+    pub jobs: Shared<Job>,
+    /// Stateward's Leases only (the operation locks), never the control plane's.
+    pub leases: Shared<Lease>,
+    /// The namespace watched, or all.
+    pub namespace: Option<String>,
+    /// Ends the watches when the last holder of the stores goes.
+    _stop: tokio_util::sync::DropGuard,
+}
+
+/// The key of the Backup index: the app a Backup belongs to.
+fn backup_app_key(backup: &Backup) -> Option<String> {
+    Some(format!(
+        "{}/{}",
+        backup.namespace().unwrap_or_default(),
+        backup.spec.app
+    ))
+}
+
+impl Stores {
+    /// Starts every shared watch, in `namespace` or cluster-wide; they end on `shutdown`
+    /// (or when the stores are dropped).
+    pub fn start(
+        client: Client,
+        namespace: Option<String>,
+        shutdown: &CancellationToken,
+    ) -> Arc<Self> {
+        let stop = shutdown.child_token();
+        fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+        where
+            K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+        {
+            match namespace {
+                Some(ns) => Api::namespaced(client.clone(), ns),
+                None => Api::all(client.clone()),
+            }
+        }
+        let api = || (&client, &namespace);
+        let all = || watcher::Config::default().any_semantic();
+        let ours = format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}");
+        let stores = Self {
+            apps: Shared::start(
+                {
+                    let (c, n) = api();
+                    scoped(c, n)
+                },
+                all(),
+                None,
+                stop.clone(),
+            ),
+            backups: Shared::start(
+                {
+                    let (c, n) = api();
+                    scoped(c, n)
+                },
+                all(),
+                Some(Arc::new(backup_app_key)),
+                stop.clone(),
+            ),
+            restores: Shared::start(
+                {
+                    let (c, n) = api();
+                    scoped(c, n)
+                },
+                all(),
+                None,
+                stop.clone(),
+            ),
+            statefulsets: Shared::start(
+                {
+                    let (c, n) = api();
+                    scoped(c, n)
+                },
+                all(),
+                None,
+                stop.clone(),
+            ),
+            jobs: Shared::start(
+                {
+                    let (c, n) = api();
+                    scoped(c, n)
+                },
+                all().labels(AGENT_JOBS),
+                None,
+                stop.clone(),
+            ),
+            leases: Shared::start(
+                {
+                    let (c, n) = api();
+                    scoped(c, n)
+                },
+                all().labels(&ours),
+                None,
+                stop.clone(),
+            ),
+            namespace,
+            _stop: stop.drop_guard(),
+        };
+        Arc::new(stores)
+    }
+
+    /// Starts the stores with their own stop token (tests; they end when dropped).
+    pub fn start_in(client: Client, namespace: Option<String>) -> Arc<Self> {
+        Self::start(client, namespace, &CancellationToken::new())
+    }
+
+    /// Waits until every cache has listed once; every [`SYNC_WARNING_AFTER`] without it,
+    /// logs which kinds are still missing (usually an RBAC `list`/`watch` missing: the
+    /// watch's own warning names the verb).
+    pub async fn synced(&self) {
+        loop {
+            let missing = self.unsynced();
+            if missing.is_empty() {
+                return;
+            }
+            let wait = async {
+                let _ = self.apps.reader.wait_until_ready().await;
+                let _ = self.backups.reader.wait_until_ready().await;
+                let _ = self.restores.reader.wait_until_ready().await;
+                let _ = self.statefulsets.reader.wait_until_ready().await;
+                let _ = self.jobs.reader.wait_until_ready().await;
+                let _ = self.leases.reader.wait_until_ready().await;
+            };
+            if tokio::time::timeout(SYNC_WARNING_AFTER, wait)
+                .await
+                .is_err()
+            {
+                tracing::error!(
+                    kinds = ?self.unsynced(),
+                    "caches not synced after {}s: controllers wait (check the watch warnings and the manager's RBAC list/watch rights)",
+                    SYNC_WARNING_AFTER.as_secs()
+                );
+            }
+        }
+    }
+
+    /// The kinds whose cache has not listed yet.
+    pub fn unsynced(&self) -> Vec<&'static str> {
+        let mut missing = Vec::new();
+        // A store is ready once its first list was applied; `len` does not tell, so ask
+        // without waiting.
+        let ready = |ready: bool, kind: &'static str, missing: &mut Vec<&'static str>| {
+            if !ready {
+                missing.push(kind);
+            }
+        };
+        ready(is_ready(&self.apps.reader), "StatefulApp", &mut missing);
+        ready(is_ready(&self.backups.reader), "Backup", &mut missing);
+        ready(is_ready(&self.restores.reader), "Restore", &mut missing);
+        ready(
+            is_ready(&self.statefulsets.reader),
+            "StatefulSet",
+            &mut missing,
+        );
+        ready(is_ready(&self.jobs.reader), "Job", &mut missing);
+        ready(is_ready(&self.leases.reader), "Lease", &mut missing);
+        missing
+    }
+
+    /// The Backups of app `app` in `namespace`, from the index (no scan of every Backup).
+    pub fn backups_of_app(&self, namespace: &str, app: &str) -> Vec<Arc<Backup>> {
+        self.backups.indexed(&format!("{namespace}/{app}"))
+    }
+
+    /// The apps that manage StatefulSet `sts` (usually one), from the cache.
+    pub fn apps_of_statefulset(&self, sts: &StatefulSet) -> Vec<ObjectRef<StatefulApp>> {
+        let ns = sts.namespace();
+        let name = sts.name_any();
+        self.apps
+            .reader
+            .state()
+            .iter()
+            .filter(|a| a.namespace() == ns && a.spec.stateful_set_name == name)
+            .map(|a| ObjectRef::from_obj(a.as_ref()))
+            .collect()
+    }
+
+    /// The apps whose operation lock is Lease `lease`.
+    pub fn apps_of_lock(&self, lease: &Lease) -> Vec<ObjectRef<StatefulApp>> {
+        let ns = lease.namespace();
+        let name = lease.name_any();
+        self.apps
+            .reader
+            .state()
+            .iter()
+            .filter(|a| {
+                a.namespace() == ns && crate::lock::lease_name(&a.spec.stateful_set_name) == name
+            })
+            .map(|a| ObjectRef::from_obj(a.as_ref()))
+            .collect()
+    }
+
+    /// The app a Backup or Restore names (`spec.app`), in its namespace.
+    pub fn app_named(namespace: Option<String>, app: &str) -> Option<ObjectRef<StatefulApp>> {
+        namespace.map(|ns| ObjectRef::new(app).within(&ns))
+    }
+}
+
+/// Whether a store listed once, without waiting.
+fn is_ready<K>(store: &Store<K>) -> bool
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app(name: &str, generation: i64, status_note: &str) -> StatefulApp {
+        let mut a: StatefulApp = serde_json::from_value(serde_json::json!({
+            "apiVersion": "stateward.io/v1alpha1",
+            "kind": "StatefulApp",
+            "metadata": {"name": name, "namespace": "n", "generation": generation,
+                         "resourceVersion": format!("{generation}-{status_note}"),
+                         "managedFields": [{"manager": "x"}],
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}", "keep": "1"}},
+            "spec": {"statefulSetName": "s"}
+        }))
+        .unwrap_or_else(|e| panic!("fixture: {e}"));
+        a.status = Some(Default::default());
+        a
+    }
+
+    #[test]
+    fn slim_drops_managed_fields_and_last_applied_only() {
+        let mut a = app("a", 1, "x");
+        slim(&mut a);
+        assert!(a.metadata.managed_fields.is_none());
+        let annotations = a.metadata.annotations.unwrap_or_default();
+        assert_eq!(annotations.len(), 1);
+        assert!(annotations.contains_key("keep"));
+    }
+
+    #[test]
+    fn spec_and_metadata_ignores_status_and_resource_version() {
+        let a = app("a", 1, "first");
+        let b = app("a", 1, "second");
+        assert_eq!(spec_and_metadata(&a), spec_and_metadata(&b));
+        let c = app("a", 2, "second");
+        assert_ne!(spec_and_metadata(&a), spec_and_metadata(&c));
+        let mut d = app("a", 1, "first");
+        d.metadata.finalizers = Some(vec!["f".into()]);
+        assert_ne!(spec_and_metadata(&a), spec_and_metadata(&d));
+    }
+
+    #[test]
+    fn index_follows_applies_deletes_and_rebuilds() {
+        let index: Index<StatefulApp> = Index::new(Arc::new(|a: &StatefulApp| {
+            a.annotations().get("keep").cloned()
+        }));
+        let a = app("a", 1, "x");
+        index.apply(&a);
+        assert_eq!(index.get("1").len(), 1);
+        let mut moved = a.clone();
+        moved.annotations_mut().insert("keep".into(), "2".into());
+        index.apply(&moved);
+        assert!(index.get("1").is_empty());
+        assert_eq!(index.get("2").len(), 1);
+        index.delete(&moved);
+        assert!(index.get("2").is_empty());
+        index.rebuild(&[Arc::new(a)]);
+        assert_eq!(index.get("1").len(), 1);
+    }
+
+    /// The fan-out as a subscriber sees it, driven through a real store writer.
+    #[tokio::test]
+    async fn subscriber_starts_from_the_cache_filters_by_key_and_resyncs() {
+        let (reader, mut writer) = reflector::store::<StatefulApp>();
+        let (signals, _) = broadcast::channel(2);
+        let shared = Shared {
+            reader: reader.clone(),
+            signals: signals.clone(),
+            index: None,
+        };
+        let mut changes = Box::pin(shared.subscribe_by(spec_and_metadata));
+        writer.apply_watcher_event(&Event::Init);
+        writer.apply_watcher_event(&Event::InitApply(app("a", 1, "x")));
+        writer.apply_watcher_event(&Event::InitDone);
+        // First: the cache.
+        let first = changes.next().await.map(|a| a.name_any());
+        assert_eq!(first.as_deref(), Some("a"));
+        // A status-only change is filtered; a generation change is not.
+        let status_only = Arc::new(app("a", 1, "y"));
+        let _ = signals.send(Signal::Changed(status_only));
+        let spec = Arc::new(app("a", 2, "y"));
+        let _ = signals.send(Signal::Changed(spec));
+        let next = changes.next().await.and_then(|a| a.metadata.generation);
+        assert_eq!(next, Some(2));
+        // A lag (buffer 2) resyncs against the cache: b appears, a (generation 1 in the
+        // cache, 2 last emitted) is emitted again.
+        writer.apply_watcher_event(&Event::Apply(app("b", 1, "x")));
+        for n in 0..4 {
+            let _ = signals.send(Signal::Changed(Arc::new(app("a", 2, &format!("z{n}")))));
+        }
+        let mut names = vec![
+            changes.next().await.map(|a| a.name_any()),
+            changes.next().await.map(|a| a.name_any()),
+        ];
+        names.sort();
+        assert_eq!(names, vec![Some("a".to_string()), Some("b".to_string())]);
+        // The two changes still buffered: a at generation 2 differs from the cached
+        // generation 1 just emitted, once; the second has the same key.
+        let buffered = changes.next().await.and_then(|a| a.metadata.generation);
+        assert_eq!(buffered, Some(2));
+        // A deletion is always emitted.
+        let _ = signals.send(Signal::Deleted(Arc::new(app("b", 1, "x"))));
+        let gone = changes.next().await.map(|a| a.name_any());
+        assert_eq!(gone.as_deref(), Some("b"));
+    }
+}
