@@ -15,12 +15,12 @@ pub mod sweep;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::batch::v1::Job;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
-use stateward_api::{Backup, BackupRepository, StatefulApp};
+use stateward_api::{Backup, BackupRepository, Restore, StatefulApp};
 use stateward_runtime::Context;
+use stateward_runtime::watch::{self, Stores};
 
 pub use run::RunConfig;
 pub use schedule::ScheduleConfig;
@@ -35,48 +35,65 @@ pub struct Config {
 /// The controller's name in metrics and logs.
 pub const CONTROLLER: &str = "backup";
 
-/// Runs the repository and backup-run loops until shutdown; `namespace` limits the
-/// watches.
-pub async fn run(base: Context, namespace: Option<String>, config: Config) {
+/// Runs the repository, backup-run and schedule loops until shutdown, woken by the
+/// shared watches (`stores`).
+pub async fn run(base: Context, stores: Arc<Stores>, config: Config) {
     futures::join!(
-        run_backups(base.clone(), namespace.clone(), config.runs),
-        run_schedules(base, namespace, config.schedules)
+        run_backups(base.clone(), stores.clone(), config.runs),
+        run_schedules(base, stores, config.schedules)
     );
 }
 
 /// The scheduler loop alone (tests drive it with a movable clock).
-pub async fn run_schedules(base: Context, namespace: Option<String>, config: ScheduleConfig) {
+///
+/// What wakes an app: its spec and metadata (not status), its Backups changing phase,
+/// labels or deletion (retention and the summary follow each run), a Restore changing
+/// phase (a Backup it protected from retention may go), and the timers: the next slot,
+/// the `BackupsHealthy` flip, and `resync`.
+pub async fn run_schedules(base: Context, stores: Arc<Stores>, config: ScheduleConfig) {
     let ctx = Arc::new(schedule::ScheduleContext {
         metrics: schedule::ScheduleMetrics::register(&base.metrics),
         base: base.clone(),
         config,
+        stores: stores.clone(),
     });
-    let (apps, backups): (Api<StatefulApp>, Api<Backup>) = match &namespace {
-        Some(ns) => (
-            Api::namespaced(base.client.clone(), ns),
-            Api::namespaced(base.client.clone(), ns),
-        ),
-        None => (Api::all(base.client.clone()), Api::all(base.client.clone())),
-    };
-    // A Backup that changes (completes, fails, is deleted) wakes its app: retention and
-    // the summary follow each run without waiting for the resync.
-    Controller::new(apps, watcher::Config::default().any_semantic())
-        .watches(
-            backups,
-            watcher::Config::default().any_semantic(),
-            |b: Backup| {
-                b.namespace()
-                    .map(|ns| ObjectRef::<StatefulApp>::new(&b.spec.app).within(&ns))
-            },
-        )
-        .graceful_shutdown_on(base.shutdown.clone().cancelled_owned())
-        .run(schedule::reconcile, schedule::error_policy, ctx)
-        .for_each(|_| futures::future::ready(()))
-        .await;
+    let of_restore = stores.clone();
+    Controller::for_shared_stream(
+        stores.apps.subscribe_by(watch::spec_and_metadata),
+        stores.apps.reader(),
+    )
+    .watches_shared_stream(
+        stores.backups.subscribe_by(|b: &Backup| {
+            watch::spec_and_metadata(b)
+                ^ watch::phase_key(b, b.status.as_ref().and_then(|s| s.phase.as_ref()))
+        }),
+        |b: Arc<Backup>| Stores::app_named(b.namespace(), &b.spec.app),
+    )
+    .watches_shared_stream(
+        stores.restores.subscribe_by(|r: &Restore| {
+            watch::phase_key(r, r.status.as_ref().and_then(|s| s.phase.as_ref()))
+        }),
+        move |r: Arc<Restore>| {
+            // The app whose Backup the Restore reads (retention protects it meanwhile).
+            let ns = r.namespace().unwrap_or_default();
+            r.spec.source.backup.as_ref().and_then(|name| {
+                of_restore
+                    .backups
+                    .reader()
+                    .get(&ObjectRef::new(name).within(&ns))
+                    .map(|b| ObjectRef::<StatefulApp>::new(&b.spec.app).within(&ns))
+            })
+        },
+    )
+    .with_config(watch::controller_config())
+    .graceful_shutdown_on(base.shutdown.clone().cancelled_owned())
+    .run(schedule::reconcile, schedule::error_policy, ctx)
+    .for_each(|_| futures::future::ready(()))
+    .await;
 }
 
 /// The repository and backup-run loops.
-pub async fn run_backups(base: Context, namespace: Option<String>, config: RunConfig) {
+pub async fn run_backups(base: Context, stores: Arc<Stores>, config: RunConfig) {
     let gauge = prometheus_client::metrics::family::Family::default();
     base.metrics.register(
         "backup_repository_ready",
@@ -111,36 +128,26 @@ pub async fn run_backups(base: Context, namespace: Option<String>, config: RunCo
         base: base.clone(),
         metrics: run::RunMetrics::register(&base.metrics),
         config,
-        scope: namespace.clone(),
         held: Default::default(),
         checks,
+        stores: stores.clone(),
     });
-    let (repos, backups, jobs): (Api<BackupRepository>, Api<Backup>, Api<Job>) = match &namespace {
-        Some(ns) => (
-            Api::namespaced(base.client.clone(), ns),
-            Api::namespaced(base.client.clone(), ns),
-            Api::namespaced(base.client.clone(), ns),
-        ),
-        None => (
-            Api::all(base.client.clone()),
-            Api::all(base.client.clone()),
-            Api::all(base.client.clone()),
-        ),
+    // Repositories are read by this loop only: its own watch (the check's timer is its
+    // trigger; a spec change wakes it too).
+    let repos: Api<BackupRepository> = match &stores.namespace {
+        Some(ns) => Api::namespaced(base.client.clone(), ns),
+        None => Api::all(base.client.clone()),
     };
     let repositories = Controller::new(repos, watcher::Config::default().any_semantic())
+        .with_config(watch::controller_config())
         .graceful_shutdown_on(base.shutdown.clone().cancelled_owned())
         .run(repository::reconcile, repository::error_policy, repo_ctx)
         .for_each(|_| futures::future::ready(()));
-    // Agent Jobs wake their Backup; only ours are watched (by label).
-    let agent_jobs = watcher::Config::default()
-        .labels(&format!(
-            "{}={}",
-            run::plan::COMPONENT_LABEL,
-            run::plan::AGENT_COMPONENT
-        ))
-        .any_semantic();
-    let runs = Controller::new(backups, watcher::Config::default().any_semantic())
-        .owns(jobs, agent_jobs)
+    // A run wakes on its Backup and on its agent Jobs (the shared store holds only
+    // Stateward's agent Jobs; `owns` keeps those a Backup owns).
+    let runs = Controller::for_shared_stream(stores.backups.subscribe(), stores.backups.reader())
+        .owns_shared_stream(stores.jobs.subscribe())
+        .with_config(watch::controller_config())
         .graceful_shutdown_on(base.shutdown.clone().cancelled_owned())
         .run(run::reconcile, run::error_policy, run_ctx)
         .for_each(|_| futures::future::ready(()));

@@ -109,7 +109,7 @@ async fn repository_checks_report_actionable_reasons_and_events() -> Result<()> 
             stateward_backup::CONTROLLER,
             Metrics::new(),
         ),
-        Some(ns.name.clone()),
+        stateward_runtime::watch::Stores::start_in(cluster.client.clone(), Some(ns.name.clone())),
         stateward_backup::Config::default(),
     ));
 
@@ -286,7 +286,7 @@ async fn prefixes_left_by_crashed_runs_are_swept_and_committed_backups_kept() ->
             stateward_backup::CONTROLLER,
             metrics.clone(),
         ),
-        Some(ns.name.clone()),
+        stateward_runtime::watch::Stores::start_in(cluster.client.clone(), Some(ns.name.clone())),
         stateward_backup::Config {
             runs: stateward_backup::RunConfig {
                 orphan_grace: Duration::ZERO,

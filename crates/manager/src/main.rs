@@ -13,6 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use stateward_runtime::admin::{self, Readiness};
 use stateward_runtime::metrics::Metrics;
 use stateward_runtime::telemetry::{self, LogFormat};
+use stateward_runtime::watch::Stores;
 use tokio_util::sync::CancellationToken;
 
 /// The controllers this binary can run; each lives in its own crate and arrives with its
@@ -24,7 +25,9 @@ const CONTROLLERS: &[&str] = &[
     stateward_monitoring::CONTROLLER,
 ];
 
-/// Starts the selected controllers as independent sync loops.
+/// Starts the shared watches and the selected controllers as independent sync loops;
+/// the manager is ready once every cache synced.
+#[allow(clippy::too_many_arguments)]
 fn start_controllers(
     controllers: &[&'static str],
     client: &Client,
@@ -33,36 +36,46 @@ fn start_controllers(
     shutdown: &CancellationToken,
     backup_config: &stateward_backup::Config,
     restore_config: &stateward_restore::Config,
+    readiness: &Readiness,
 ) -> tokio::task::JoinSet<&'static str> {
     let mut set = tokio::task::JoinSet::new();
+    let stores = Stores::start(client.clone(), namespace.clone(), shutdown);
+    {
+        let (stores, readiness) = (stores.clone(), readiness.clone());
+        tokio::spawn(async move {
+            stores.synced().await;
+            tracing::info!("caches synced");
+            readiness.set(true);
+        });
+    }
     for name in controllers {
+        let stores = stores.clone();
         let base = stateward_runtime::Context::new(client.clone(), name, metrics.clone())
             .with_shutdown(shutdown.clone());
-        let namespace = namespace.clone();
         let backup_config = backup_config.clone();
         match *name {
             stateward_backup::CONTROLLER => {
                 set.spawn(async move {
-                    stateward_backup::run(base, namespace, backup_config).await;
+                    stateward_backup::run(base, stores, backup_config).await;
                     stateward_backup::CONTROLLER
                 });
             }
             stateward_restore::CONTROLLER => {
                 let restore_config = restore_config.clone();
                 set.spawn(async move {
-                    stateward_restore::run(base, namespace, restore_config).await;
+                    stateward_restore::run(base, stores, restore_config).await;
                     stateward_restore::CONTROLLER
                 });
             }
             stateward_monitoring::CONTROLLER => {
                 set.spawn(async move {
-                    stateward_monitoring::run(base, namespace, Default::default()).await;
+                    stateward_monitoring::run(base, stores, Default::default()).await;
                     stateward_monitoring::CONTROLLER
                 });
             }
             stateward_scaling::CONTROLLER => {
                 set.spawn(async move {
-                    stateward_scaling::run(base, namespace).await;
+                    stateward_scaling::run(base, stores).await;
                     stateward_scaling::CONTROLLER
                 });
             }
@@ -376,10 +389,12 @@ async fn run(args: RunArgs) -> Result<()> {
             return Ok(());
         }
     }
-    // No controller caches to sync yet; a controller marks readiness after its first
-    // sync once it exists.
-    readiness.set(true);
-    tracing::info!("ready");
+    // A standby is ready once the CRDs are there (it serves /metrics and waits for the
+    // lease); a running manager once its caches synced (start_controllers).
+    if args.leader_elect {
+        readiness.set(true);
+        tracing::info!("ready (standby until elected)");
+    }
 
     if !args.leader_elect {
         leader_gauge.set(1);
@@ -392,6 +407,7 @@ async fn run(args: RunArgs) -> Result<()> {
             &stop,
             &backup_config,
             &restore_config,
+            &readiness,
         );
         tokio::select! {
             // Biased: when SIGTERM arrives, shutting down wins over anything else ready.
@@ -441,6 +457,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 &stop,
                 &backup_config,
                 &restore_config,
+                &readiness,
             ));
         }
         tokio::select! {

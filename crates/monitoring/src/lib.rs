@@ -3,10 +3,16 @@
 //! Prometheus Operator's CRDs exist and `spec.monitoring` asks for them — a PodMonitor for
 //! the app's metrics port and a PrometheusRule with Stateward's default alerts.
 //!
-//! The CRDs are discovered, never assumed: looked up again every `discovery_ttl`, so
+//! The CRDs are discovered, never assumed: the two CRDs are watched by name (metadata
+//! only), and any change of them forgets the last lookup and reassesses every app, so
 //! installing the Prometheus Operator after Stateward starts is picked up without a
 //! restart; while they are absent the `MonitoringObjects` condition says so, quietly
 //! (no error loop, no Warning storm).
+//!
+//! What wakes an app: its spec and metadata, its backup status (the newest backup), its
+//! StatefulSet (readiness arrives in its status), the Prometheus CRDs, and — the one
+//! timer — the newest backup's deadline. Pods and PVCs are read when woken; a PVC whose
+//! phase changes with no change to the StatefulSet is seen at the next wake.
 //!
 //! The pipeline: fetch (StatefulSet, its pods and PVCs) → assess (pure, `health.rs`) →
 //! build the monitoring objects (pure, `objects.rs`) → apply → status, gauges, events.
@@ -14,8 +20,9 @@
 pub mod health;
 pub mod objects;
 
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -24,12 +31,13 @@ use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams};
 use kube::core::GroupVersionKind;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use stateward_api::StatefulApp;
+use stateward_runtime::watch::{self, Stores};
 use stateward_runtime::{Context, apply, conditions};
 
 /// The controller's name (metrics label, event reporter, `--controllers`).
@@ -44,24 +52,15 @@ const STATUS_FIELDS: apply::StatusFields = apply::StatusFields {
     conditions: &[HEALTHY, MONITORING_OBJECTS],
 };
 
-/// Operator settings.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// How often an app's health is assessed again (a pod that stops being ready shows
-    /// within this, plus the kubelet's probe period).
-    pub recheck: Duration,
-    /// How long a lookup of the Prometheus Operator CRDs is trusted.
-    pub discovery_ttl: Duration,
-}
+/// Operator settings (none yet: the controller is woken by watches, not timers).
+#[derive(Debug, Clone, Default)]
+pub struct Config {}
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            recheck: Duration::from_secs(10),
-            discovery_ttl: Duration::from_secs(20),
-        }
-    }
-}
+/// The Prometheus Operator CRDs the controller looks for, watched by name.
+pub const PROMETHEUS_CRDS: [&str; 2] = [
+    "podmonitors.monitoring.coreos.com",
+    "prometheusrules.monitoring.coreos.com",
+];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AppLabels {
@@ -111,7 +110,8 @@ pub struct MonitoringContext {
     pub base: Context,
     pub config: Config,
     pub gauges: AppGauges,
-    discovered: Mutex<Option<(Instant, Found)>>,
+    /// The last lookup of the Prometheus Operator's kinds, until one of their CRDs changes.
+    discovered: Arc<Mutex<Option<Found>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,24 +131,80 @@ impl MonitoringError {
     }
 }
 
-/// Runs the monitoring controller until shutdown.
-pub async fn run(base: Context, namespace: Option<String>, config: Config) {
+/// Runs the monitoring controller until shutdown, woken by the shared watches.
+pub async fn run(base: Context, stores: Arc<Stores>, config: Config) {
+    let discovered = Arc::new(Mutex::new(None));
     let ctx = Arc::new(MonitoringContext {
         gauges: AppGauges::register(&base.metrics),
         base: base.clone(),
         config,
-        discovered: Mutex::new(None),
+        discovered: discovered.clone(),
     });
     base.metrics.reconcile.init(CONTROLLER);
-    let apps: Api<StatefulApp> = match &namespace {
-        Some(ns) => Api::namespaced(base.client.clone(), ns),
-        None => Api::all(base.client.clone()),
-    };
-    Controller::new(apps, watcher::Config::default().any_semantic())
-        .graceful_shutdown_on(base.shutdown.clone().cancelled_owned())
-        .run(reconcile, error_policy, ctx)
-        .for_each(|_| futures::future::ready(()))
-        .await;
+    let sets = stores.clone();
+    Controller::for_shared_stream(
+        stores.apps.subscribe_by(what_health_reads),
+        stores.apps.reader(),
+    )
+    .watches_shared_stream(stores.statefulsets.subscribe(), move |sts| {
+        sets.apps_of_statefulset(&sts)
+    })
+    .reconcile_all_on(prometheus_crd_changes(base.client.clone(), discovered))
+    .with_config(watch::controller_config())
+    .graceful_shutdown_on(base.shutdown.clone().cancelled_owned())
+    .run(reconcile, error_policy, ctx)
+    .for_each(|_| futures::future::ready(()))
+    .await;
+}
+
+/// What of an app the assessment reads: its spec and metadata and its backup status
+/// (not the health this controller writes, nor other controllers' sections).
+fn what_health_reads(app: &StatefulApp) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    watch::spec_and_metadata(app).hash(&mut h);
+    app.status
+        .as_ref()
+        .and_then(|s| s.backup.as_ref())
+        .map(|b| serde_json::to_string(b).unwrap_or_default())
+        .hash(&mut h);
+    h.finish()
+}
+
+/// A tick whenever one of the Prometheus Operator CRDs is created, changed or deleted
+/// (metadata-only watches by name, so only those two objects are ever sent); each tick
+/// forgets the last discovery first.
+fn prometheus_crd_changes(
+    client: kube::Client,
+    discovered: Arc<Mutex<Option<Found>>>,
+) -> impl futures::Stream<Item = ()> + Send + 'static {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let crds: Api<kube::core::PartialObjectMeta<CustomResourceDefinition>> = Api::all(client);
+    let streams = PROMETHEUS_CRDS.map(|name| {
+        watcher::watcher(
+            crds.clone(),
+            watcher::Config::default().fields(&format!("metadata.name={name}")),
+        )
+        .default_backoff()
+        .boxed()
+    });
+    futures::stream::select_all(streams).filter_map(move |event| {
+        let discovered = discovered.clone();
+        async move {
+            match event {
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
+                    if let Ok(mut cache) = discovered.lock() {
+                        *cache = None;
+                    }
+                    Some(())
+                }
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "watching the Prometheus Operator CRDs failed; retrying");
+                    None
+                }
+            }
+        }
+    })
 }
 
 /// Transient errors back off per app.
@@ -334,19 +390,20 @@ async fn step(app: &StatefulApp, ctx: &MonitoringContext) -> Result<Action, Moni
             )
             .await;
     }
-    // Time changes the verdict only when the newest backup's deadline passes: wake then.
-    let recheck = health::backup_deadline(app, now)
+    // Time changes the verdict only when the newest backup's deadline passes: wake then;
+    // everything else arrives as a watch event.
+    Ok(health::backup_deadline(app, now)
         .and_then(|at| (at - now).to_std().ok())
-        .map(|until| until + Duration::from_secs(1))
-        .map_or(ctx.config.recheck, |until| until.min(ctx.config.recheck));
-    Ok(Action::requeue(recheck))
+        .map_or_else(Action::await_change, |until| {
+            Action::requeue(until + Duration::from_secs(1))
+        }))
 }
 
-/// Looks up (or reuses a fresh lookup of) the Prometheus Operator's kinds.
+/// Looks up (or reuses the last lookup of) the Prometheus Operator's kinds. A failed
+/// lookup is not kept: the next reconcile tries again.
 async fn discover(ctx: &MonitoringContext) -> Found {
     if let Ok(cache) = ctx.discovered.lock()
-        && let Some((at, found)) = cache.as_ref()
-        && at.elapsed() < ctx.config.discovery_ttl
+        && let Some(found) = cache.as_ref()
     {
         return found.clone();
     }
@@ -366,10 +423,13 @@ async fn discover(ctx: &MonitoringContext) -> Found {
                     .map(|(resource, _)| resource);
             }
         }
-        Err(e) => tracing::debug!(error = %e, "discovering monitoring.coreos.com failed"),
+        Err(e) => {
+            tracing::debug!(error = %e, "discovering monitoring.coreos.com failed");
+            return found;
+        }
     }
     if let Ok(mut cache) = ctx.discovered.lock() {
-        *cache = Some((Instant::now(), found.clone()));
+        *cache = Some(found.clone());
     }
     found
 }

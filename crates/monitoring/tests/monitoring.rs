@@ -60,7 +60,7 @@ async fn health_without_the_prometheus_operator_then_its_objects_once_the_crds_a
             stateward_monitoring::CONTROLLER,
             metrics.clone(),
         ),
-        Some(ns.name.clone()),
+        stateward_runtime::watch::Stores::start_in(cluster.client.clone(), Some(ns.name.clone())),
         stateward_monitoring::Config::default(),
     ));
     apply_yaml(

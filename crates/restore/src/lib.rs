@@ -21,10 +21,9 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use kube::Api;
 use kube::ResourceExt;
+use kube::runtime::Controller;
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -32,6 +31,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use stateward_api::Restore;
 use stateward_runtime::Context;
 use stateward_runtime::lock::LockError;
+use stateward_runtime::watch::{self, Stores};
 
 pub use reconcile::{error_policy, reconcile};
 
@@ -127,30 +127,23 @@ impl RestoreError {
     }
 }
 
-/// Runs the restore controller until shutdown.
-pub async fn run(base: Context, namespace: Option<String>, config: Config) {
+/// Runs the restore controller until shutdown, woken by the shared watches: a Restore's
+/// own changes and its agent Jobs'.
+pub async fn run(base: Context, stores: Arc<Stores>, config: Config) {
     let ctx = Arc::new(RestoreContext {
         metrics: RestoreMetrics::register(&base.metrics),
         base: base.clone(),
         config,
     });
     base.metrics.reconcile.init(CONTROLLER);
-    let (restores, jobs): (Api<Restore>, Api<Job>) = match &namespace {
-        Some(ns) => (
-            Api::namespaced(base.client.clone(), ns),
-            Api::namespaced(base.client.clone(), ns),
-        ),
-        None => (Api::all(base.client.clone()), Api::all(base.client.clone())),
-    };
-    let agent_jobs = watcher::Config::default()
-        .labels(&format!(
-            "{}={}",
-            plan::COMPONENT_LABEL,
-            plan::AGENT_COMPONENT
-        ))
-        .any_semantic();
-    // Agent Jobs map to their Restore by label, not owner: swap Jobs are unowned.
-    let to_restore = |job: Job| {
+    // Agent Jobs map to their Restore by label, not owner: swap Jobs are unowned. The
+    // shared Job store holds backup agents too: only restore agents count.
+    let to_restore = |job: Arc<Job>| {
+        if job.labels().get(plan::COMPONENT_LABEL).map(String::as_str)
+            != Some(plan::AGENT_COMPONENT)
+        {
+            return None;
+        }
         let name = job
             .annotations()
             .get(plan::RESTORE_NAME_ANNOTATION)
@@ -158,8 +151,9 @@ pub async fn run(base: Context, namespace: Option<String>, config: Config) {
             .clone();
         Some(ObjectRef::<Restore>::new(&name).within(&job.namespace()?))
     };
-    Controller::new(restores, watcher::Config::default().any_semantic())
-        .watches(jobs, agent_jobs, to_restore)
+    Controller::for_shared_stream(stores.restores.subscribe(), stores.restores.reader())
+        .watches_shared_stream(stores.jobs.subscribe(), to_restore)
+        .with_config(watch::controller_config())
         .graceful_shutdown_on(base.shutdown.clone().cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))

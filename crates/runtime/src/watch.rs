@@ -386,6 +386,17 @@ pub fn spec_and_metadata<K: Resource>(object: &K) -> u64 {
     h.finish()
 }
 
+/// A predicate key for an operation object (Backup, Restore) as a lock holder or a
+/// dependency: its phase, generation and deletion, not its progress.
+pub fn phase_key<K: Resource, P: Debug>(object: &K, phase: Option<&P>) -> u64 {
+    let meta = object.meta();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    format!("{phase:?}").hash(&mut h);
+    meta.generation.hash(&mut h);
+    meta.deletion_timestamp.is_some().hash(&mut h);
+    h.finish()
+}
+
 /// The label selector of Stateward's agent Jobs.
 pub const AGENT_JOBS: &str = "app.kubernetes.io/managed-by=stateward,app.kubernetes.io/component in (backup-agent,restore-agent)";
 

@@ -24,9 +24,9 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::{Controller, watcher};
 use kube::{Api, Resource, ResourceExt};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -40,6 +40,7 @@ use stateward_api::statefulapp::{
 };
 use stateward_api::{Backup, BackupPhase, BackupSpec, DeletionPolicy};
 use stateward_runtime::lock::{Acquired, Holder, Intent, LockError, OperationLock};
+use stateward_runtime::watch::{self, Stores};
 use stateward_runtime::{Context, apply, conditions, hooks, names, ownership, time};
 
 /// The controller's name in metrics and logs.
@@ -59,7 +60,15 @@ pub const STALE_SINCE_ANNOTATION: &str = "stateward.io/stale-since";
 const STEP: Duration = Duration::from_secs(2);
 /// Backups tried before a scale-down gives up.
 const BACKUP_ATTEMPTS: usize = 3;
+/// While a resize is pending (the storage driver or the kubelet finishing it): nothing
+/// Stateward watches changes when it completes, so it looks again after this.
 const STEADY: Duration = Duration::from_secs(15);
+/// How often auto-expansion measures the volume with `df` (documented in docs/scaling.md):
+/// usage is not an event, so this is the one timer of an app at rest.
+pub const AUTO_EXPAND_PROBE: Duration = Duration::from_secs(15);
+/// While a StorageClass does not allow expansion: StorageClasses are not watched (rarely
+/// changed, cluster-wide), so it looks again after this.
+pub const BLOCKED_RECHECK: Duration = Duration::from_secs(300);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OperationLabels {
@@ -73,9 +82,8 @@ pub struct ScalingContext {
     pub operations: Family<OperationLabels, Counter>,
     pub volume_used: Family<storage::VolumeLabels, Gauge>,
     pub volume_capacity: Family<storage::VolumeLabels, Gauge>,
-    /// Every StatefulApp the controller watches (its own cache): who manages which
-    /// StatefulSet.
-    pub apps: kube::runtime::reflector::Store<StatefulApp>,
+    /// The manager's shared watches: who manages which StatefulSet, and what wakes an app.
+    pub stores: Arc<Stores>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,8 +96,8 @@ pub enum ScalingError {
     Encode(#[from] serde_json::Error),
 }
 
-/// Runs the scaling loop until shutdown; `namespace` limits the watch.
-pub async fn run(base: Context, namespace: Option<String>) {
+/// Runs the scaling loop until shutdown, woken by the shared watches.
+pub async fn run(base: Context, stores: Arc<Stores>) {
     let operations = Family::<OperationLabels, Counter>::default();
     base.metrics.register(
         "scale_operations",
@@ -118,23 +126,84 @@ pub async fn run(base: Context, namespace: Option<String>) {
         "Size of the filesystem on the app's volume, as df sees it (auto-expansion only)",
         volume_capacity.clone(),
     );
-    let apps: Api<StatefulApp> = match &namespace {
-        Some(ns) => Api::namespaced(base.client.clone(), ns),
-        None => Api::all(base.client.clone()),
-    };
-    let controller = Controller::new(apps, watcher::Config::default().any_semantic());
     let ctx = Arc::new(ScalingContext {
         base: base.clone(),
         operations,
         volume_used,
         volume_capacity,
-        apps: controller.store(),
+        stores: stores.clone(),
     });
-    controller
+    wake_on(&stores)
+        .with_config(watch::controller_config())
         .graceful_shutdown_on(base.shutdown.clone().cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;
+}
+
+/// What wakes an app (see docs/architecture.md): its spec and metadata (not status), an
+/// app managing the same StatefulSet, its StatefulSet (spec or status: readiness arrives
+/// there), its lock Lease, and its Backups and Restores changing phase (a lock holder
+/// ending). Pods and PVCs are read when woken, never cached.
+fn wake_on(stores: &Arc<Stores>) -> Controller<StatefulApp> {
+    let (siblings, sets, locks) = (stores.clone(), stores.clone(), stores.clone());
+    Controller::for_shared_stream(
+        stores.apps.subscribe_by(watch::spec_and_metadata),
+        stores.apps.reader(),
+    )
+    .watches_shared_stream(
+        stores.apps.subscribe_by(watch::spec_and_metadata),
+        move |app: Arc<StatefulApp>| {
+            let mut same = StatefulSet::default();
+            same.metadata.namespace = app.namespace();
+            same.metadata.name = Some(app.spec.stateful_set_name.clone());
+            let me = kube::runtime::reflector::ObjectRef::from_obj(app.as_ref());
+            let others: Vec<_> = siblings
+                .apps_of_statefulset(&same)
+                .into_iter()
+                .filter(|r| *r != me)
+                .collect();
+            others
+        },
+    )
+    .watches_shared_stream(
+        stores.statefulsets.subscribe(),
+        move |sts: Arc<StatefulSet>| sets.apps_of_statefulset(&sts),
+    )
+    .watches_shared_stream(stores.leases.subscribe(), move |lease| {
+        locks.apps_of_lock(&lease)
+    })
+    .watches_shared_stream(
+        stores.backups.subscribe_by(|b: &Backup| {
+            watch::phase_key(b, b.status.as_ref().and_then(|s| s.phase.as_ref()))
+        }),
+        |b: Arc<Backup>| Stores::app_named(b.namespace(), &b.spec.app),
+    )
+    .watches_shared_stream(
+        stores.restores.subscribe_by(|r: &stateward_api::Restore| {
+            watch::phase_key(r, r.status.as_ref().and_then(|s| s.phase.as_ref()))
+        }),
+        |r: Arc<stateward_api::Restore>| Stores::app_named(r.namespace(), &r.spec.target.app),
+    )
+}
+
+/// How an app at rest waits: for a change, unless time itself is the trigger — a resize
+/// the storage finishes on its own, or auto-expansion's next measurement.
+fn at_rest(world: &World) -> Action {
+    let auto_expand = world
+        .app
+        .spec
+        .scaling
+        .as_ref()
+        .and_then(|s| s.storage.as_ref())
+        .is_some_and(|s| s.auto_expand.is_some());
+    if !world.section.pending_resize.is_empty() {
+        Action::requeue(STEADY)
+    } else if auto_expand {
+        Action::requeue(AUTO_EXPAND_PROBE)
+    } else {
+        Action::await_change()
+    }
 }
 
 /// The reconcile entry point.
@@ -257,14 +326,10 @@ async fn step(cached: &StatefulApp, ctx: &ScalingContext) -> Result<Action, Scal
         .cloned()
         .collect();
     let mut section = status.scaling.clone().unwrap_or_default();
-    // Our cache of StatefulApps is filled once the first list completed: before that, an
-    // app would find no older one.
-    if ctx.apps.wait_until_ready().await.is_err() {
-        return Ok(Action::requeue(STEADY));
-    }
-    // Another StatefulApp manages this StatefulSet: this one does nothing. Its owner's
-    // deletion does not wake it, so it looks again after a while.
-    let cached = ctx.apps.state();
+    // Another StatefulApp manages this StatefulSet: this one does nothing until that one
+    // changes or goes (a sibling's change wakes it). The shared cache is synced before
+    // any controller starts.
+    let cached = ctx.stores.apps.reader().state();
     if let Some(owner) = ownership::managed_by_other(&app, cached.iter().map(|a| a.as_ref())) {
         let message = ownership::message(&app, owner);
         let mut world = World {
@@ -297,7 +362,7 @@ async fn step(cached: &StatefulApp, ctx: &ScalingContext) -> Result<Action, Scal
             )
             .await;
         }
-        return Ok(Action::requeue(Duration::from_secs(60)));
+        return Ok(Action::await_change());
     }
     let sets: Api<StatefulSet> = Api::namespaced(ctx.base.client.clone(), &ns);
     let existing = sets.get_opt(&app.spec.stateful_set_name).await?;
@@ -339,7 +404,8 @@ async fn step(cached: &StatefulApp, ctx: &ScalingContext) -> Result<Action, Scal
         if first {
             publish(ctx, &app, EventType::Warning, MISSING_SET, message).await;
         }
-        return Ok(Action::requeue(STEADY));
+        // Its creation wakes the app (the StatefulSet watch).
+        return Ok(Action::await_change());
     };
     let selector = sts
         .spec
@@ -437,7 +503,7 @@ async fn pipeline(world: &mut World, ctx: &ScalingContext) -> Result<Action, Sca
             return Ok(action);
         }
         release_ours(&lock, &current_lock, &me).await?;
-        return Ok(Action::requeue(STEADY));
+        return Ok(at_rest(world));
     };
     let policy = world.app.spec.scaling.clone().unwrap_or_default();
     let (target, clamped) = plan::clamp(requested, policy.min_replicas, policy.max_replicas);
@@ -475,14 +541,14 @@ async fn pipeline(world: &mut World, ctx: &ScalingContext) -> Result<Action, Sca
             release_ours(&lock, &current_lock, &me).await?;
             world.section.phase = Some("Steady".into());
             world.set(SCALING, false, "Steady", format!("{target} replicas"), now);
-            return Ok(Action::requeue(STEADY));
+            return Ok(at_rest(world));
         }
     }
     if world.section.failed_generation == world.app.meta().generation
         && world.section.operation.is_none()
     {
         // A failed scale-down is not retried until the spec changes.
-        return Ok(Action::requeue(STEADY));
+        return Ok(at_rest(world));
     }
     world.section.failed_generation = None;
 
@@ -1061,7 +1127,7 @@ async fn fail(
     );
     let current = lock.current().await?;
     release_ours(&lock, &current, &holder(&world.app)).await?;
-    Ok(Action::requeue(STEADY))
+    Ok(at_rest(world))
 }
 
 async fn finished(

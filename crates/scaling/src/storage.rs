@@ -29,7 +29,7 @@ use stateward_runtime::lock::{Acquired, Intent, OperationLock};
 use stateward_runtime::{schedule::parse_duration, time};
 use tokio::io::AsyncReadExt;
 
-use super::{BLOCKED, STEADY, STEP, ScalingContext, ScalingError, World, holder, plan, publish};
+use super::{BLOCKED, STEP, ScalingContext, ScalingError, World, holder, plan, publish};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VolumeLabels {
@@ -135,7 +135,7 @@ pub(crate) async fn reconcile(
                 ),
                 now,
             );
-            return Ok(Some(Action::requeue(STEADY)));
+            return Ok(Some(Action::requeue(super::BLOCKED_RECHECK)));
         }
     }
     let lock = OperationLock::new(

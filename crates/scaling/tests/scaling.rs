@@ -41,13 +41,18 @@ impl World {
         }
         let ns = cluster.namespace(test).await?;
         let metrics = Metrics::new();
+        // One set of shared watches, as in the manager.
+        let stores = stateward_runtime::watch::Stores::start_in(
+            cluster.client.clone(),
+            Some(ns.name.clone()),
+        );
         let mut controllers = vec![tokio::spawn(stateward_scaling::run(
             Context::new(
                 cluster.client.clone(),
                 stateward_scaling::CONTROLLER,
                 metrics.clone(),
             ),
-            Some(ns.name.clone()),
+            stores.clone(),
         ))];
         if backups {
             let bucket = cluster.bucket_and_secret(&ns.name, "scale").await?;
@@ -57,7 +62,7 @@ impl World {
                     stateward_backup::CONTROLLER,
                     metrics.clone(),
                 ),
-                Some(ns.name.clone()),
+                stores.clone(),
                 stateward_backup::Config::default(),
             )));
             apply_yaml(

@@ -162,9 +162,9 @@ pub struct RunContext {
     /// manager that restarts mid-run has lost them, and the run fails (`HookSessionLost`)
     /// rather than copy without what the hook held.
     pub held: std::sync::Mutex<std::collections::HashMap<String, Vec<hooks::Held>>>,
-    /// The namespace the manager is limited to (None: cluster-wide). The global agent
-    /// cap counts Jobs within it: a namespaced install cannot list the cluster's Jobs.
-    pub scope: Option<String>,
+    /// The shared watches: the agent caps count Jobs in the Job store (Stateward's agent
+    /// Jobs in the watched namespaces), not with a LIST per run.
+    pub stores: Arc<stateward_runtime::watch::Stores>,
     pub config: RunConfig,
     pub metrics: RunMetrics,
     /// The repository loop's last checks (a fresh Ready verdict spares a probe).
@@ -1136,20 +1136,19 @@ async fn create_jobs(
 ) -> Result<(), RunError> {
     let ns = backup.namespace().unwrap_or_default();
     let jobs_api: Api<Job> = Api::namespaced(ctx.base.client.clone(), &ns);
-    let all_jobs: Api<Job> = match &ctx.scope {
-        Some(scope) => Api::namespaced(ctx.base.client.clone(), scope),
-        None => Api::all(ctx.base.client.clone()),
-    };
-    let active: Vec<Job> = all_jobs
-        .list(&ListParams::default().labels(&format!(
-            "{}={}",
-            plan::COMPONENT_LABEL,
-            plan::AGENT_COMPONENT
-        )))
-        .await?
-        .items
+    // From the cache: a Job this manager created a moment ago may be missing for the
+    // watch's latency, so two runs deciding at once can exceed the cap by one each — the
+    // cap bounds load, it is not a lock.
+    let active: Vec<Arc<Job>> = ctx
+        .stores
+        .jobs
+        .reader()
+        .state()
         .into_iter()
-        .filter(job_active)
+        .filter(|j| {
+            j.labels().get(plan::COMPONENT_LABEL).map(String::as_str) == Some(plan::AGENT_COMPONENT)
+                && job_active(j)
+        })
         .collect();
     let mut running_total = active.len();
     let mut per_node: BTreeMap<String, usize> = BTreeMap::new();

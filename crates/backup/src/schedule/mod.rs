@@ -48,8 +48,9 @@ pub const CATCH_UP_ANNOTATION: &str = "stateward.io/catch-up";
 /// Operator settings for the scheduler.
 #[derive(Debug, Clone)]
 pub struct ScheduleConfig {
-    /// Longest time between two looks at an app when nothing changes (retention runs and
-    /// the `BackupsHealthy` age is re-judged at least this often).
+    /// The longest timer: an app is looked at again after this even when nothing changed
+    /// and no slot or `BackupsHealthy` flip is due (a safety net, not a trigger; every
+    /// change arrives as a watch event).
     pub resync: Duration,
     /// The mass-deletion breaker: a retention pass that would delete more Backups of one
     /// schedule than this deletes none and reports them instead.
@@ -59,7 +60,7 @@ pub struct ScheduleConfig {
 impl Default for ScheduleConfig {
     fn default() -> Self {
         Self {
-            resync: Duration::from_secs(60),
+            resync: Duration::from_secs(7 * 24 * 3600),
             max_deletions_per_pass: 10,
         }
     }
@@ -107,6 +108,8 @@ pub struct ScheduleContext {
     pub base: Context,
     pub config: ScheduleConfig,
     pub metrics: ScheduleMetrics,
+    /// The shared watches (the app's Backups come from the index, Restores from the cache).
+    pub stores: Arc<stateward_runtime::watch::Stores>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,13 +166,13 @@ async fn step(cached: &StatefulApp, ctx: &ScheduleContext) -> Result<Action, Sch
     ctx.base
         .backoff
         .on_success(&format!("schedule/{ns}/{}", app.name_any()));
-    let backups: Api<Backup> = Api::namespaced(ctx.base.client.clone(), &ns);
-    let owned: Vec<Backup> = backups
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|b| b.spec.app == app.name_any())
+    // From the index of the shared cache: deletions below carry preconditions, so a
+    // stale entry makes a 409, never a wrong delete.
+    let owned: Vec<Backup> = ctx
+        .stores
+        .backups_of_app(&ns, &app.name_any())
+        .iter()
+        .map(|b| b.as_ref().clone())
         .collect();
     if app.meta().deletion_timestamp.is_some() {
         return app_deleted(&app, &owned, ctx).await;
@@ -177,7 +180,15 @@ async fn step(cached: &StatefulApp, ctx: &ScheduleContext) -> Result<Action, Sch
     sync_app_finalizer(&app, ctx).await?;
 
     let now = ctx.base.clock.now();
-    let in_use = restores_in_use(&ctx.base.client, &ns).await?;
+    let in_use = restores_in_use(
+        ctx.stores
+            .restores
+            .reader()
+            .state()
+            .iter()
+            .filter(|r| r.namespace().as_deref() == Some(ns.as_str()))
+            .map(|r| r.as_ref()),
+    );
     let previous = app
         .status
         .as_ref()
@@ -331,6 +342,9 @@ async fn step(cached: &StatefulApp, ctx: &ScheduleContext) -> Result<Action, Sch
     }
     conditions::set(&mut ours, valid, now);
     let healthy = backups_healthy(&app, &schedules, &section, now);
+    if let Some(flip) = healthy_changes_at(&app, &schedules, &section, now) {
+        wake = wake.min(flip);
+    }
     conditions::set(&mut ours, healthy, now);
 
     let status = serde_json::json!({
@@ -567,20 +581,10 @@ async fn create_backup(
     }
 }
 
-/// Backups used by a Restore that has not finished (retention must not touch them).
-async fn restores_in_use(
-    client: &kube::Client,
-    ns: &str,
-) -> Result<BTreeMap<String, String>, ScheduleError> {
-    let api: Api<Restore> = Api::namespaced(client.clone(), ns);
-    let list = match api.list(&ListParams::default()).await {
-        Ok(l) => l.items,
-        // The Restore CRD may not be installed in a partial set-up: nothing is in use.
-        Err(kube::Error::Api(s)) if s.code == 404 => Vec::new(),
-        Err(e) => return Err(e.into()),
-    };
-    Ok(list
-        .into_iter()
+/// Backups used by a Restore that has not finished (retention must not touch them), of
+/// the Restores given.
+fn restores_in_use<'a>(restores: impl Iterator<Item = &'a Restore>) -> BTreeMap<String, String> {
+    restores
         .filter(|r| {
             !matches!(
                 r.status.as_ref().and_then(|s| s.phase),
@@ -588,7 +592,22 @@ async fn restores_in_use(
             )
         })
         .filter_map(|r| r.spec.source.backup.clone().map(|b| (b, r.name_any())))
-        .collect())
+        .collect()
+}
+
+/// The same, from a fresh LIST: asked right before retention deletes, since a Restore
+/// created a moment ago may not be in the cache yet (and deleting is not undone).
+async fn restores_in_use_now(
+    client: &kube::Client,
+    ns: &str,
+) -> Result<BTreeMap<String, String>, ScheduleError> {
+    let api: Api<Restore> = Api::namespaced(client.clone(), ns);
+    match api.list(&ListParams::default()).await {
+        Ok(l) => Ok(restores_in_use(l.items.iter())),
+        // The Restore CRD may not be installed in a partial set-up: nothing is in use.
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(BTreeMap::new()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Applies one schedule's retention, under the mass-deletion breaker.
@@ -662,17 +681,44 @@ async fn prune(
         return Ok(());
     }
     state.pending_prune.clear();
-    let api: Api<Backup> = Api::namespaced(
-        ctx.base.client.clone(),
-        &app.namespace().unwrap_or_default(),
-    );
+    let ns = app.namespace().unwrap_or_default();
+    let api: Api<Backup> = Api::namespaced(ctx.base.client.clone(), &ns);
+    // The plan was made from caches: check what a delete cannot take back. A Restore
+    // that started since protects its Backup (fresh LIST), and each delete carries the
+    // cached uid and resourceVersion, so a Backup that changed since (a keep label, a
+    // new phase) is skipped (409) and judged again on its watch event.
+    let in_use_now = restores_in_use_now(&ctx.base.client, &ns).await?;
+    let mut deleted = Vec::new();
     for name in &plan.prune {
-        match api.delete(name, &DeleteParams::default()).await {
-            Ok(_) => {}
+        if in_use_now.contains_key(name) {
+            continue;
+        }
+        let Some(cached) = backups.iter().find(|b| b.name_any() == *name) else {
+            continue;
+        };
+        let params = DeleteParams {
+            preconditions: Some(kube::api::Preconditions {
+                uid: cached.uid(),
+                resource_version: cached.resource_version(),
+            }),
+            ..DeleteParams::default()
+        };
+        match api.delete(name, &params).await {
+            Ok(_) => deleted.push(name.clone()),
             Err(e) if not_found(&e) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                tracing::debug!(backup = %name, "changed since the retention plan; judged again on its event");
+            }
             Err(e) => return Err(e.into()),
         }
     }
+    if deleted.is_empty() {
+        return Ok(());
+    }
+    let plan = retention::Plan {
+        prune: deleted,
+        ..plan
+    };
     state.pruned += plan.prune.len() as i64;
     state.last_pruned = plan.prune.iter().take(50).cloned().collect();
     ctx.metrics
@@ -843,6 +889,35 @@ fn backups_healthy(
             }
         }
     }
+}
+
+/// When `BackupsHealthy` next changes with time alone: the newest success (or, before
+/// the first, the app's creation) passing the max age. `None` when no age applies or the
+/// instant has passed (the verdict already says so).
+fn healthy_changes_at(
+    app: &StatefulApp,
+    schedules: &[Schedule],
+    section: &BackupStatusSection,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let refs = schedules.iter().map(|s| ScheduleRef {
+        cron: &s.cron,
+        time_zone: s.time_zone.as_deref(),
+        suspended: s.suspend,
+    });
+    let explicit = app
+        .spec
+        .monitoring
+        .as_ref()
+        .and_then(|m| m.backup_max_age.as_deref());
+    let max = chrono::Duration::from_std(backup_max_age(explicit, refs, now)?).ok()?;
+    let since = section
+        .last_successful_time
+        .as_deref()
+        .and_then(parse_time)
+        .or_else(|| app.meta().creation_timestamp.as_ref().map(time::to_chrono))?;
+    let at = since + max + chrono::Duration::seconds(1);
+    (at > now).then_some(at)
 }
 
 /// Keeps the app's finalizer in step with `backupsOnDelete`.

@@ -105,7 +105,11 @@ impl World {
         if let Some(clock) = &self.clock {
             base = base.with_clock(std::sync::Arc::new(clock.clone()));
         }
-        let ns = Some(self.ns.name.clone());
+        // Fresh watches per start, as a starting manager has.
+        let ns = stateward_runtime::watch::Stores::start_in(
+            self.cluster.client.clone(),
+            Some(self.ns.name.clone()),
+        );
         self.controller = match self.loops {
             Loops::All => tokio::spawn(stateward_backup::run(base, ns, self.config.clone())),
             Loops::SchedulerOnly => tokio::spawn(stateward_backup::run_schedules(

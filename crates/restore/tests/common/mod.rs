@@ -14,6 +14,7 @@ use kube::api::ListParams;
 use stateward_api::{Backup, BackupPhase, Restore, RestorePhase};
 use stateward_runtime::Context;
 use stateward_runtime::metrics::Metrics;
+use stateward_runtime::watch::Stores;
 use stateward_testkit::harness::{
     Cluster, TestNamespace, apply_yaml, exec, install_crds, wait_for,
 };
@@ -56,19 +57,20 @@ impl World {
         let metrics = Metrics::new();
         let base = |name: &str| Context::new(cluster.client.clone(), name, metrics.clone());
         let scope = Some(ns.name.clone());
+        let stores = Stores::start_in(cluster.client.clone(), scope.clone());
         let controllers = vec![
             tokio::spawn(stateward_backup::run(
                 base(stateward_backup::CONTROLLER),
-                scope.clone(),
+                stores.clone(),
                 backup_config,
             )),
             tokio::spawn(stateward_scaling::run(
                 base(stateward_scaling::CONTROLLER),
-                scope.clone(),
+                stores.clone(),
             )),
             tokio::spawn(stateward_restore::run(
                 base(stateward_restore::CONTROLLER),
-                scope,
+                stores,
                 config,
             )),
         ];
