@@ -303,13 +303,18 @@ where
             if let Some(object) = self.pending.pop() {
                 return Some(object);
             }
-            if !self.started {
+            // Until the cache is ready, only its Resync (sent after the first list) is
+            // worth anything. Not `Store::wait_until_ready`: a second waiter on it was
+            // never woken here (kube 5.0.0), so the readiness is read without waiting,
+            // and the Resync that follows the first list wakes us. The receiver exists
+            // since `subscribe_by`, so that Resync cannot be missed.
+            if !self.started && is_ready(&self.reader) {
                 self.started = true;
-                self.reader.wait_until_ready().await.ok()?;
                 self.resync();
                 continue;
             }
             match self.signals.recv().await {
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) if !self.started => {}
                 Ok(Signal::Changed(object)) => {
                     if let Some(object) = self.changed(object) {
                         return Some(object);
@@ -517,29 +522,23 @@ impl Stores {
     /// logs which kinds are still missing (usually an RBAC `list`/`watch` missing: the
     /// watch's own warning names the verb).
     pub async fn synced(&self) {
+        // Polled at start-up only (see `Subscriber::next` on why not `wait_until_ready`).
+        let started = tokio::time::Instant::now();
+        let mut warned_at = started;
         loop {
             let missing = self.unsynced();
             if missing.is_empty() {
                 return;
             }
-            let wait = async {
-                let _ = self.apps.reader.wait_until_ready().await;
-                let _ = self.backups.reader.wait_until_ready().await;
-                let _ = self.restores.reader.wait_until_ready().await;
-                let _ = self.statefulsets.reader.wait_until_ready().await;
-                let _ = self.jobs.reader.wait_until_ready().await;
-                let _ = self.leases.reader.wait_until_ready().await;
-            };
-            if tokio::time::timeout(SYNC_WARNING_AFTER, wait)
-                .await
-                .is_err()
-            {
+            if warned_at.elapsed() >= SYNC_WARNING_AFTER {
+                warned_at = tokio::time::Instant::now();
                 tracing::error!(
-                    kinds = ?self.unsynced(),
-                    "caches not synced after {}s: controllers wait (check the watch warnings and the manager's RBAC list/watch rights)",
-                    SYNC_WARNING_AFTER.as_secs()
+                    kinds = ?missing,
+                    waited_seconds = started.elapsed().as_secs(),
+                    "caches not synced: controllers wait (check the watch warnings above and the manager's RBAC list/watch rights)"
                 );
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

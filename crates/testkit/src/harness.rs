@@ -62,6 +62,15 @@ impl Cluster {
     /// Connects to the running local cluster; fails with instructions when there is none.
     pub async fn connect() -> Result<Self> {
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // The controllers' logs, shown for a failing test (RUST_LOG picks the level;
+        // warnings by default, so a reconcile error is never silent).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_test_writer()
+            .try_init();
         let path = env_file();
         let text = std::fs::read(&path).with_context(|| {
             format!(

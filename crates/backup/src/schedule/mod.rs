@@ -1047,4 +1047,45 @@ mod tests {
             assert!(names::is_label_value(&names::label_value(&app)));
         }
     }
+
+    #[test]
+    fn backups_healthy_flips_when_the_newest_success_passes_the_max_age() {
+        let at = |h: u32| {
+            Utc.with_ymd_and_hms(2026, 12, 1, h, 0, 0)
+                .single()
+                .unwrap_or_default()
+        };
+        let app = |max_age: Option<&str>| -> StatefulApp {
+            let monitoring = max_age
+                .map(|m| format!(", monitoring: {{backupMaxAge: {m}}}"))
+                .unwrap_or_default();
+            serde_yaml::from_str(&format!(
+                "apiVersion: stateward.io/v1alpha1\nkind: StatefulApp\nmetadata: {{name: a, creationTimestamp: \"2026-12-01T00:00:00Z\"}}\nspec: {{statefulSetName: a{monitoring}}}"
+            ))
+            .unwrap_or_else(|e| panic!("fixture: {e}"))
+        };
+        let section = |last: Option<DateTime<Utc>>| BackupStatusSection {
+            last_successful_time: last.map(time::rfc3339),
+            ..Default::default()
+        };
+        let second = chrono::Duration::seconds(1);
+        // (max age, newest success, now, expected flip)
+        let rows = [
+            // A success at 01:00 with 2h: flips at 03:00 (+1 s).
+            (Some("2h"), Some(at(1)), at(2), Some(at(3) + second)),
+            // Already past: the verdict says so; no timer.
+            (Some("2h"), Some(at(1)), at(4), None),
+            // No success yet: counted from the app's creation (00:00).
+            (Some("2h"), None, at(1), Some(at(2) + second)),
+            // No max age and no schedule: nothing to judge.
+            (None, Some(at(1)), at(2), None),
+        ];
+        for (max_age, last, now, expected) in rows {
+            assert_eq!(
+                healthy_changes_at(&app(max_age), &[], &section(last), now),
+                expected,
+                "{max_age:?} {last:?} {now}"
+            );
+        }
+    }
 }
