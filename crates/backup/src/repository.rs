@@ -500,12 +500,15 @@ impl RepositoryError {
     }
 }
 
+/// The loop's name in metrics (its own: its timer-driven checks are told apart from runs).
+pub const CONTROLLER: &str = "backup-repository";
+
 /// fetch → check → status (+ event, gauge) → requeue.
 pub async fn reconcile(
     repo: Arc<BackupRepository>,
     ctx: Arc<RepositoryContext>,
 ) -> Result<Action, RepositoryError> {
-    let timer = ctx.base.metrics.reconcile.start(crate::CONTROLLER);
+    let timer = ctx.base.metrics.reconcile.start(CONTROLLER);
     let ns = repo.namespace().unwrap_or_default();
     let name = repo.name_any();
     let key = format!("{ns}/{name}");

@@ -346,6 +346,15 @@ async fn run(args: RunArgs) -> Result<()> {
         .build();
     for controller in &controllers {
         metrics.reconcile.init(controller);
+        // The backup controller runs three loops, each counted under its own name.
+        if *controller == stateward_backup::CONTROLLER {
+            metrics
+                .reconcile
+                .init(stateward_backup::repository::CONTROLLER);
+            metrics
+                .reconcile
+                .init(stateward_backup::schedule::CONTROLLER);
+        }
     }
     let leader_gauge: Gauge = Gauge::default();
     metrics.register(
