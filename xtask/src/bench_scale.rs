@@ -51,6 +51,10 @@ pub struct ScaleBench {
     /// Move every schedule to the same minute and time slot → Backup created.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     burst: bool,
+    /// A manager binary to measure instead of this checkout's release build (e.g. an
+    /// earlier commit's, for a before/after comparison under the same bench).
+    #[arg(long)]
+    manager: Option<PathBuf>,
 }
 
 const SYSTEM: &str = "stateward-bench";
@@ -66,7 +70,11 @@ pub fn scale(args: ScaleBench) -> Result<()> {
     let env = testenv::up()?;
     let tools = crate::tools::ensure_all()?;
     let helm = tools.get("helm").context("helm was not built")?.clone();
-    let manager = crate::bench::release_agent()?;
+    let manager = match &args.manager {
+        Some(path) => path.clone(),
+        None => crate::bench::release_agent()?,
+    };
+    println!("==> manager binary: {}", manager.display());
     let out = testenv::target_dir().join("bench/scale");
     std::fs::create_dir_all(&out)?;
     let runtime = tokio::runtime::Runtime::new()?;
