@@ -491,6 +491,11 @@ async fn install_identity(client: &Client, helm: &Path) -> Result<(String, Strin
         .args(["template", "stateward"])
         .arg(crate::repo_root().join("charts/stateward"))
         .args(["--namespace", SYSTEM])
+        // helm's default is v1.20, which the chart's kubeVersion refuses.
+        .args([
+            "--kube-version",
+            crate::tools::KUBERNETES_VERSION.trim_start_matches('v'),
+        ])
         .output()?;
     if !output.status.success() {
         bail!(

@@ -111,7 +111,15 @@ pub struct MonitoringContext {
     pub config: Config,
     pub gauges: AppGauges,
     /// The last lookup of the Prometheus Operator's kinds, until one of their CRDs changes.
-    discovered: Arc<Mutex<Option<Found>>>,
+    discovered: Arc<Mutex<Discovered>>,
+}
+
+/// The last lookup, and how many CRD changes were seen: a lookup that started before a
+/// change is not kept (it may describe the CRDs as they were).
+#[derive(Default)]
+struct Discovered {
+    changes: u64,
+    found: Option<Found>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,7 +141,7 @@ impl MonitoringError {
 
 /// Runs the monitoring controller until shutdown, woken by the shared watches.
 pub async fn run(base: Context, stores: Arc<Stores>, config: Config) {
-    let discovered = Arc::new(Mutex::new(None));
+    let discovered = Arc::new(Mutex::new(Discovered::default()));
     let ctx = Arc::new(MonitoringContext {
         gauges: AppGauges::register(&base.metrics),
         base: base.clone(),
@@ -175,7 +183,7 @@ fn what_health_reads(app: &StatefulApp) -> u64 {
 /// forgets the last discovery first.
 fn prometheus_crd_changes(
     client: kube::Client,
-    discovered: Arc<Mutex<Option<Found>>>,
+    discovered: Arc<Mutex<Discovered>>,
 ) -> impl futures::Stream<Item = ()> + Send + 'static {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     let crds: Api<kube::core::PartialObjectMeta<CustomResourceDefinition>> = Api::all(client);
@@ -193,7 +201,8 @@ fn prometheus_crd_changes(
             match event {
                 Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
                     if let Ok(mut cache) = discovered.lock() {
-                        *cache = None;
+                        cache.changes += 1;
+                        cache.found = None;
                     }
                     Some(())
                 }
@@ -235,6 +244,14 @@ pub async fn reconcile(
 ) -> Result<Action, MonitoringError> {
     let timer = ctx.base.metrics.reconcile.start(CONTROLLER);
     let result = step(&app, &ctx).await;
+    // The back-off resets only after a pass that succeeded: resetting it at the start of
+    // a pass that then fails would retry a persistent error every second, forever.
+    if result.is_ok() {
+        let ns = app.namespace().unwrap_or_default();
+        ctx.base
+            .backoff
+            .on_success(&format!("monitoring/{ns}/{}", app.name_any()));
+    }
     timer.finish(if result.is_ok() { "success" } else { "error" });
     result
 }
@@ -252,9 +269,6 @@ async fn step(app: &StatefulApp, ctx: &MonitoringContext) -> Result<Action, Moni
         }
         return Ok(Action::await_change());
     }
-    ctx.base
-        .backoff
-        .on_success(&format!("monitoring/{ns}/{name}"));
     let now = ctx.base.clock.now();
     // 1. Fetch.
     let sts = Api::<StatefulSet>::namespaced(ctx.base.client.clone(), &ns)
@@ -402,11 +416,15 @@ async fn step(app: &StatefulApp, ctx: &MonitoringContext) -> Result<Action, Moni
 /// Looks up (or reuses the last lookup of) the Prometheus Operator's kinds. A failed
 /// lookup is not kept: the next reconcile tries again.
 async fn discover(ctx: &MonitoringContext) -> Found {
-    if let Ok(cache) = ctx.discovered.lock()
-        && let Some(found) = cache.as_ref()
-    {
-        return found.clone();
-    }
+    let changes = match ctx.discovered.lock() {
+        Ok(cache) => {
+            if let Some(found) = &cache.found {
+                return found.clone();
+            }
+            cache.changes
+        }
+        Err(_) => 0,
+    };
     let mut found = Found::default();
     match kube::discovery::Discovery::new(ctx.base.client.clone())
         .filter(&["monitoring.coreos.com"])
@@ -428,8 +446,10 @@ async fn discover(ctx: &MonitoringContext) -> Found {
             return found;
         }
     }
-    if let Ok(mut cache) = ctx.discovered.lock() {
-        *cache = Some(found.clone());
+    if let Ok(mut cache) = ctx.discovered.lock()
+        && cache.changes == changes
+    {
+        cache.found = Some(found.clone());
     }
     found
 }

@@ -41,6 +41,11 @@ pub async fn reconcile(
 ) -> Result<Action, RestoreError> {
     let timer = ctx.base.metrics.reconcile.start(crate::CONTROLLER);
     let result = step(&restore, &ctx).await;
+    // The back-off resets only after a pass that succeeded: resetting it at the start of
+    // a pass that then fails would retry a persistent error every second, forever.
+    if result.is_ok() {
+        ctx.base.backoff.on_success(&key(&restore));
+    }
     timer.finish(if result.is_ok() { "success" } else { "error" });
     result
 }
@@ -97,7 +102,6 @@ async fn step(cached: &Restore, ctx: &RestoreContext) -> Result<Action, RestoreE
     if restore.uid() != cached.uid() {
         return Ok(Action::await_change());
     }
-    ctx.base.backoff.on_success(&key(&restore));
     let status = restore.status.clone().unwrap_or_default();
     let apps: Api<StatefulApp> = Api::namespaced(ctx.base.client.clone(), &ns);
     let stateful_set = apps

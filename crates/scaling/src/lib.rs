@@ -214,6 +214,14 @@ pub async fn reconcile(
 ) -> Result<Action, ScalingError> {
     let timer = ctx.base.metrics.reconcile.start(CONTROLLER);
     let result = step(&app, &ctx).await;
+    // The back-off resets only after a pass that succeeded: resetting it at the start of
+    // a pass that then fails would retry a persistent error every second, forever.
+    if result.is_ok() {
+        let ns = app.namespace().unwrap_or_default();
+        ctx.base
+            .backoff
+            .on_success(&format!("scaling/{ns}/{}", app.name_any()));
+    }
     timer.finish(if result.is_ok() { "success" } else { "error" });
     result
 }
@@ -314,9 +322,6 @@ async fn step(cached: &StatefulApp, ctx: &ScalingContext) -> Result<Action, Scal
     let Some(app) = apps.get_opt(&cached.name_any()).await? else {
         return Ok(Action::await_change());
     };
-    ctx.base
-        .backoff
-        .on_success(&format!("scaling/{ns}/{}", app.name_any()));
     let now = ctx.base.clock.now();
     let status = app.status.clone().unwrap_or_default();
     let conditions = status

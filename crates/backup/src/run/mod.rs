@@ -228,6 +228,14 @@ fn holder(backup: &Backup) -> Holder {
 pub async fn reconcile(backup: Arc<Backup>, ctx: Arc<RunContext>) -> Result<Action, RunError> {
     let timer = ctx.base.metrics.reconcile.start(crate::CONTROLLER);
     let result = step(&backup, &ctx).await;
+    // The back-off resets only after a pass that succeeded: resetting it at the start of
+    // a pass that then fails would retry a persistent error every second, forever.
+    if result.is_ok() {
+        let ns = backup.namespace().unwrap_or_default();
+        ctx.base
+            .backoff
+            .on_success(&format!("backup/{ns}/{}", backup.name_any()));
+    }
     timer.finish(if result.is_ok() { "success" } else { "error" });
     result
 }
@@ -259,9 +267,6 @@ async fn step(cached: &Backup, ctx: &RunContext) -> Result<Action, RunError> {
     if backup.uid() != cached.uid() {
         return Ok(Action::await_change());
     }
-    ctx.base
-        .backoff
-        .on_success(&format!("backup/{ns}/{}", backup.name_any()));
     if backup.meta().deletion_timestamp.is_some() {
         return delete::finalize(&backup, ctx).await;
     }

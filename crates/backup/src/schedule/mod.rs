@@ -128,6 +128,14 @@ pub async fn reconcile(
 ) -> Result<Action, ScheduleError> {
     let timer = ctx.base.metrics.reconcile.start(CONTROLLER);
     let result = step(&app, &ctx).await;
+    // The back-off resets only after a pass that succeeded: resetting it at the start of
+    // a pass that then fails would retry a persistent error every second, forever.
+    if result.is_ok() {
+        let ns = app.namespace().unwrap_or_default();
+        ctx.base
+            .backoff
+            .on_success(&format!("schedule/{ns}/{}", app.name_any()));
+    }
     timer.finish(if result.is_ok() { "success" } else { "error" });
     result
 }
@@ -163,9 +171,6 @@ async fn step(cached: &StatefulApp, ctx: &ScheduleContext) -> Result<Action, Sch
     let Some(app) = apps.get_opt(&cached.name_any()).await? else {
         return Ok(Action::await_change());
     };
-    ctx.base
-        .backoff
-        .on_success(&format!("schedule/{ns}/{}", app.name_any()));
     // From the index of the shared cache: deletions below carry preconditions, so a
     // stale entry makes a 409, never a wrong delete.
     let owned: Vec<Backup> = ctx
