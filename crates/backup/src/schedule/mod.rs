@@ -815,22 +815,12 @@ fn backups_healthy(
     now: DateTime<Utc>,
 ) -> Condition {
     let generation = app.meta().generation;
-    let refs = schedules.iter().map(|s| ScheduleRef {
-        cron: &s.cron,
-        time_zone: s.time_zone.as_deref(),
-        suspended: s.suspend,
-    });
-    let explicit = app
-        .spec
-        .monitoring
-        .as_ref()
-        .and_then(|m| m.backup_max_age.as_deref());
     let unknown = |reason: &str, message: String| {
         let mut c = conditions::condition(BACKUPS_HEALTHY, false, reason, message, generation);
         c.status = "Unknown".into();
         c
     };
-    let Some(max_age) = backup_max_age(explicit, refs, now) else {
+    let Some(max_age) = app_backup_max_age(app, schedules, now) else {
         return unknown(
             "NoSchedule",
             "no active schedule and no monitoring.backupMaxAge: nothing to judge backup age against".into(),
@@ -896,15 +886,13 @@ fn backups_healthy(
     }
 }
 
-/// When `BackupsHealthy` next changes with time alone: the newest success (or, before
-/// the first, the app's creation) passing the max age. `None` when no age applies or the
-/// instant has passed (the verdict already says so).
-fn healthy_changes_at(
+/// The app's maximum backup age: `monitoring.backupMaxAge`, or from its active schedules
+/// (the shared helper monitoring uses too).
+fn app_backup_max_age(
     app: &StatefulApp,
     schedules: &[Schedule],
-    section: &BackupStatusSection,
     now: DateTime<Utc>,
-) -> Option<DateTime<Utc>> {
+) -> Option<std::time::Duration> {
     let refs = schedules.iter().map(|s| ScheduleRef {
         cron: &s.cron,
         time_zone: s.time_zone.as_deref(),
@@ -915,7 +903,19 @@ fn healthy_changes_at(
         .monitoring
         .as_ref()
         .and_then(|m| m.backup_max_age.as_deref());
-    let max = chrono::Duration::from_std(backup_max_age(explicit, refs, now)?).ok()?;
+    backup_max_age(explicit, refs, now)
+}
+
+/// When `BackupsHealthy` next changes with time alone: the newest success (or, before
+/// the first, the app's creation) passing the max age. `None` when no age applies or the
+/// instant has passed (the verdict already says so).
+fn healthy_changes_at(
+    app: &StatefulApp,
+    schedules: &[Schedule],
+    section: &BackupStatusSection,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let max = chrono::Duration::from_std(app_backup_max_age(app, schedules, now)?).ok()?;
     let since = section
         .last_successful_time
         .as_deref()
