@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use stateward_agent::repository::AccessError;
 use stateward_api::BackupRepository;
@@ -584,21 +584,15 @@ pub async fn reconcile(
     // A failing repository is said at every check (a failing repository is not idle; a
     // healthy one sends nothing).
     if !ready {
-        let event = Event {
-            type_: EventType::Warning,
-            reason: verdict.reason().to_string(),
-            note: Some(message),
-            action: "CheckRepository".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx
-            .base
-            .recorder()
-            .publish(&event, &repo.object_ref(&()))
-            .await
-        {
-            tracing::warn!(repository = %name, error = %e, "publishing an event failed");
-        }
+        ctx.base
+            .publish(
+                &repo.object_ref(&()),
+                EventType::Warning,
+                verdict.reason(),
+                "CheckRepository",
+                message,
+            )
+            .await;
     }
     tracing::info!(namespace = %ns, repository = %name, reason = verdict.reason(), "checked repository");
     if ready {
@@ -606,19 +600,16 @@ pub async fn reconcile(
             Ok(0) => {}
             Ok(swept) => {
                 ctx.swept.inc_by(swept as u64);
-                let event = Event {
-                    type_: EventType::Normal,
-                    reason: "SweptOrphans".into(),
-                    note: Some(format!(
-                        "removed {swept} backup prefix(es) without a manifest left by runs that crashed or were deleted"
-                    )),
-                    action: "Sweep".into(),
-                    secondary: None,
-                };
-                let _ = ctx
-                    .base
-                    .recorder()
-                    .publish(&event, &repo.object_ref(&()))
+                ctx.base
+                    .publish(
+                        &repo.object_ref(&()),
+                        EventType::Normal,
+                        "SweptOrphans",
+                        "Sweep",
+                        format!(
+                            "removed {swept} backup prefix(es) without a manifest left by runs that crashed or were deleted"
+                        ),
+                    )
                     .await;
             }
             Err(e) => {

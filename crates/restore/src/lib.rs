@@ -102,6 +102,9 @@ impl RestoreMetrics {
 /// Everything a reconcile needs.
 pub struct RestoreContext {
     pub base: Context,
+    /// The shared watches: a finished Restore that holds no lock in the Lease cache needs
+    /// no request at all.
+    pub stores: Arc<Stores>,
     pub config: Config,
     pub metrics: RestoreMetrics,
 }
@@ -133,6 +136,7 @@ pub async fn run(base: Context, stores: Arc<Stores>, config: Config) {
     let ctx = Arc::new(RestoreContext {
         metrics: RestoreMetrics::register(&base.metrics),
         base: base.clone(),
+        stores: stores.clone(),
         config,
     });
     base.metrics.reconcile.init(CONTROLLER);

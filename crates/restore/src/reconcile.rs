@@ -91,8 +91,27 @@ struct Pass<'a> {
     stateful_set: Option<String>,
 }
 
+/// Completed and Failed are final: no pass ever moves a Restore out of them.
+fn is_final(restore: &Restore) -> bool {
+    matches!(
+        restore.status.as_ref().and_then(|s| s.phase),
+        Some(RestorePhase::Completed | RestorePhase::Failed)
+    )
+}
+
 async fn step(cached: &Restore, ctx: &RestoreContext) -> Result<Action, RestoreError> {
     let ns = cached.namespace().unwrap_or_default();
+    // A finished Restore stays finished: when it is not being deleted and the Lease cache
+    // shows no lock it could still hold, there is nothing to do and nothing to read (a
+    // manager start with many finished Restores costs no request).
+    if is_final(cached)
+        && cached.meta().deletion_timestamp.is_none()
+        && !ctx
+            .stores
+            .may_hold_lock(&ns, cached.uid().as_deref().unwrap_or_default())
+    {
+        return Ok(Action::await_change());
+    }
     let api: Api<Restore> = Api::namespaced(ctx.base.client.clone(), &ns);
     // Read fresh: a Job must never be created twice because the cache lagged behind our
     // own last status write.

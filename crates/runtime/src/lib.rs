@@ -7,6 +7,7 @@ pub mod agent_start;
 pub mod apply;
 pub mod backoff;
 pub mod conditions;
+pub mod events;
 pub mod hooks;
 pub mod kube_requests;
 pub mod lock;
@@ -28,8 +29,9 @@ pub struct Context {
     pub metrics: metrics::Metrics,
     pub clock: Arc<dyn time::Clock>,
     pub backoff: Arc<backoff::Backoff>,
-    /// Reports events as this controller (`stateward-<name>`).
-    pub reporter: kube::runtime::events::Reporter,
+    /// Reports events as this controller (`stateward-<name>`); one per controller, so
+    /// repeats of the same fact fold into one Event.
+    pub recorder: Arc<events::Recorder>,
     /// Cancelled by the manager on SIGTERM. Controllers stop taking new work and let
     /// in-flight reconciles finish; only the manager listens to signals, so a controller
     /// never ends on its own and looks like a crash.
@@ -43,11 +45,11 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         Self {
-            client,
             metrics,
             clock: Arc::new(time::SystemClock),
             backoff: Arc::new(backoff::Backoff::default()),
-            reporter,
+            recorder: Arc::new(events::Recorder::new(client.clone(), reporter)),
+            client,
             shutdown: tokio_util::sync::CancellationToken::new(),
         }
     }
@@ -64,9 +66,10 @@ impl Context {
         self
     }
 
-    /// Publishes an event about `object`; the note is capped (the API refuses notes over
-    /// 1 KiB) and a failure is logged, never returned: an event is never worth failing a
-    /// reconcile for (and a terminating namespace refuses them).
+    /// Publishes an event about `object` (a repeat of the same fact joins its series);
+    /// the note is capped to the API's limit, and a failure is logged, never returned: an
+    /// event is never worth failing a reconcile for (and a terminating namespace refuses
+    /// them).
     pub async fn publish(
         &self,
         object: &k8s_openapi::api::core::v1::ObjectReference,
@@ -75,24 +78,12 @@ impl Context {
         action: &str,
         note: String,
     ) {
-        let event = kube::runtime::events::Event {
-            type_,
-            reason: reason.to_string(),
-            note: Some(note.chars().take(1000).collect()),
-            action: action.to_string(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder().publish(&event, object).await {
+        if let Err(e) = self
+            .recorder
+            .publish(object, type_, reason, action, &note)
+            .await
+        {
             tracing::warn!(error = %e, reason, "publishing an event failed");
         }
-    }
-
-    /// An event recorder for this controller. A fresh one per event, on purpose: kube's
-    /// recorder aggregates by (type, reason, action, object) and ignores the note, so a
-    /// shared one would fold two different facts (a hook in pod 3, then in pod 2) into
-    /// one Event that shows only the first. Aggregating repeats of the *same* note needs
-    /// our own correlator (issue #16, to do).
-    pub fn recorder(&self) -> kube::runtime::events::Recorder {
-        kube::runtime::events::Recorder::new(self.client.clone(), self.reporter.clone())
     }
 }

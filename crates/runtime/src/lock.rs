@@ -158,6 +158,19 @@ pub fn lease_name(stateful_set: &str) -> String {
     names::bounded(&format!("stateward-sts-{stateful_set}"), 63, false)
 }
 
+/// The lock record a Lease carries, if any (read from a cached Lease too).
+pub fn record_in(lease: &Lease) -> Result<Option<LockRecord>, LockError> {
+    match lease
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(RECORD_ANNOTATION))
+    {
+        Some(json) if !json.is_empty() => Ok(Some(serde_json::from_str(json)?)),
+        _ => Ok(None),
+    }
+}
+
 /// The lock of one app.
 #[derive(Clone)]
 pub struct OperationLock {
@@ -187,7 +200,7 @@ impl OperationLock {
         let Some(old) = self.api().get_opt(&self.legacy_lease).await? else {
             return Ok(None);
         };
-        if let Some(record) = Self::record_of(&old)? {
+        if let Some(record) = record_in(&old)? {
             match self.api().get_opt(&self.lease_name).await? {
                 None => {
                     let lease = self.lease_with(None, &record)?;
@@ -201,7 +214,7 @@ impl OperationLock {
                     }
                 }
                 Some(current) => {
-                    let same = Self::record_of(&current)?.is_some_and(|c| c.token == record.token);
+                    let same = record_in(&current)?.is_some_and(|c| c.token == record.token);
                     if !same
                         && (record.incomplete_swap.is_some()
                             || self.holder_alive(&record.holder).await?)
@@ -259,7 +272,7 @@ impl OperationLock {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
-    /// Puts `record` into the Lease's annotation (the inverse of [`Self::record_of`]).
+    /// Puts `record` into the Lease's annotation (the inverse of [`record_in`]).
     fn write_record(lease: &mut Lease, record: &LockRecord) -> Result<(), LockError> {
         lease
             .metadata
@@ -272,24 +285,12 @@ impl OperationLock {
         Ok(())
     }
 
-    fn record_of(lease: &Lease) -> Result<Option<LockRecord>, LockError> {
-        match lease
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(RECORD_ANNOTATION))
-        {
-            Some(json) if !json.is_empty() => Ok(Some(serde_json::from_str(json)?)),
-            _ => Ok(None),
-        }
-    }
-
     /// The current record, if the lock is held (also in an earlier manager's app-named
     /// Lease not moved yet).
     pub async fn current(&self) -> Result<Option<LockRecord>, LockError> {
         for name in [&self.lease_name, &self.legacy_lease] {
             if let Some(lease) = self.api().get_opt(name).await?
-                && let Some(record) = Self::record_of(&lease)?
+                && let Some(record) = record_in(&lease)?
             {
                 return Ok(Some(record));
             }
@@ -344,7 +345,7 @@ impl OperationLock {
         for _ in 0..ATTEMPTS {
             let existing = self.api().get_opt(&self.lease_name).await?;
             let current = match &existing {
-                Some(lease) => Self::record_of(lease)?,
+                Some(lease) => record_in(lease)?,
                 None => None,
             };
             let alive = match &current {
@@ -440,7 +441,7 @@ impl OperationLock {
             let Some(mut lease) = self.api().get_opt(&self.lease_name).await? else {
                 return Err(LockError::NotHeld);
             };
-            let Some(mut record) = Self::record_of(&lease)?.filter(|r| r.token == token) else {
+            let Some(mut record) = record_in(&lease)?.filter(|r| r.token == token) else {
                 return Err(LockError::NotHeld);
             };
             if !change(&mut record) {
@@ -469,7 +470,7 @@ impl OperationLock {
             let Some(lease) = self.api().get_opt(name).await? else {
                 continue;
             };
-            match Self::record_of(&lease)? {
+            match record_in(&lease)? {
                 Some(record) if record.token == token => {}
                 _ => continue,
             }

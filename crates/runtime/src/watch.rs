@@ -598,6 +598,16 @@ impl Stores {
             .collect()
     }
 
+    /// Whether a cached Lease in `namespace` may hold a lock for the holder with `uid`: a
+    /// record naming it, or one we cannot read (then only a fresh look can tell).
+    pub fn may_hold_lock(&self, namespace: &str, uid: &str) -> bool {
+        self.leases.reader.state().iter().any(|lease| {
+            lease.namespace().as_deref() == Some(namespace)
+                && crate::lock::record_in(lease)
+                    .map_or(true, |r| r.is_some_and(|r| r.holder.uid == uid))
+        })
+    }
+
     /// The app a Backup or Restore names (`spec.app`), in its namespace.
     pub fn app_named(namespace: Option<String>, app: &str) -> Option<ObjectRef<StatefulApp>> {
         namespace.map(|ns| ObjectRef::new(app).within(&ns))
