@@ -51,6 +51,9 @@ pub async fn run(base: Context, stores: Arc<Stores>, config: Config) {
 /// phase (a Backup it protected from retention may go), and the timers: the next slot,
 /// the `BackupsHealthy` flip, and `resync`.
 pub async fn run_schedules(base: Context, stores: Arc<Stores>, config: ScheduleConfig) {
+    if !stores.wait_synced(&base.shutdown).await {
+        return;
+    }
     let ctx = Arc::new(schedule::ScheduleContext {
         metrics: schedule::ScheduleMetrics::register(&base.metrics),
         base: base.clone(),
@@ -63,14 +66,14 @@ pub async fn run_schedules(base: Context, stores: Arc<Stores>, config: ScheduleC
         stores.apps.reader(),
     )
     .watches_shared_stream(
-        stores.backups.subscribe_by(|b: &Backup| {
+        stores.backups.changes_by(|b: &Backup| {
             watch::spec_and_metadata(b)
                 ^ watch::phase_key(b, b.status.as_ref().and_then(|s| s.phase.as_ref()))
         }),
         |b: Arc<Backup>| Stores::app_named(b.namespace(), &b.spec.app),
     )
     .watches_shared_stream(
-        stores.restores.subscribe_by(|r: &Restore| {
+        stores.restores.changes_by(|r: &Restore| {
             watch::phase_key(r, r.status.as_ref().and_then(|s| s.phase.as_ref()))
         }),
         move |r: Arc<Restore>| {
@@ -94,6 +97,9 @@ pub async fn run_schedules(base: Context, stores: Arc<Stores>, config: ScheduleC
 
 /// The repository and backup-run loops.
 pub async fn run_backups(base: Context, stores: Arc<Stores>, config: RunConfig) {
+    if !stores.wait_synced(&base.shutdown).await {
+        return;
+    }
     let gauge = prometheus_client::metrics::family::Family::default();
     base.metrics.register(
         "backup_repository_ready",
@@ -146,7 +152,7 @@ pub async fn run_backups(base: Context, stores: Arc<Stores>, config: RunConfig) 
     // A run wakes on its Backup and on its agent Jobs (the shared store holds only
     // Stateward's agent Jobs; `owns` keeps those a Backup owns).
     let runs = Controller::for_shared_stream(stores.backups.subscribe(), stores.backups.reader())
-        .owns_shared_stream(stores.jobs.subscribe())
+        .owns_shared_stream(stores.jobs.changes())
         .with_config(watch::controller_config())
         .graceful_shutdown_on(base.shutdown.clone().cancelled_owned())
         .run(run::reconcile, run::error_policy, run_ctx)

@@ -25,12 +25,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams};
 use kube::core::GroupVersionKind;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -110,6 +110,9 @@ pub struct MonitoringContext {
     pub base: Context,
     pub config: Config,
     pub gauges: AppGauges,
+    /// The shared watches: the StatefulSet is read from its cache (monitoring only
+    /// reports; a change to it wakes the app again).
+    pub stores: Arc<Stores>,
     /// The last lookup of the Prometheus Operator's kinds, until one of their CRDs changes.
     discovered: Arc<Mutex<Discovered>>,
 }
@@ -120,7 +123,14 @@ pub struct MonitoringContext {
 struct Discovered {
     changes: u64,
     found: Option<Found>,
+    /// The Prometheus Operator CRDs that exist, as their watch last said.
+    crds: std::collections::BTreeSet<String>,
 }
+
+/// How long after a CRD appears its kind may still be missing from the API server's
+/// discovery (it is published asynchronously after `Established`): a lookup that misses
+/// a kind whose CRD exists is not kept, and the app looks again after this.
+const DISCOVERY_SETTLE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MonitoringError {
@@ -141,12 +151,16 @@ impl MonitoringError {
 
 /// Runs the monitoring controller until shutdown, woken by the shared watches.
 pub async fn run(base: Context, stores: Arc<Stores>, config: Config) {
+    if !stores.wait_synced(&base.shutdown).await {
+        return;
+    }
     let discovered = Arc::new(Mutex::new(Discovered::default()));
     let ctx = Arc::new(MonitoringContext {
         gauges: AppGauges::register(&base.metrics),
         base: base.clone(),
         config,
         discovered: discovered.clone(),
+        stores: stores.clone(),
     });
     base.metrics.reconcile.init(CONTROLLER);
     let sets = stores.clone();
@@ -154,7 +168,7 @@ pub async fn run(base: Context, stores: Arc<Stores>, config: Config) {
         stores.apps.subscribe_by(what_health_reads),
         stores.apps.reader(),
     )
-    .watches_shared_stream(stores.statefulsets.subscribe(), move |sts| {
+    .watches_shared_stream(stores.statefulsets.changes(), move |sts| {
         sets.apps_of_statefulset(&sts)
     })
     .reconcile_all_on(prometheus_crd_changes(base.client.clone(), discovered))
@@ -203,10 +217,30 @@ fn prometheus_crd_changes(
                     if let Ok(mut cache) = discovered.lock() {
                         cache.changes += 1;
                         cache.found = None;
+                        match &event {
+                            Ok(watcher::Event::Apply(crd)) => {
+                                cache.crds.insert(crd.name_any());
+                            }
+                            Ok(watcher::Event::Delete(crd)) => {
+                                cache.crds.remove(&crd.name_any());
+                            }
+                            _ => {}
+                        }
                     }
                     Some(())
                 }
-                Ok(_) => None,
+                Ok(watcher::Event::InitApply(crd)) => {
+                    if let Ok(mut cache) = discovered.lock() {
+                        cache.crds.insert(crd.name_any());
+                    }
+                    None
+                }
+                Ok(watcher::Event::Init) => {
+                    if let Ok(mut cache) = discovered.lock() {
+                        cache.crds.clear();
+                    }
+                    None
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "watching the Prometheus Operator CRDs failed; retrying");
                     None
@@ -271,9 +305,12 @@ async fn step(app: &StatefulApp, ctx: &MonitoringContext) -> Result<Action, Moni
     }
     let now = ctx.base.clock.now();
     // 1. Fetch.
-    let sts = Api::<StatefulSet>::namespaced(ctx.base.client.clone(), &ns)
-        .get_opt(&app.spec.stateful_set_name)
-        .await?;
+    let sts = ctx
+        .stores
+        .statefulsets
+        .reader()
+        .get(&ObjectRef::new(&app.spec.stateful_set_name).within(&ns))
+        .map(|s| s.as_ref().clone());
     let selector = sts
         .as_ref()
         .and_then(|s| s.spec.as_ref())
@@ -326,7 +363,7 @@ async fn step(app: &StatefulApp, ctx: &MonitoringContext) -> Result<Action, Moni
     // 2. Assess.
     let (mut section, verdict) = health::assess(app, sts.as_ref(), &pods, &claims, now);
     // 3. The monitoring objects.
-    let (objects_ok, objects_reason, objects_message) =
+    let (objects_ok, objects_reason, objects_message, discovery_settled) =
         monitoring_objects(app, &ns, &selector, ctx).await?;
     section.monitoring_objects = Some(objects_reason.to_string());
     // 4. Status, gauges, events.
@@ -404,6 +441,9 @@ async fn step(app: &StatefulApp, ctx: &MonitoringContext) -> Result<Action, Moni
             )
             .await;
     }
+    if !discovery_settled {
+        return Ok(Action::requeue(DISCOVERY_SETTLE));
+    }
     // Time changes the verdict only when the newest backup's deadline passes: wake then;
     // everything else arrives as a watch event.
     Ok(health::backup_deadline(app, now)
@@ -413,17 +453,19 @@ async fn step(app: &StatefulApp, ctx: &MonitoringContext) -> Result<Action, Moni
         }))
 }
 
-/// Looks up (or reuses the last lookup of) the Prometheus Operator's kinds. A failed
-/// lookup is not kept: the next reconcile tries again.
-async fn discover(ctx: &MonitoringContext) -> Found {
-    let changes = match ctx.discovered.lock() {
+/// Looks up (or reuses the last lookup of) the Prometheus Operator's kinds, and whether
+/// the lookup is settled. A failed lookup is not kept (the next reconcile tries again),
+/// nor one that misses a kind whose CRD exists (discovery lags behind the CRD: the caller
+/// looks again after [`DISCOVERY_SETTLE`]).
+async fn discover(ctx: &MonitoringContext) -> (Found, bool) {
+    let (changes, crds) = match ctx.discovered.lock() {
         Ok(cache) => {
             if let Some(found) = &cache.found {
-                return found.clone();
+                return (found.clone(), true);
             }
-            cache.changes
+            (cache.changes, cache.crds.clone())
         }
-        Err(_) => 0,
+        Err(_) => (0, Default::default()),
     };
     let mut found = Found::default();
     match kube::discovery::Discovery::new(ctx.base.client.clone())
@@ -443,29 +485,36 @@ async fn discover(ctx: &MonitoringContext) -> Found {
         }
         Err(e) => {
             tracing::debug!(error = %e, "discovering monitoring.coreos.com failed");
-            return found;
+            return (found, false);
         }
     }
-    if let Ok(mut cache) = ctx.discovered.lock()
+    let settled = [
+        (PROMETHEUS_CRDS[0], &found.pod_monitor),
+        (PROMETHEUS_CRDS[1], &found.prometheus_rule),
+    ]
+    .iter()
+    .all(|(crd, resolved)| !crds.contains(*crd) || resolved.is_some());
+    if settled
+        && let Ok(mut cache) = ctx.discovered.lock()
         && cache.changes == changes
     {
         cache.found = Some(found.clone());
     }
-    found
+    (found, settled)
 }
 
 /// Applies (or removes) the app's PodMonitor and PrometheusRule; the condition's
-/// status, reason and message.
+/// status, reason and message, and whether the discovery it used is settled.
 async fn monitoring_objects(
     app: &StatefulApp,
     ns: &str,
     selector: &std::collections::BTreeMap<String, String>,
     ctx: &MonitoringContext,
-) -> Result<(bool, &'static str, String), MonitoringError> {
+) -> Result<(bool, &'static str, String, bool), MonitoringError> {
     let policy = app.spec.monitoring.clone().unwrap_or_default();
     let want_monitor = policy.service_monitor && policy.metrics_port.is_some();
     let want_rules = policy.alert_rules;
-    let found = discover(ctx).await;
+    let (found, settled) = discover(ctx).await;
     let name = objects::object_name(&app.name_any());
     let mut made = Vec::new();
     for (want, resource, body, kind) in [
@@ -512,6 +561,7 @@ async fn monitoring_objects(
             false,
             "Disabled",
             "spec.monitoring turns both the monitor and the alert rules off".into(),
+            settled,
         ));
     }
     if found.pod_monitor.is_none() && found.prometheus_rule.is_none() {
@@ -519,6 +569,7 @@ async fn monitoring_objects(
             false,
             "PrometheusOperatorMissing",
             "the Prometheus Operator's CRDs (monitoring.coreos.com PodMonitor, PrometheusRule) are not installed; Stateward creates the app's monitor and rules when they appear".into(),
+            settled,
         ));
     }
     let mut notes = Vec::new();
@@ -548,5 +599,6 @@ async fn monitoring_objects(
         } else {
             format!("{message}; {}", notes.join("; "))
         },
+        settled,
     ))
 }

@@ -133,6 +133,9 @@ impl RestoreError {
 /// Runs the restore controller until shutdown, woken by the shared watches: a Restore's
 /// own changes and its agent Jobs'.
 pub async fn run(base: Context, stores: Arc<Stores>, config: Config) {
+    if !stores.wait_synced(&base.shutdown).await {
+        return;
+    }
     let ctx = Arc::new(RestoreContext {
         metrics: RestoreMetrics::register(&base.metrics),
         base: base.clone(),
@@ -156,7 +159,7 @@ pub async fn run(base: Context, stores: Arc<Stores>, config: Config) {
         Some(ObjectRef::<Restore>::new(&name).within(&job.namespace()?))
     };
     Controller::for_shared_stream(stores.restores.subscribe(), stores.restores.reader())
-        .watches_shared_stream(stores.jobs.subscribe(), to_restore)
+        .watches_shared_stream(stores.jobs.changes(), to_restore)
         .with_config(watch::controller_config())
         .graceful_shutdown_on(base.shutdown.clone().cancelled_owned())
         .run(reconcile, error_policy, ctx)

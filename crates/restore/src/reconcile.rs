@@ -527,7 +527,7 @@ impl Pass<'_> {
                 .await;
         };
         if self.status.mode.is_none()
-            && let Some(message) = ownership::check(&self.ctx.base.client, &app).await?
+            && let Some(message) = ownership::check(&app, &self.ctx.stores)
         {
             return self
                 .fail(Refusal {

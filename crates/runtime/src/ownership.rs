@@ -4,8 +4,7 @@
 //! `AlreadyManaged`, naming the other, and no controller acts through it. A StatefulApp's
 //! `statefulSetName` is immutable, so the owner changes only when the older app goes.
 
-use kube::api::ListParams;
-use kube::{Api, ResourceExt};
+use kube::ResourceExt;
 use stateward_api::StatefulApp;
 
 /// The condition reason of a StatefulApp whose StatefulSet another one manages.
@@ -43,16 +42,11 @@ pub fn message(app: &StatefulApp, owner: &StatefulApp) -> String {
     )
 }
 
-/// Lists the namespace's StatefulApps and says who manages `app`'s StatefulSet instead
-/// of it (for controllers that do not keep a store of StatefulApps).
-pub async fn check(
-    client: &kube::Client,
-    app: &StatefulApp,
-) -> Result<Option<String>, kube::Error> {
-    let apps: Api<StatefulApp> =
-        Api::namespaced(client.clone(), &app.namespace().unwrap_or_default());
-    let list = apps.list(&ListParams::default()).await?.items;
-    Ok(managed_by_other(app, &list).map(|owner| message(app, owner)))
+/// Who manages `app`'s StatefulSet instead of it, from the shared StatefulApp cache (an
+/// older app has been in it for longer than the younger one's operation took to start).
+pub fn check(app: &StatefulApp, stores: &crate::watch::Stores) -> Option<String> {
+    let apps = stores.apps.reader().state();
+    managed_by_other(app, apps.iter().map(|a| a.as_ref())).map(|owner| message(app, owner))
 }
 
 #[cfg(test)]

@@ -243,11 +243,7 @@ where
 
     /// Every object once the cache is ready, then every change (applied or deleted).
     pub fn subscribe(&self) -> impl Stream<Item = Arc<K>> + Send + 'static {
-        self.subscribe_by(|o: &K| {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            o.meta().resource_version.hash(&mut h);
-            h.finish()
-        })
+        self.subscribe_by(resource_version_key)
     }
 
     /// Like [`Self::subscribe`], but an applied object is emitted only when `key` of it
@@ -256,18 +252,45 @@ where
         &self,
         key: impl Fn(&K) -> u64 + Send + Sync + 'static,
     ) -> impl Stream<Item = Arc<K>> + Send + 'static {
-        let state = Subscriber {
+        self.subscriber(Box::new(key)).into_stream()
+    }
+
+    /// Only what changes from now on (by `key`, as [`Self::subscribe_by`]), for a
+    /// controller's secondary watches: its primary stream already starts with every
+    /// object, so replaying 10,000 cached Backups to wake apps that are woken anyway is
+    /// pure cost at start-up. The cache must be ready (controllers start after
+    /// [`Stores::wait_synced`]); when it is not, this falls back to a full replay once it
+    /// is, which is only slower.
+    pub fn changes_by(
+        &self,
+        key: impl Fn(&K) -> u64 + Send + Sync + 'static,
+    ) -> impl Stream<Item = Arc<K>> + Send + 'static {
+        let mut subscriber = self.subscriber(Box::new(key));
+        // The receiver exists already: a change racing this snapshot is either in it
+        // (and its signal is then filtered as seen) or arrives as a signal after it.
+        if is_ready(&subscriber.reader) {
+            subscriber.started = true;
+            for object in subscriber.reader.state() {
+                subscriber.changed(object);
+            }
+        }
+        subscriber.into_stream()
+    }
+
+    /// [`Self::changes_by`] with every new resourceVersion as a change.
+    pub fn changes(&self) -> impl Stream<Item = Arc<K>> + Send + 'static {
+        self.changes_by(resource_version_key)
+    }
+
+    fn subscriber(&self, key: Box<dyn Fn(&K) -> u64 + Send + Sync>) -> Subscriber<K> {
+        Subscriber {
             signals: self.signals.subscribe(),
             reader: self.reader.clone(),
             seen: HashMap::new(),
             pending: Vec::new(),
             started: false,
-            key: Box::new(key),
-        };
-        futures::stream::unfold(state, |mut s| async move {
-            let next = s.next().await?;
-            Some((next, s))
-        })
+            key,
+        }
     }
 
     /// The cached objects whose index key is `key`.
@@ -294,10 +317,24 @@ struct Subscriber<K: Resource<DynamicType = ()> + 'static> {
     key: Box<dyn Fn(&K) -> u64 + Send + Sync>,
 }
 
+/// Every new resourceVersion is a change.
+fn resource_version_key<K: Resource>(object: &K) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    object.meta().resource_version.hash(&mut h);
+    h.finish()
+}
+
 impl<K> Subscriber<K>
 where
     K: Resource<DynamicType = ()> + Clone + Debug + Send + Sync + 'static,
 {
+    fn into_stream(self) -> impl Stream<Item = Arc<K>> + Send + 'static {
+        futures::stream::unfold(self, |mut s| async move {
+            let next = s.next().await?;
+            Some((next, s))
+        })
+    }
+
     async fn next(&mut self) -> Option<Arc<K>> {
         loop {
             if let Some(object) = self.pending.pop() {
@@ -399,6 +436,17 @@ pub fn phase_key<K: Resource, P: Debug>(object: &K, phase: Option<&P>) -> u64 {
     format!("{phase:?}").hash(&mut h);
     meta.generation.hash(&mut h);
     meta.deletion_timestamp.is_some().hash(&mut h);
+    h.finish()
+}
+
+/// A predicate key for an operation object (Backup, Restore) whose only news for the
+/// reader is its end: whether it is final (`is_final`: Completed or Failed) or being
+/// deleted. Scaling waits on lock holders and on the Backup it asked for; their progress
+/// in between would only wake it for nothing.
+pub fn final_key<K: Resource>(object: &K, is_final: bool) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    is_final.hash(&mut h);
+    object.meta().deletion_timestamp.is_some().hash(&mut h);
     h.finish()
 }
 
@@ -539,6 +587,16 @@ impl Stores {
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// [`Self::synced`], or `false` when `shutdown` comes first. Every controller waits
+    /// for it before its first pass: deciding from a cache still listing (no Backups yet,
+    /// say) could act on a world that is not there.
+    pub async fn wait_synced(&self, shutdown: &CancellationToken) -> bool {
+        tokio::select! {
+            () = self.synced() => true,
+            () = shutdown.cancelled() => false,
         }
     }
 
@@ -726,5 +784,41 @@ mod tests {
         let _ = signals.send(Signal::Deleted(Arc::new(app("b", 1, "x"))));
         let gone = changes.next().await.map(|a| a.name_any());
         assert_eq!(gone.as_deref(), Some("b"));
+    }
+
+    /// A secondary watch on a ready cache starts quiet: only later changes wake.
+    #[tokio::test]
+    async fn changes_skip_what_the_ready_cache_holds_but_not_what_follows() {
+        let (reader, mut writer) = reflector::store::<StatefulApp>();
+        let (signals, _) = broadcast::channel(8);
+        let shared = Shared {
+            reader: reader.clone(),
+            signals: signals.clone(),
+            index: None,
+        };
+        // Before the cache is ready: a full replay once it is.
+        let mut early = Box::pin(shared.changes_by(spec_and_metadata));
+        writer.apply_watcher_event(&Event::Init);
+        writer.apply_watcher_event(&Event::InitApply(app("a", 1, "x")));
+        writer.apply_watcher_event(&Event::InitDone);
+        let _ = signals.send(Signal::Resync);
+        assert_eq!(
+            early.next().await.map(|a| a.name_any()).as_deref(),
+            Some("a")
+        );
+        // On a ready cache: "a" is not replayed (nor its in-flight signal, same key)...
+        let mut quiet = Box::pin(shared.changes_by(spec_and_metadata));
+        let _ = signals.send(Signal::Changed(Arc::new(app("a", 1, "x"))));
+        // ...but a change after the snapshot is, and so is a deletion.
+        let _ = signals.send(Signal::Changed(Arc::new(app("a", 2, "y"))));
+        assert_eq!(
+            quiet.next().await.and_then(|a| a.metadata.generation),
+            Some(2)
+        );
+        let _ = signals.send(Signal::Deleted(Arc::new(app("a", 2, "y"))));
+        assert_eq!(
+            quiet.next().await.map(|a| a.name_any()).as_deref(),
+            Some("a")
+        );
     }
 }

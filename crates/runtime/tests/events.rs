@@ -30,7 +30,13 @@ async fn repeats_of_one_fact_fold_into_a_series_and_other_notes_stay_apart() -> 
         },
     );
     let publish = |note: &'static str| {
-        recorder.publish(&regarding, EventType::Warning, "HookFailed", "RunHook", note)
+        recorder.publish(
+            &regarding,
+            EventType::Warning,
+            "HookFailed",
+            "RunHook",
+            note,
+        )
     };
     publish("the hook failed in pod db-3").await?;
     publish("the hook failed in pod db-3").await?;
@@ -69,5 +75,5 @@ async fn repeats_of_one_fact_fold_into_a_series_and_other_notes_stay_apart() -> 
             .all(|e| e.regarding.as_ref().and_then(|r| r.uid.clone()) == object.uid()),
         "an event regards another object"
     );
-    Ok(())
+    ns.cleanup().await
 }

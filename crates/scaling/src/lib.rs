@@ -98,6 +98,9 @@ pub enum ScalingError {
 
 /// Runs the scaling loop until shutdown, woken by the shared watches.
 pub async fn run(base: Context, stores: Arc<Stores>) {
+    if !stores.wait_synced(&base.shutdown).await {
+        return;
+    }
     let operations = Family::<OperationLabels, Counter>::default();
     base.metrics.register(
         "scale_operations",
@@ -152,7 +155,7 @@ fn wake_on(stores: &Arc<Stores>) -> Controller<StatefulApp> {
         stores.apps.reader(),
     )
     .watches_shared_stream(
-        stores.apps.subscribe_by(watch::spec_and_metadata),
+        stores.apps.changes_by(watch::spec_and_metadata),
         move |app: Arc<StatefulApp>| {
             let mut same = StatefulSet::default();
             same.metadata.namespace = app.namespace();
@@ -167,21 +170,35 @@ fn wake_on(stores: &Arc<Stores>) -> Controller<StatefulApp> {
         },
     )
     .watches_shared_stream(
-        stores.statefulsets.subscribe(),
+        stores.statefulsets.changes(),
         move |sts: Arc<StatefulSet>| sets.apps_of_statefulset(&sts),
     )
-    .watches_shared_stream(stores.leases.subscribe(), move |lease| {
+    .watches_shared_stream(stores.leases.changes(), move |lease| {
         locks.apps_of_lock(&lease)
     })
     .watches_shared_stream(
-        stores.backups.subscribe_by(|b: &Backup| {
-            watch::phase_key(b, b.status.as_ref().and_then(|s| s.phase.as_ref()))
+        stores.backups.changes_by(|b: &Backup| {
+            let phase = b.status.as_ref().and_then(|s| s.phase);
+            watch::final_key(
+                b,
+                matches!(phase, Some(BackupPhase::Completed | BackupPhase::Failed)),
+            )
         }),
         |b: Arc<Backup>| Stores::app_named(b.namespace(), &b.spec.app),
     )
     .watches_shared_stream(
-        stores.restores.subscribe_by(|r: &stateward_api::Restore| {
-            watch::phase_key(r, r.status.as_ref().and_then(|s| s.phase.as_ref()))
+        stores.restores.changes_by(|r: &stateward_api::Restore| {
+            let phase = r.status.as_ref().and_then(|s| s.phase);
+            watch::final_key(
+                r,
+                matches!(
+                    phase,
+                    Some(
+                        stateward_api::RestorePhase::Completed
+                            | stateward_api::RestorePhase::Failed
+                    )
+                ),
+            )
         }),
         |r: Arc<stateward_api::Restore>| Stores::app_named(r.namespace(), &r.spec.target.app),
     )

@@ -385,7 +385,7 @@ async fn start(backup: &Backup, ctx: &RunContext) -> Result<Action, RunError> {
         Err(e) => return fail_before_start(backup, ctx, e.reason, e.message).await,
     };
     // Another StatefulApp manages this StatefulSet: nothing runs through this one.
-    if let Some(message) = ownership::check(&ctx.base.client, &resolved.app).await? {
+    if let Some(message) = ownership::check(&resolved.app, &ctx.stores) {
         return fail_before_start(backup, ctx, ownership::ALREADY_MANAGED, message).await;
     }
     // The repository: a Ready verdict the repository loop reached moments ago is trusted
