@@ -100,6 +100,23 @@ async fn run(
         "==> bench scale: {} apps ({} running) in {} namespace(s), {} terminal Backups",
         args.apps, args.running, args.namespaces, args.backups
     );
+    // The manager watches every namespace: apps left by tests count in its figures.
+    let strays: Vec<String> = Api::<StatefulApp>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter(|a| !a.namespace().is_some_and(|ns| ns.starts_with("bench-scale-")))
+        .map(|a| format!("{}/{}", a.namespace().unwrap_or_default(), a.name_any()))
+        .collect();
+    if !strays.is_empty() {
+        println!(
+            "  note: {} StatefulApp(s) outside the bench's namespaces ({}): the manager \
+             reconciles them too, and their requests count in the figures below",
+            strays.len(),
+            strays.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
     stateward_testkit::harness::install_crds(client, &stateward_api::crds()).await?;
     let user = install_identity(client, helm).await?;
     let kubeconfig = out.join("kubeconfig");
