@@ -106,7 +106,10 @@ async fn run(
         .await?
         .items
         .iter()
-        .filter(|a| !a.namespace().is_some_and(|ns| ns.starts_with("bench-scale-")))
+        .filter(|a| {
+            !a.namespace()
+                .is_some_and(|ns| ns.starts_with("bench-scale-"))
+        })
         .map(|a| format!("{}/{}", a.namespace().unwrap_or_default(), a.name_any()))
         .collect();
     if !strays.is_empty() {
@@ -114,7 +117,12 @@ async fn run(
             "  note: {} StatefulApp(s) outside the bench's namespaces ({}): the manager \
              reconciles them too, and their requests count in the figures below",
             strays.len(),
-            strays.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+            strays
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     stateward_testkit::harness::install_crds(client, &stateward_api::crds()).await?;

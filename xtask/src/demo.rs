@@ -474,6 +474,9 @@ fn install_chart(helm: &std::path::Path, env: &Env) -> Result<()> {
     let output = Command::new(helm)
         .args(["upgrade", "--install", "stateward"])
         .arg(&chart)
+        // A cluster kept by `cargo xtask test --keep` already holds the chart's fixed exec
+        // ClusterRole and policy (the tests install them under the same names).
+        .arg("--take-ownership")
         .args([
             "--namespace",
             SYSTEM_NAMESPACE,

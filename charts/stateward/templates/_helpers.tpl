@@ -26,3 +26,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default "default" .Values.serviceAccount.name -}}
 {{- end -}}
 {{- end -}}
+
+{{- /* The agent's image: agent.image, else the manager's own. Pin it by digest
+(repository@sha256:...) and the manager policy admits agent Jobs of exactly that. */ -}}
+{{- define "stateward.agentImage" -}}
+{{- .Values.agent.image | default (printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion)) -}}
+{{- end -}}
+
+{{- define "stateward.managerUser" -}}
+system:serviceaccount:{{ .Release.Namespace }}:{{ include "stateward.serviceAccountName" . }}
+{{- end -}}

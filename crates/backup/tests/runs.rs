@@ -12,7 +12,7 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use sha2::{Digest, Sha256};
 use stateward_api::BackupPhase;
-use stateward_testkit::harness::{exec, from_yaml, wait_for, wait_pod_ready};
+use stateward_testkit::harness::{exec, exec_verdict, from_yaml, wait_for, wait_pod_ready};
 
 mod common;
 use common::*;
@@ -472,6 +472,66 @@ fn sh(script: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// The redis dump's agent ran as `stateward-exec-redis`, bound to the chart's exec
+/// ClusterRole (no Role was made), owned by the app; with that account's token, exec in
+/// `redis-0` works and exec in `postgres-0` (another StatefulSet) is refused by the
+/// chart's policy, by name.
+async fn exec_agent_reaches_only_its_own_statefulset(world: &World) -> Result<()> {
+    use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let ns = &world.ns.name;
+    let roles: Api<Role> = world.cluster.api(ns);
+    let made: Vec<String> = roles
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    ensure!(made.is_empty(), "the manager made Roles: {made:?}");
+    let binding = world
+        .cluster
+        .api::<RoleBinding>(ns)
+        .get("stateward-exec-redis")
+        .await
+        .context("the exec agent's RoleBinding")?;
+    ensure!(
+        binding.role_ref.kind == "ClusterRole"
+            && binding.role_ref.name == stateward_runtime::agent_rbac::DEFAULT_EXEC_CLUSTER_ROLE,
+        "bound to {:?}",
+        binding.role_ref
+    );
+    let account = world
+        .cluster
+        .api::<ServiceAccount>(ns)
+        .get("stateward-exec-redis")
+        .await?;
+    ensure!(
+        account
+            .owner_references()
+            .iter()
+            .any(|o| o.kind == "StatefulApp" && o.name == "redis"),
+        "the exec agent's ServiceAccount is not owned by its app"
+    );
+    let as_agent = world.cluster.client_as(ns, "stateward-exec-redis").await?;
+    let pods: Api<Pod> = Api::namespaced(as_agent.clone(), ns);
+    let own = exec(&pods, "redis-0", None, &["true"], None).await?;
+    ensure!(own.exit_code == 0, "exec in its own pod: {own:?}");
+    let (code, message) = exec_verdict(&as_agent, ns, "redis-0").await?;
+    ensure!(
+        code == 400,
+        "its own pod, without upgrade: {code} {message}"
+    );
+    let (code, message) = exec_verdict(&as_agent, ns, "postgres-0").await?;
+    ensure!(
+        code == 403
+            && message.contains("stateward-agent-exec")
+            && message.contains("only in the pods of its own StatefulSet"),
+        "exec in postgres-0 as the redis agent: {code} {message} (refused by the policy?)"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn exec_backups_of_the_redis_and_postgres_examples_load_into_fresh_servers() -> Result<()> {
     let world = World::new("run-exec").await?;
@@ -560,6 +620,7 @@ async fn exec_backups_of_the_redis_and_postgres_examples_load_into_fresh_servers
     let _ = server.wait();
     loaded?;
     ensure!(value? == "value-123", "a key came back wrong");
+    exec_agent_reaches_only_its_own_statefulset(&world).await?;
 
     // postgres: the app backs up volumes; this Backup asks for its logical dump.
     let pg = world

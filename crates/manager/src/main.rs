@@ -167,6 +167,14 @@ struct RunArgs {
     /// Image of the backup agent (default: this binary's own release image).
     #[arg(long, env = "STATEWARD_AGENT_IMAGE")]
     agent_image: Option<String>,
+    /// The fixed ClusterRole (`pods/exec` only) that exec agents are bound to in their
+    /// namespace; the chart installs it and passes its name.
+    #[arg(
+        long,
+        default_value = stateward_runtime::agent_rbac::DEFAULT_EXEC_CLUSTER_ROLE,
+        env = "STATEWARD_AGENT_EXEC_CLUSTER_ROLE"
+    )]
+    agent_exec_cluster_role: String,
     /// Agent Jobs running at once, cluster-wide.
     #[arg(long, default_value_t = 8, env = "STATEWARD_MAX_AGENT_JOBS")]
     max_agent_jobs: usize,
@@ -326,6 +334,7 @@ async fn run(args: RunArgs) -> Result<()> {
     backup_config.runs.agent_start_timeout =
         std::time::Duration::from_secs(args.agent_start_timeout_seconds.max(1));
     backup_config.runs.lock_wait = std::time::Duration::from_secs(args.backup_lock_wait_seconds);
+    backup_config.runs.exec_cluster_role = args.agent_exec_cluster_role.clone();
     if let Some(image) = &args.agent_image {
         backup_config.runs.agent_image = image.clone();
     }
@@ -333,6 +342,7 @@ async fn run(args: RunArgs) -> Result<()> {
         agent_image: backup_config.runs.agent_image.clone(),
         agent_start_timeout: backup_config.runs.agent_start_timeout,
         default_deadline: std::time::Duration::from_secs(args.restore_deadline_seconds.max(60)),
+        exec_cluster_role: args.agent_exec_cluster_role.clone(),
         ..Default::default()
     };
     let metrics = Metrics::new();

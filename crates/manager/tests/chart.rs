@@ -146,6 +146,18 @@ async fn chart_installs_and_the_manager_runs_as_a_pod_with_its_own_service_accou
             "the manager's log mentions {bad:?}:\n{logs}"
         );
     }
+    // The chart's exec ClusterRole grants what the controllers expect exec agents to get,
+    // and nothing more.
+    let role = kube::Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(cluster.client.clone())
+        .get(&format!("{release}-stateward-agent-exec"))
+        .await
+        .context("the chart's exec ClusterRole")?;
+    ensure!(
+        role.rules.clone().unwrap_or_default()
+            == stateward_runtime::agent_rbac::exec_cluster_role_rules(),
+        "the chart's exec ClusterRole differs from agent_rbac's: {:?}",
+        role.rules
+    );
     let uninstall = tokio::process::Command::new(&cluster.env.helm)
         .args(["uninstall", &release, "--namespace", &ns.name, "--wait"])
         .env("KUBECONFIG", &cluster.env.kubeconfig)

@@ -50,6 +50,9 @@ pub struct Config {
     pub agent_start_timeout: std::time::Duration,
     /// A Restore's deadline before its swap when it sets no `activeDeadlineSeconds`.
     pub default_deadline: std::time::Duration,
+    /// The chart's fixed ClusterRole exec agents are bound to
+    /// (`stateward_runtime::agent_rbac`).
+    pub exec_cluster_role: String,
 }
 
 impl Default for Config {
@@ -59,6 +62,7 @@ impl Default for Config {
             agent_env: Vec::new(),
             agent_start_timeout: stateward_runtime::agent_start::DEFAULT_BOUND,
             default_deadline: std::time::Duration::from_secs(6 * 3600),
+            exec_cluster_role: stateward_runtime::agent_rbac::DEFAULT_EXEC_CLUSTER_ROLE.into(),
         }
     }
 }

@@ -28,7 +28,6 @@ pub const AGENT_COMPONENT: &str = "restore-agent";
 pub const RESTORED_BY_ANNOTATION: &str = "stateward.io/restored-by";
 /// Added to a created clone StatefulSet's selector and pod labels.
 pub const CLONE_LABEL: &str = "stateward.io/clone";
-pub const AGENT_SERVICE_ACCOUNT: &str = "stateward-agent";
 
 /// A refusal found while planning: a condition reason and a sentence.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -636,6 +635,8 @@ pub struct JobInputs<'a> {
     pub extra_env: &'a [(String, String)],
     /// The Job's `activeDeadlineSeconds` (staging, cut at the restore's deadline).
     pub deadline_seconds: Option<i64>,
+    /// The ServiceAccount the agents run as (see `stateward_runtime::agent_rbac`).
+    pub service_account: &'a str,
 }
 
 /// Exit code of an agent refusal (checksum, unsafe archive, no space): the Job stops
@@ -723,7 +724,7 @@ pub fn agent_job(inputs: &JobInputs<'_>, item: &Item, index: usize, step: JobSte
     });
     let mut spec = json!({
         "restartPolicy": "Never",
-        "serviceAccountName": AGENT_SERVICE_ACCOUNT,
+        "serviceAccountName": inputs.service_account,
         "automountServiceAccountToken": step == JobStep::Exec,
         "containers": [{
             "name": "agent",
@@ -782,33 +783,6 @@ pub fn agent_job(inputs: &JobInputs<'_>, item: &Item, index: usize, step: JobSte
             "template": {"metadata": {"labels": labels}, "spec": spec},
         },
     })
-}
-
-/// The Role letting exec-restore agents run the restore command in exactly these pods.
-pub fn agent_role(app: &str, pods: &[String]) -> Value {
-    json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "Role",
-        "metadata": {"name": agent_role_name(app), "labels": {MANAGED_BY_LABEL: MANAGED_BY_VALUE}},
-        "rules": [
-            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"], "resourceNames": pods},
-            {"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create", "get"], "resourceNames": pods},
-        ],
-    })
-}
-
-pub fn agent_role_binding(app: &str) -> Value {
-    json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": {"name": agent_role_name(app), "labels": {MANAGED_BY_LABEL: MANAGED_BY_VALUE}},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": agent_role_name(app)},
-        "subjects": [{"kind": "ServiceAccount", "name": AGENT_SERVICE_ACCOUNT}],
-    })
-}
-
-pub fn agent_role_name(app: &str) -> String {
-    names::bounded(&format!("stateward-restore-agent-{app}"), 63, false)
 }
 
 #[cfg(test)]
@@ -1171,6 +1145,7 @@ mod tests {
                 restore_command: &[],
                 extra_env: &[],
                 deadline_seconds: Some(600),
+                service_account: "stateward-agent",
             };
             let mut objects: Vec<Value> = [
                 JobStep::Stage,
@@ -1206,6 +1181,7 @@ mod tests {
             restore_command: &[],
             extra_env: &[],
             deadline_seconds: None,
+            service_account: "stateward-agent",
         };
         let item = Item {
             entry: m.entries[0].clone(),

@@ -7,19 +7,17 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use stateward_agent::restore::RestoreResult;
-use stateward_api::common::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use stateward_api::restore::{RestoreMode, RestoreVolumeStatus};
 use stateward_api::{Restore, RestorePhase, RestoreStatus, StatefulApp};
 use stateward_runtime::agent_start::{self, AgentStart};
 use stateward_runtime::lock::{Acquired, Holder, Intent, OperationLock};
-use stateward_runtime::{apply, conditions, ownership, time};
+use stateward_runtime::{agent_rbac, apply, conditions, ownership, time};
 
 use crate::plan::{self, JobStep, Plan, Refusal};
 use crate::source::{self, Source, SourceError};
@@ -808,7 +806,9 @@ impl Pass<'_> {
             Some("Discarding") => JobStep::Discard,
             _ => JobStep::Stage,
         };
-        let states = self.run_jobs(source, plan, step).await?;
+        let states = self
+            .run_jobs(source, plan, step, agent_rbac::VOLUME_AGENT_ACCOUNT)
+            .await?;
         let (done, failed) = (
             states.iter().all(|s| matches!(s, JobState::Succeeded(_))),
             states.iter().find_map(JobState::failure),
@@ -948,12 +948,20 @@ impl Pass<'_> {
         if !self.take_lock(Intent::Write).await? {
             return Ok(Action::requeue(POLL));
         }
+        let account = agent_rbac::exec_account(&sts_name);
         if self.status.step.as_deref() != Some("Restoring") {
-            let pods: Vec<String> = plan.items.iter().map(|i| i.target.clone()).collect();
-            self.ensure_exec_rbac(&app.name_any(), &pods).await?;
+            agent_rbac::ensure_exec_agent(
+                &self.ctx.base.client,
+                &self.ns,
+                &sts_name,
+                &self.ctx.config.exec_cluster_role,
+                app.controller_owner_ref(&()),
+                apply::managers::RESTORE,
+            )
+            .await?;
             self.status.step = Some("Restoring".into());
         }
-        let states = self.run_jobs(source, plan, JobStep::Exec).await?;
+        let states = self.run_jobs(source, plan, JobStep::Exec, &account).await?;
         for (volume, state) in self.status.volumes.iter_mut().zip(&states) {
             volume_phase(volume, JobStep::Exec, state);
         }
@@ -976,47 +984,13 @@ impl Pass<'_> {
         Ok(Action::requeue(POLL))
     }
 
-    async fn ensure_agent_service_account(&self) -> Result<(), RestoreError> {
-        apply::apply(
-            &self.api::<ServiceAccount>(),
-            plan::AGENT_SERVICE_ACCOUNT,
-            apply::managers::RESTORE,
-            &serde_json::json!({
-                "apiVersion": "v1", "kind": "ServiceAccount",
-                "metadata": {"name": plan::AGENT_SERVICE_ACCOUNT, "labels": {MANAGED_BY_LABEL: MANAGED_BY_VALUE}},
-                "automountServiceAccountToken": false,
-            }),
-        )
-        .await?;
-        Ok(())
-    }
-
-    async fn ensure_exec_rbac(&self, app: &str, pods: &[String]) -> Result<(), RestoreError> {
-        self.ensure_agent_service_account().await?;
-        let name = plan::agent_role_name(app);
-        apply::apply(
-            &self.api::<Role>(),
-            &name,
-            apply::managers::RESTORE,
-            &plan::agent_role(app, pods),
-        )
-        .await?;
-        apply::apply(
-            &self.api::<RoleBinding>(),
-            &name,
-            apply::managers::RESTORE,
-            &plan::agent_role_binding(app),
-        )
-        .await?;
-        Ok(())
-    }
-
     /// Creates the step's Jobs that do not exist yet and reads every one's state.
     async fn run_jobs(
         &self,
         source: &Source,
         plan: &Plan,
         step: JobStep,
+        service_account: &str,
     ) -> Result<Vec<JobState>, RestoreError> {
         let jobs: Api<Job> = self.api();
         let inputs = plan::JobInputs {
@@ -1028,6 +1002,7 @@ impl Pass<'_> {
             extra_env: &self.ctx.config.agent_env,
             // Staging is cut at the restore's deadline; a swap never is.
             deadline_seconds: (step == JobStep::Stage).then(|| self.seconds_left().max(60)),
+            service_account,
         };
         let mut states = Vec::new();
         for (index, item) in plan.items.iter().enumerate() {
@@ -1061,22 +1036,26 @@ impl Pass<'_> {
                     if step != JobStep::Exec {
                         // A disaster-recovery restore into a fresh namespace has no agent
                         // ServiceAccount yet; the Job's pods would be refused without it.
-                        match self.ensure_agent_service_account().await {
+                        match agent_rbac::ensure_volume_agent(
+                            &self.ctx.base.client,
+                            &self.ns,
+                            apply::managers::RESTORE,
+                        )
+                        .await
+                        {
                             Ok(()) => {}
-                            Err(RestoreError::Kube(kube::Error::Api(e)))
-                                if matches!(e.code, 400 | 403 | 422) =>
-                            {
+                            Err(kube::Error::Api(e)) if matches!(e.code, 400 | 403 | 422) => {
                                 states.push(JobState::Failed(
                                     "AgentJobRefused".into(),
                                     format!(
                                         "the API server refused the agent ServiceAccount {}: {}",
-                                        plan::AGENT_SERVICE_ACCOUNT,
+                                        agent_rbac::VOLUME_AGENT_ACCOUNT,
                                         e.message
                                     ),
                                 ));
                                 continue;
                             }
-                            Err(e) => return Err(e),
+                            Err(e) => return Err(e.into()),
                         }
                     }
                     let mut body: Job =

@@ -186,7 +186,19 @@ async fn agents_refused_by_a_quota_fail_backup_and_restore_and_the_app_runs_agai
         async |world: &World| {
             world
                 .apply("apiVersion: v1\nkind: ResourceQuota\nmetadata: { name: cpu }\nspec: { hard: { requests.cpu: '1', limits.cpu: '1' } }")
-                .await
+                .await?;
+            // Admission enforces a quota only once the quota controller has written its
+            // status; a pod created before that is admitted.
+            let quotas: kube::Api<k8s_openapi::api::core::v1::ResourceQuota> = world.api();
+            stateward_testkit::harness::wait_for("the quota to be enforced", MINUTE, || async {
+                let quota = quotas.get("cpu").await?;
+                Ok(quota
+                    .status
+                    .and_then(|s| s.hard)
+                    .filter(|hard| hard.contains_key("limits.cpu"))
+                    .map(|_| ()))
+            })
+            .await
         },
         "quota",
     )

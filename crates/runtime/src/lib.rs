@@ -3,6 +3,7 @@
 //! controller's logic.
 
 pub mod admin;
+pub mod agent_rbac;
 pub mod agent_start;
 pub mod apply;
 pub mod backoff;

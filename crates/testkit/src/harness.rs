@@ -86,6 +86,37 @@ impl Cluster {
         Ok(Self { client, env })
     }
 
+    /// A client acting as ServiceAccount `namespace/name`, with a real token from the
+    /// TokenRequest API (it carries the account's groups, as a pod's projected token does).
+    pub async fn client_as(&self, namespace: &str, name: &str) -> Result<Client> {
+        use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        let accounts: Api<ServiceAccount> = self.api(namespace);
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                expiration_seconds: Some(3600),
+                ..TokenRequestSpec::default()
+            }),
+            ..TokenRequest::default()
+        };
+        let token = accounts
+            .create_token_request(name, &PostParams::default(), &request)
+            .await
+            .with_context(|| format!("a token for ServiceAccount {namespace}/{name}"))?
+            .status
+            .and_then(|s| s.token)
+            .context("the TokenRequest returned no token")?;
+        let pem = std::fs::read_to_string(&self.env.ca_cert)?;
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        use base64::Engine;
+        let mut config = kube::Config::new(self.env.api_server.parse()?);
+        config.root_cert = Some(vec![
+            base64::engine::general_purpose::STANDARD.decode(body)?,
+        ]);
+        config.auth_info.token = Some(token.into());
+        Ok(Client::try_from(config)?)
+    }
+
     /// A fresh namespace named after the test; deleted by [`TestNamespace::cleanup`].
     pub async fn namespace(&self, test: &str) -> Result<TestNamespace> {
         use rand::Rng;
@@ -318,6 +349,23 @@ pub async fn create_claim(
     Ok(())
 }
 
+/// What the API server answers an exec into `pod` *before* any stream opens: a request
+/// without the upgrade headers passes authentication, authorization and admission, then
+/// is answered 400 "Upgrade request required" — or is refused on the way (403 with the
+/// reason: RBAC, or the policy by name). kube's exec drops a refused upgrade's body, so
+/// a test reads a refusal's reason this way. Returns (HTTP code, message).
+pub async fn exec_verdict(client: &Client, namespace: &str, pod: &str) -> Result<(u16, String)> {
+    let request = http::Request::post(format!(
+        "/api/v1/namespaces/{namespace}/pods/{pod}/exec?command=true&stdout=true"
+    ))
+    .body(Vec::new())?;
+    match client.request_text(request).await {
+        Ok(text) => Ok((200, text)),
+        Err(kube::Error::Api(e)) => Ok((e.code, e.message.clone())),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The result of an exec.
 #[derive(Debug)]
 pub struct ExecOutput {
@@ -408,7 +456,8 @@ pub async fn exec(
 }
 
 /// Installs (server-side apply, forced) the given CRDs and waits until they are
-/// Established. Cluster-scoped: callers hold [`Cluster::serial`].
+/// Established, and the chart's fixed exec ClusterRole and policy (see
+/// [`install_agent_exec`]). Cluster-scoped: callers hold [`Cluster::serial`].
 pub async fn install_crds(
     client: &Client,
     crds: &[k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition],
@@ -445,6 +494,42 @@ pub async fn install_crds(
         )
         .await?;
     }
+    install_agent_exec(client).await
+}
+
+/// The chart's `templates/agent-exec.yaml` rendered for a release named `stateward`
+/// (the ClusterRole `stateward-agent-exec` the controllers bind by default, and the
+/// policy fencing exec agents), applied once per test process: a manager started by a
+/// test runs its exec agents under exactly the rights and the policy the chart ships.
+pub async fn install_agent_exec(client: &Client) -> Result<()> {
+    static DONE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    DONE.get_or_try_init(|| async {
+        let env: TestEnv = serde_json::from_slice(&std::fs::read(env_file())?)?;
+        let chart = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../charts/stateward");
+        let output = tokio::process::Command::new(&env.helm)
+            .arg("template")
+            .arg("stateward")
+            .arg(&chart)
+            .args(["--show-only", "templates/agent-exec.yaml"])
+            .args(["--kube-version", &env.kubernetes_version])
+            .output()
+            .await
+            .with_context(|| format!("running {}", env.helm.display()))?;
+        anyhow::ensure!(
+            output.status.success(),
+            "helm template failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        apply_yaml(
+            client,
+            "default",
+            &String::from_utf8_lossy(&output.stdout),
+            "stateward-tests",
+        )
+        .await?;
+        Ok::<(), anyhow::Error>(())
+    })
+    .await?;
     Ok(())
 }
 

@@ -27,8 +27,7 @@ use chrono::{DateTime, Utc};
 use hook_progress::HookStep;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{DeleteParams, ListParams, PostParams, PropagationPolicy};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -44,7 +43,7 @@ use stateward_api::repository::BackupRepository;
 use stateward_api::statefulapp::{BackupMethod, Hook, OnError, StatefulApp};
 use stateward_runtime::agent_start::AgentStart;
 use stateward_runtime::lock::{Acquired, Holder, Intent, LockError, OperationLock};
-use stateward_runtime::{Context, apply, conditions, hooks, ownership, time};
+use stateward_runtime::{Context, agent_rbac, apply, conditions, hooks, ownership, time};
 
 use plan::{Invalid, Settings};
 use store::Store;
@@ -75,6 +74,9 @@ pub struct RunConfig {
     pub agent_start_timeout: Duration,
     /// How long a run waits for the app's operation lock before it fails.
     pub lock_wait: Duration,
+    /// The chart's fixed ClusterRole exec agents are bound to
+    /// (`stateward_runtime::agent_rbac`).
+    pub exec_cluster_role: String,
 }
 
 impl Default for RunConfig {
@@ -87,6 +89,7 @@ impl Default for RunConfig {
             orphan_wait: Duration::from_secs(120),
             agent_start_timeout: stateward_runtime::agent_start::DEFAULT_BOUND,
             lock_wait: Duration::from_secs(3600),
+            exec_cluster_role: stateward_runtime::agent_rbac::DEFAULT_EXEC_CLUSTER_ROLE.into(),
         }
     }
 }
@@ -1173,11 +1176,20 @@ async fn create_jobs(
             *per_node.entry(node.clone()).or_default() += 1;
         }
     }
-    if resolved.settings.method == BackupMethod::Exec {
-        ensure_agent_rbac(ctx, &ns, &resolved.app.name_any(), &run_pods(status)).await?;
+    let service_account = if resolved.settings.method == BackupMethod::Exec {
+        agent_rbac::ensure_exec_agent(
+            &ctx.base.client,
+            &ns,
+            &resolved.app.spec.stateful_set_name,
+            &ctx.config.exec_cluster_role,
+            resolved.app.controller_owner_ref(&()),
+            apply::managers::BACKUP,
+        )
+        .await?
     } else {
-        ensure_agent_service_account(ctx, &ns).await?;
-    }
+        agent_rbac::ensure_volume_agent(&ctx.base.client, &ns, apply::managers::BACKUP).await?;
+        agent_rbac::VOLUME_AGENT_ACCOUNT.to_string()
+    };
     let prefix = status.location.clone().unwrap_or_default();
     let inputs = plan::JobInputs {
         backup,
@@ -1185,6 +1197,7 @@ async fn create_jobs(
         settings: &resolved.settings,
         prefix: &prefix,
         agent_image: &ctx.config.agent_image,
+        service_account: &service_account,
     };
     for volume in status
         .volumes
@@ -1237,50 +1250,6 @@ async fn create_jobs(
             .entry(stateward_runtime::names::label_value(&node))
             .or_default() += 1;
     }
-    Ok(())
-}
-
-async fn ensure_agent_service_account(ctx: &RunContext, ns: &str) -> Result<(), RunError> {
-    let api: Api<ServiceAccount> = Api::namespaced(ctx.base.client.clone(), ns);
-    let body = serde_json::json!({
-        "apiVersion": "v1", "kind": "ServiceAccount",
-        "metadata": {"name": plan::AGENT_SERVICE_ACCOUNT, "labels": {stateward_api::common::MANAGED_BY_LABEL: stateward_api::common::MANAGED_BY_VALUE}},
-    });
-    apply::apply(
-        &api,
-        plan::AGENT_SERVICE_ACCOUNT,
-        apply::managers::BACKUP,
-        &body,
-    )
-    .await?;
-    Ok(())
-}
-
-/// The agents' ServiceAccount and a Role allowing exec in exactly this app's pods.
-async fn ensure_agent_rbac(
-    ctx: &RunContext,
-    ns: &str,
-    app: &str,
-    pods: &[String],
-) -> Result<(), RunError> {
-    ensure_agent_service_account(ctx, ns).await?;
-    let name = plan::agent_role_name(app);
-    let roles: Api<Role> = Api::namespaced(ctx.base.client.clone(), ns);
-    apply::apply(
-        &roles,
-        &name,
-        apply::managers::BACKUP,
-        &plan::agent_role(app, pods),
-    )
-    .await?;
-    let bindings: Api<RoleBinding> = Api::namespaced(ctx.base.client.clone(), ns);
-    apply::apply(
-        &bindings,
-        &name,
-        apply::managers::BACKUP,
-        &plan::agent_role_binding(app),
-    )
-    .await?;
     Ok(())
 }
 

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use stateward_agent::manifest;
@@ -24,8 +23,6 @@ pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
 pub const AGENT_COMPONENT: &str = "backup-agent";
 /// Label with the node an agent Job is pinned to (for the per-node cap).
 pub const NODE_LABEL: &str = "stateward.io/node";
-/// The per-namespace ServiceAccount agent Jobs run as.
-pub const AGENT_SERVICE_ACCOUNT: &str = "stateward-agent";
 
 /// A reason the run cannot start; it ends Failed with this reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -308,6 +305,8 @@ pub struct JobInputs<'a> {
     pub settings: &'a Settings,
     pub prefix: &'a str,
     pub agent_image: &'a str,
+    /// The ServiceAccount the agents run as (see `stateward_runtime::agent_rbac`).
+    pub service_account: &'a str,
 }
 
 /// Deterministic Job name: `<backup>-<target>` cut to 63 with a hash, so a restarted
@@ -382,7 +381,7 @@ pub fn agent_job(inputs: &JobInputs<'_>, target: &Target, app_pod: &Pod) -> serd
     let pod_spec = app_pod.spec.clone().unwrap_or_default();
     let mut spec = json!({
         "restartPolicy": "Never",
-        "serviceAccountName": AGENT_SERVICE_ACCOUNT,
+        "serviceAccountName": inputs.service_account,
         "automountServiceAccountToken": inputs.settings.method == BackupMethod::Exec,
         "containers": [{
             "name": "agent",
@@ -474,35 +473,6 @@ fn agent_labels(backup: &Backup, node: &str) -> BTreeMap<String, String> {
         ),
         (NODE_LABEL.to_string(), names::label_value(node)),
     ])
-}
-
-/// The Role that lets agents exec in this app's pods, and nothing else.
-pub fn agent_role(app: &str, pods: &[String]) -> Role {
-    serde_json::from_value(json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "Role",
-        "metadata": {"name": agent_role_name(app), "labels": {MANAGED_BY_LABEL: MANAGED_BY_VALUE}},
-        "rules": [
-            {"apiGroups": [""], "resources": ["pods"], "resourceNames": pods, "verbs": ["get"]},
-            {"apiGroups": [""], "resources": ["pods/exec"], "resourceNames": pods, "verbs": ["create", "get"]},
-        ],
-    }))
-    .unwrap_or_default()
-}
-
-pub fn agent_role_binding(app: &str) -> RoleBinding {
-    serde_json::from_value(json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": {"name": agent_role_name(app), "labels": {MANAGED_BY_LABEL: MANAGED_BY_VALUE}},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": agent_role_name(app)},
-        "subjects": [{"kind": "ServiceAccount", "name": AGENT_SERVICE_ACCOUNT}],
-    }))
-    .unwrap_or_default()
-}
-
-pub fn agent_role_name(app: &str) -> String {
-    names::bounded(&format!("stateward-agent-{app}"), 63, false)
 }
 
 #[cfg(test)]
@@ -672,13 +642,11 @@ status: {{conditions: [{{type: Ready, status: "{}"}}]}}
                 settings: &settings,
                 prefix: "shop/db/x",
                 agent_image: "img",
+                service_account: "stateward-agent",
             };
             let job = agent_job(&inputs, &target, &app_pod);
-            let role = serde_json::to_value(agent_role(&name, &["db-0".into()])).unwrap();
-            for object in [job, role] {
-                stateward_runtime::names::check_object(&object)
-                    .unwrap_or_else(|e| panic!("names of {} characters: {e}", name.len()));
-            }
+            stateward_runtime::names::check_object(&job)
+                .unwrap_or_else(|e| panic!("names of {} characters: {e}", name.len()));
         }
     }
 
@@ -710,6 +678,7 @@ status: {{conditions: [{{type: Ready, status: "{}"}}]}}
             settings: &settings,
             prefix: "shop/db/nightly-b1",
             agent_image: "img",
+            service_account: "stateward-agent",
         };
         let job = agent_job(&inputs, &target, &app_pod);
         let spec = &job["spec"]["template"]["spec"];
