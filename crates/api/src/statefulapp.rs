@@ -411,7 +411,7 @@ pub struct ScalingPolicy {
 /// What happens to a removed replica's volume. The StatefulSet's
 /// `persistentVolumeClaimRetentionPolicy.whenScaled` is kept at `Retain` while Stateward
 /// manages replicas, so the StatefulSet controller never deletes a volume before the
-/// backup; Stateward applies this policy itself once the pod is gone.
+/// backup (`Delete` only during the removal of a replica under `Delete`).
 #[derive(
     schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
 )]
@@ -421,7 +421,9 @@ pub enum RemovedVolumePolicy {
     /// PVC (the replica starts empty) or remove the label (it starts from the old data).
     #[default]
     RetainStale,
-    /// Delete the PVC once the pod is gone (after the backup, when `backupFirst`).
+    /// Delete the PVC with the pod (after the backup, when `backupFirst`): for that
+    /// removal Stateward sets the StatefulSet's `whenScaled: Delete`, so the StatefulSet
+    /// controller and the garbage collector delete it, then sets `Retain` again.
     Delete,
 }
 

@@ -9,7 +9,206 @@ use kube::api::LogParams;
 use kube::{Api, ResourceExt};
 use stateward_api::statefulapp::StatefulApp;
 use stateward_api::{Backup, BackupPhase};
-use stateward_testkit::harness::{Cluster, install_crds, wait_for};
+use stateward_testkit::harness::{Cluster, from_yaml, install_crds, wait_for};
+
+/// An agent-shaped Job as the manager creates them (the chart's agent image is
+/// `stateward:dev` here); `extra` is appended to its pod spec.
+fn agent_job(name: &str, image: &str, extra: &str) -> String {
+    format!(
+        "metadata: {{ name: {name}, labels: {{ app.kubernetes.io/managed-by: stateward }} }}\n\
+         spec:\n  template:\n    spec:\n      restartPolicy: Never\n      serviceAccountName: stateward-agent\n\
+         \x20     containers: [{{ name: agent, image: '{image}' }}]\n{extra}"
+    )
+}
+
+/// What the API server answered a dry-run write: None when admitted, else (code, message).
+type Answer = Option<(u16, String)>;
+
+fn verdict<T>(result: Result<T, kube::Error>) -> Result<Answer> {
+    match result {
+        Ok(_) => Ok(None),
+        Err(kube::Error::Api(e)) => Ok(Some((e.code, e.message.clone()))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// With a real token of the manager's ServiceAccount, writes the manager never makes are
+/// refused by RBAC or by the chart's manager policy (each by name), and the ones it does
+/// make are admitted. Every write is a dry run: authorization and admission run in full,
+/// nothing is stored.
+async fn the_manager_token_is_fenced(cluster: &Cluster, ns: &str, account: &str) -> Result<()> {
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    use k8s_openapi::api::batch::v1::Job;
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    use kube::api::{DeleteParams, PostParams};
+    let dry = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let dry_delete = DeleteParams {
+        dry_run: true,
+        ..DeleteParams::default()
+    };
+    let manager = cluster.client_as(ns, account).await?;
+    let in_ns = |kind: &str| format!("{kind} in {ns}");
+    // Objects the test made as admin, for the manager to touch.
+    let claims: Api<PersistentVolumeClaim> = cluster.api(ns);
+    claims
+        .create(
+            &PostParams::default(),
+            &from_yaml("metadata: { name: users-claim }\nspec: { accessModes: [ReadWriteOnce], resources: { requests: { storage: 1Mi } } }")?,
+        )
+        .await?;
+    claims
+        .create(
+            &PostParams::default(),
+            &from_yaml("metadata: { name: our-claim, labels: { app.kubernetes.io/managed-by: stateward } }\nspec: { accessModes: [ReadWriteOnce], resources: { requests: { storage: 1Mi } } }")?,
+        )
+        .await?;
+    let system_leases: Api<Lease> = cluster.api("kube-system");
+    let lease_name = format!("not-stateward-{}", &ns[ns.len() - 6..]);
+    system_leases
+        .create(
+            &PostParams::default(),
+            &from_yaml(&format!("metadata: {{ name: {lease_name} }}"))?,
+        )
+        .await?;
+
+    let jobs: Api<Job> = Api::namespaced(manager.clone(), ns);
+    let system_jobs: Api<Job> = Api::namespaced(manager.clone(), "kube-system");
+    let sets: Api<StatefulSet> = Api::namespaced(manager.clone(), ns);
+    let bindings: Api<RoleBinding> = Api::namespaced(manager.clone(), ns);
+    let roles: Api<Role> = Api::namespaced(manager.clone(), ns);
+    let leases: Api<Lease> = Api::namespaced(manager.clone(), "kube-system");
+    let manager_claims: Api<PersistentVolumeClaim> = Api::namespaced(manager.clone(), ns);
+    let policy = |which: &str| format!("-stateward-manager-{which}");
+    let privileged_set = "metadata: { name: evil }\nspec:\n  serviceName: evil\n  selector: { matchLabels: { a: b } }\n  template:\n    metadata: { labels: { a: b } }\n    spec: { containers: [{ name: c, image: busybox, securityContext: { privileged: true } }] }\n";
+    let cases: Vec<(String, Answer, &str)> = vec![
+        (
+            "an agent Job".into(),
+            verdict(jobs.create(&dry, &from_yaml(&agent_job("ok", "stateward:dev", ""))?).await)?,
+            "",
+        ),
+        (
+            "a Job in kube-system".into(),
+            verdict(system_jobs.create(&dry, &from_yaml(&agent_job("evil", "stateward:dev", ""))?).await)?,
+            "RBAC",
+        ),
+        (
+            in_ns("a Job with a foreign image"),
+            verdict(jobs.create(&dry, &from_yaml(&agent_job("evil", "busybox", ""))?).await)?,
+            "jobs",
+        ),
+        (
+            in_ns("a Job with a hostPath"),
+            verdict(
+                jobs.create(
+                    &dry,
+                    &from_yaml(&agent_job(
+                        "evil",
+                        "stateward:dev",
+                        "      volumes: [{ name: root, hostPath: { path: / } }]\n",
+                    ))?,
+                )
+                .await,
+            )?,
+            "jobs",
+        ),
+        (
+            in_ns("a StatefulSet with a privileged container"),
+            verdict(sets.create(&dry, &from_yaml(privileged_set)?).await)?,
+            "statefulsets",
+        ),
+        (
+            in_ns("a RoleBinding to cluster-admin"),
+            verdict(
+                bindings
+                    .create(
+                        &dry,
+                        &from_yaml(&format!("metadata: {{ name: evil }}\nroleRef: {{ apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: cluster-admin }}\nsubjects: [{{ kind: ServiceAccount, name: stateward-exec-x, namespace: {ns} }}]"))?,
+                    )
+                    .await,
+            )?,
+            // RBAC's escalation check may answer before admission does.
+            "RBAC|rolebindings",
+        ),
+        (
+            "an update of a Lease in kube-system".into(),
+            verdict(
+                leases
+                    .replace(
+                        &lease_name,
+                        &dry,
+                        &system_leases.get(&lease_name).await?,
+                    )
+                    .await,
+            )?,
+            "RBAC",
+        ),
+        (
+            in_ns("a delete of an unlabelled claim"),
+            verdict(manager_claims.delete("users-claim", &dry_delete).await)?,
+            "objects",
+        ),
+        (
+            in_ns("a delete of a claim Stateward labelled"),
+            verdict(manager_claims.delete("our-claim", &dry_delete).await)?,
+            "",
+        ),
+        (
+            in_ns("a Role"),
+            verdict(
+                roles
+                    .create(
+                        &dry,
+                        &from_yaml("metadata: { name: evil }\nrules: [{ apiGroups: [''], resources: [pods], verbs: [get] }]")?,
+                    )
+                    .await,
+            )?,
+            "RBAC",
+        ),
+    ];
+    let _ = system_leases
+        .delete(&lease_name, &DeleteParams::default())
+        .await;
+    let mut wrong = Vec::new();
+    for (what, answer, refused_by) in &cases {
+        // `refused_by`: "" (admitted), or who may refuse: "RBAC" and/or a manager policy.
+        let right = match answer {
+            None => refused_by.is_empty(),
+            Some((403, message)) => refused_by.split('|').any(|by| match by {
+                "" => false,
+                "RBAC" => {
+                    message.contains("forbidden") && !message.contains("ValidatingAdmissionPolicy")
+                }
+                which => {
+                    message.contains("ValidatingAdmissionPolicy")
+                        && message.contains(&policy(which))
+                }
+            }),
+            Some(_) => false,
+        };
+        println!("{what}: {answer:?}");
+        if !right {
+            wrong.push(format!(
+                "{what}: expected {}, got {answer:?}",
+                if refused_by.is_empty() {
+                    "admitted".to_string()
+                } else {
+                    format!("refused by {refused_by}")
+                }
+            ));
+        }
+    }
+    ensure!(
+        wrong.is_empty(),
+        "the manager's token:\n{}",
+        wrong.join("\n")
+    );
+    Ok(())
+}
 
 #[tokio::test]
 async fn chart_installs_and_the_manager_runs_as_a_pod_with_its_own_service_account() -> Result<()> {
@@ -71,6 +270,7 @@ async fn chart_installs_and_the_manager_runs_as_a_pod_with_its_own_service_accou
         sa == format!("{release}-stateward"),
         "the pod runs as ServiceAccount {sa:?}"
     );
+    the_manager_token_is_fenced(&cluster, &ns.name, &sa).await?;
     // The scheduler works under the chart's RBAC: it fires a schedule (creating a
     // Backup), writes the app's status, and the Backup's data finalizer is removed when
     // it is deleted. The StatefulSet does not exist, so the run fails at once.

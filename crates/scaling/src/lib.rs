@@ -648,11 +648,23 @@ async fn patch_sts(
 }
 
 /// While Stateward manages replicas, the StatefulSet controller must never delete a
-/// removed replica's volume (before the backup, or at all under `RetainStale`).
+/// removed replica's volume (before the backup, or at all under `RetainStale`) — except
+/// while a replica leaves under `removedVolumes: Delete`: then the controller itself
+/// deletes that replica's claims (see [`removal_patch`]), and the policy goes back to
+/// `Retain` once they are gone.
 async fn ensure_scaled_claims_retained(
     world: &World,
     ctx: &ScalingContext,
 ) -> Result<(), ScalingError> {
+    if world
+        .section
+        .operation
+        .as_ref()
+        .is_some_and(|o| o.leaving.is_some())
+        && removed_volume_policy(world) == RemovedVolumePolicy::Delete
+    {
+        return Ok(());
+    }
     let when_scaled = world
         .sts
         .spec
@@ -782,6 +794,32 @@ async fn scale_up(
     Ok(Action::requeue(STEP))
 }
 
+fn removed_volume_policy(world: &World) -> RemovedVolumePolicy {
+    world
+        .app
+        .spec
+        .scaling
+        .as_ref()
+        .and_then(|s| s.scale_down.as_ref())
+        .map(|d| d.removed_volumes)
+        .unwrap_or_default()
+}
+
+/// The patch that removes replica `ordinal` (the last one). Under `removedVolumes:
+/// Delete` it also sets `whenScaled: Delete`, so the StatefulSet controller makes the
+/// leaving pod the owner of its claims and the garbage collector deletes them after it:
+/// the manager never deletes an app's claim itself (its admission policy lets it delete
+/// only what Stateward labelled).
+fn removal_patch(ordinal: i32, policy: RemovedVolumePolicy) -> serde_json::Value {
+    match policy {
+        RemovedVolumePolicy::Delete => serde_json::json!({"spec": {
+            "replicas": ordinal,
+            "persistentVolumeClaimRetentionPolicy": {"whenScaled": "Delete"},
+        }}),
+        RemovedVolumePolicy::RetainStale => serde_json::json!({"spec": {"replicas": ordinal}}),
+    }
+}
+
 async fn scale_down(
     world: &mut World,
     ctx: &ScalingContext,
@@ -805,12 +843,7 @@ async fn scale_down(
     // A replica already leaving: make sure it goes, then apply the volume policy.
     if let Some(ordinal) = op.leaving {
         if world.replicas() > ordinal {
-            patch_sts(
-                world,
-                ctx,
-                serde_json::json!({"spec": {"replicas": ordinal}}),
-            )
-            .await?;
+            patch_sts(world, ctx, removal_patch(ordinal, policy.removed_volumes)).await?;
         }
         if world.pod(ordinal).is_some() {
             world.set(
@@ -825,7 +858,30 @@ async fn scale_down(
             );
             return Ok(Action::requeue(STEP));
         }
-        removed_volumes(world, ctx, ordinal, policy.removed_volumes).await?;
+        let waiting = removed_volumes(world, ctx, ordinal, policy.removed_volumes).await?;
+        if !waiting.is_empty() {
+            world.set(
+                SCALING,
+                true,
+                "ScalingDown",
+                format!(
+                    "waiting for the StatefulSet controller to delete the claims of {}: {}",
+                    plan::pod_name(&world.sts, ordinal),
+                    waiting.join(", ")
+                ),
+                now,
+            );
+            return Ok(Action::requeue(STEP));
+        }
+        if policy.removed_volumes == RemovedVolumePolicy::Delete {
+            // Its claims are gone: no other scale-down may delete claims on its own.
+            patch_sts(
+                world,
+                ctx,
+                serde_json::json!({"spec": {"persistentVolumeClaimRetentionPolicy": {"whenScaled": "Retain"}}}),
+            )
+            .await?;
+        }
         op.leaving = None;
         world.section.operation = Some(op);
         return Ok(Action::requeue(Duration::from_millis(200)));
@@ -959,12 +1015,7 @@ async fn scale_down(
     op.leaving = Some(ordinal);
     world.section.operation = Some(op);
     write_status(world, ctx).await?;
-    patch_sts(
-        world,
-        ctx,
-        serde_json::json!({"spec": {"replicas": ordinal}}),
-    )
-    .await?;
+    patch_sts(world, ctx, removal_patch(ordinal, policy.removed_volumes)).await?;
     publish(
         ctx,
         &world.app,
@@ -1045,13 +1096,15 @@ async fn create_backup(
     Ok(name)
 }
 
-/// Applies the removed-volume policy to a replica whose pod is gone.
+/// Applies the removed-volume policy to a replica whose pod is gone; returns the claims
+/// still waiting for their deletion (empty when done).
 async fn removed_volumes(
     world: &World,
     ctx: &ScalingContext,
     ordinal: i32,
     policy: RemovedVolumePolicy,
-) -> Result<(), ScalingError> {
+) -> Result<Vec<String>, ScalingError> {
+    let mut waiting = Vec::new();
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.base.client.clone(), &world.ns());
     let pods: Api<Pod> = Api::namespaced(ctx.base.client.clone(), &world.ns());
     let finished_agents: Vec<Pod> = pods
@@ -1083,11 +1136,23 @@ async fn removed_volumes(
         }
         match policy {
             RemovedVolumePolicy::Delete => {
-                match claims.delete(&name, &DeleteParams::default()).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(s)) if s.code == 404 => {}
-                    Err(e) => return Err(e.into()),
+                let Some(claim) = claims.get_opt(&name).await? else {
+                    continue;
+                };
+                // Owned by the leaving pod (set by the StatefulSet controller under
+                // `whenScaled: Delete`): the garbage collector deletes it. Otherwise (a
+                // replica removed by an earlier manager, before this rule) the manager
+                // deletes it; its admission policy refuses that for a claim Stateward
+                // did not label, and the refusal is reported.
+                let owned_by_pod = claim.owner_references().iter().any(|o| o.kind == "Pod");
+                if !owned_by_pod && claim.metadata.deletion_timestamp.is_none() {
+                    match claims.delete(&name, &DeleteParams::default()).await {
+                        Ok(_) => {}
+                        Err(kube::Error::Api(s)) if s.code == 404 => continue,
+                        Err(e) => return Err(e.into()),
+                    }
                 }
+                waiting.push(name);
             }
             RemovedVolumePolicy::RetainStale => {
                 let patch = serde_json::json!({"metadata": {
@@ -1105,7 +1170,7 @@ async fn removed_volumes(
             }
         }
     }
-    Ok(())
+    Ok(waiting)
 }
 
 fn mounts(pod: &Pod, claim: &str) -> bool {

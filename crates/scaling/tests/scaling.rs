@@ -465,6 +465,89 @@ async fn scale_down_backs_up_first_hooks_each_leaving_replica_and_never_reuses_a
     w.finish().await
 }
 
+/// `removedVolumes: Delete`: the leaving replica's claim is deleted by the StatefulSet
+/// controller (Stateward sets `whenScaled: Delete` for the removal only: the manager's
+/// admission policy lets it delete only claims Stateward labelled), the kept replicas'
+/// claims stay, and the StatefulSet's policy is `Retain` again afterwards.
+#[tokio::test]
+async fn scale_down_with_removed_volumes_delete_leaves_the_claim_to_the_statefulset_controller()
+-> Result<()> {
+    let w = World::new("scale-del", false).await?;
+    w.apply(&statefulset("del", 3, "")).await?;
+    w.apply(&app(
+        "del",
+        "del",
+        "  scaling:\n    replicas: 3\n    scaleDown: { backupFirst: false, removedVolumes: Delete }\n",
+    ))
+    .await?;
+    w.ready_pods("del", 3).await?;
+    w.wait_condition("del", "Scaling", "False", "Steady")
+        .await?;
+    let claims: Api<PersistentVolumeClaim> = w.api();
+    let kept: Vec<Option<String>> = {
+        let mut uids = Vec::new();
+        for name in ["data-del-0", "data-del-1"] {
+            uids.push(claims.get(name).await?.uid());
+        }
+        uids
+    };
+
+    let apps: Api<StatefulApp> = w.api();
+    let since = chrono::Utc::now() - chrono::Duration::seconds(2);
+    apps.patch_scale(
+        "del",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"replicas": 2}})),
+    )
+    .await?;
+    wait_for("claim data-del-2 to be deleted", 2 * MINUTE, || async {
+        Ok(claims.get_opt("data-del-2").await?.is_none().then_some(()))
+    })
+    .await?;
+    // Deleted by Kubernetes (the garbage collector: the leaving pod owned it), not by the
+    // manager.
+    let deleters: Vec<String> =
+        stateward_testkit::audit::read_since(&w.cluster.env.audit_log, since)?
+            .into_iter()
+            .filter(|r| {
+                r.verb == "delete"
+                    && r.resource == "persistentvolumeclaims"
+                    && r.namespace == w.ns.name
+                    && r.name == "data-del-2"
+            })
+            .map(|r| r.user)
+            .collect();
+    ensure!(
+        !deleters.is_empty()
+            && deleters.iter().all(|u| {
+                u == "system:serviceaccount:kube-system:generic-garbage-collector"
+                    || u == "system:serviceaccount:kube-system:statefulset-controller"
+            }),
+        "data-del-2 was deleted by {deleters:?}"
+    );
+    w.wait_condition("del", "Scaling", "False", "Steady")
+        .await?;
+    for (name, uid) in ["data-del-0", "data-del-1"].iter().zip(&kept) {
+        ensure!(
+            claims.get(name).await?.uid() == *uid,
+            "{name} was kept (same claim)"
+        );
+    }
+    let sets: Api<StatefulSet> = w.api();
+    let when_scaled = sets
+        .get("del")
+        .await?
+        .spec
+        .and_then(|s| s.persistent_volume_claim_retention_policy)
+        .and_then(|p| p.when_scaled);
+    ensure!(
+        when_scaled.as_deref() == Some("Retain"),
+        "whenScaled is back to Retain after the removal: {when_scaled:?}"
+    );
+    ensure!(sts_replicas(&w, "del").await? == 2, "two replicas left");
+    w.finish().await
+}
+
 #[tokio::test]
 async fn an_app_naming_a_missing_statefulset_is_blocked_with_the_field_named_and_one_warning()
 -> Result<()> {
