@@ -2,7 +2,8 @@
 //!
 //! 1. unit tests (no cluster);
 //! 2. the local cluster comes up (built binaries are cached);
-//! 3. integration tests run against it, several test threads per binary;
+//! 3. integration tests run against it, several test threads per binary; then the tests
+//!    named `exclusive_...` (the chart installed cluster-wide), alone;
 //! 4. the cluster is torn down, also when a step failed.
 
 use std::process::Command;
@@ -42,18 +43,37 @@ pub fn run(keep: bool, filter: Option<&str>) -> Result<()> {
         testenv::down()?;
     }
     let result = testenv::up().and_then(|env| {
+        let integration = |exclusive: bool, totals: &mut Totals| {
+            let mut cmd = Command::new(&cargo);
+            cmd.current_dir(&root)
+                .args(["test", "--workspace", "--test", "*"])
+                .env("STATEWARD_TESTENV", env.state_dir.join("env.json"))
+                .env("KUBECONFIG", &env.kubeconfig);
+            cmd.arg("--");
+            if exclusive {
+                // One at a time, with the cluster to themselves. (libtest ORs filters: a
+                // filter given to `cargo xtask test` must name exclusive tests itself.)
+                match filter {
+                    Some(f) if f.contains(EXCLUSIVE) => cmd.arg(f),
+                    Some(_) => return Ok(true),
+                    None => cmd.arg(EXCLUSIVE),
+                };
+                cmd.args(["--test-threads", "1"]);
+            } else {
+                if let Some(filter) = filter {
+                    cmd.arg(filter);
+                }
+                cmd.args(["--skip", EXCLUSIVE]);
+            }
+            run_counting(&mut cmd, totals)
+        };
         step("integration tests");
-        let mut cmd = Command::new(&cargo);
-        cmd.current_dir(&root)
-            .args(["test", "--workspace", "--test", "*"])
-            .env("STATEWARD_TESTENV", env.state_dir.join("env.json"))
-            .env("KUBECONFIG", &env.kubeconfig);
-        cmd.arg("--");
-        if let Some(filter) = filter {
-            cmd.arg(filter);
-        }
-        if !run_counting(&mut cmd, &mut totals)? {
+        if !integration(false, &mut totals)? {
             bail!("integration tests failed (cluster logs: target/testenv/logs/)");
+        }
+        step("exclusive integration tests (cluster-wide: nothing else runs)");
+        if !integration(true, &mut totals)? {
+            bail!("exclusive integration tests failed (cluster logs: target/testenv/logs/)");
         }
         Ok(())
     });
@@ -74,6 +94,10 @@ pub fn run(keep: bool, filter: Option<&str>) -> Result<()> {
     );
     Ok(())
 }
+
+/// Tests whose names start with this need the cluster to themselves (a cluster-wide
+/// manager, cluster-scoped objects): they run after the others, one at a time.
+const EXCLUSIVE: &str = "exclusive_";
 
 fn step(name: &str) {
     eprintln!("\n==== xtask test: {name} ====");

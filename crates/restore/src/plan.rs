@@ -545,6 +545,8 @@ pub fn clone_claim(name: &str, recorded: &Value, restore: &Restore) -> Value {
         RESTORE_LABEL.into(),
         json!(names::label_value(&restore_name(restore))),
     );
+    // Stateward made it: the manager policy admits creating only claims so labelled.
+    labels.insert(MANAGED_BY_LABEL.into(), json!(MANAGED_BY_VALUE));
     json!({
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
@@ -1037,6 +1039,10 @@ mod tests {
             "never the source's volume"
         );
         assert_eq!(c0["metadata"]["labels"]["app"], "db");
+        assert_eq!(
+            c0["metadata"]["labels"][MANAGED_BY_LABEL], MANAGED_BY_VALUE,
+            "the manager policy admits only claims Stateward labels"
+        );
         assert!(c0["metadata"].get("ownerReferences").is_none());
         let c1 = clone_claim("data-db-copy-1", &p.clone_claims["data-db-copy-1"], &r);
         assert_eq!(
