@@ -176,6 +176,12 @@ fn chart_checks(helm: &std::path::Path) -> Result<()> {
             "metrics.grafanaDashboard.enabled=true",
             "--set",
             "replicaCount=2",
+            "--set",
+            "apiPriority.enabled=true",
+            "--set",
+            "networkPolicy.enabled=true",
+            "--set",
+            "managerPolicy.enabled=false",
         ],
     ];
     for extra in variants {

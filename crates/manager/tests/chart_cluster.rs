@@ -146,6 +146,13 @@ async fn exclusive_the_chart_installed_cluster_wide_runs_every_feature_with_no_4
             "--set",
             "logFormat=text",
         ])
+        // The optional API-server manners, so that the API server validates them too.
+        .args([
+            "--set",
+            "apiPriority.enabled=true",
+            "--set",
+            "networkPolicy.enabled=true",
+        ])
         .env("KUBECONFIG", &cluster.env.kubeconfig)
         .output()
         .await?;
@@ -157,7 +164,10 @@ async fn exclusive_the_chart_installed_cluster_wide_runs_every_feature_with_no_4
     );
     let user = format!("system:serviceaccount:{}:{release}-stateward", system.name);
     let ns = cluster.namespace("e2e").await?;
-    let result = every_feature(&cluster, &ns.name).await;
+    let result = match users_get_stateward_through_view_and_edit(&cluster, &ns.name).await {
+        Ok(()) => every_feature(&cluster, &ns.name).await,
+        Err(e) => Err(e),
+    };
 
     // Whatever happened, the audit log says whether the manager was refused anything here
     // (in namespaces the earlier phase left terminating, writing an Event is refused with
@@ -187,6 +197,66 @@ async fn exclusive_the_chart_installed_cluster_wide_runs_every_feature_with_no_4
         String::from_utf8_lossy(&uninstall.stderr)
     );
     system.cleanup().await
+}
+
+/// The chart's user roles aggregate into Kubernetes' own: a namespace editor (bound to
+/// `edit`) may create StatefulApps and Restores, a viewer (bound to `view`) may list
+/// Backups but not create a Restore. Dry runs: nothing is stored.
+async fn users_get_stateward_through_view_and_edit(cluster: &Cluster, ns: &str) -> Result<()> {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::RoleBinding;
+    use kube::api::PostParams;
+    use stateward_testkit::harness::from_yaml;
+    let accounts: Api<ServiceAccount> = cluster.api(ns);
+    let bindings: Api<RoleBinding> = cluster.api(ns);
+    for (account, role) in [("editor", "edit"), ("viewer", "view")] {
+        accounts
+            .create(
+                &PostParams::default(),
+                &from_yaml(&format!("metadata: {{ name: {account} }}"))?,
+            )
+            .await?;
+        bindings
+            .create(
+                &PostParams::default(),
+                &from_yaml(&format!(
+                    "metadata: {{ name: {account} }}\nroleRef: {{ apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {role} }}\nsubjects: [{{ kind: ServiceAccount, name: {account}, namespace: {ns} }}]"
+                ))?,
+            )
+            .await?;
+    }
+    let dry = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let restore: Restore =
+        from_yaml("metadata: { name: r }\nspec: { source: { backup: b }, target: { app: a } }")?;
+    let app: StatefulApp = from_yaml("metadata: { name: a }\nspec: { statefulSetName: a }")?;
+    let editor = cluster.client_as(ns, "editor").await?;
+    let viewer = cluster.client_as(ns, "viewer").await?;
+    // The aggregation controller copies the rules into edit and view a moment later.
+    wait_for(
+        "an editor to create a StatefulApp and a Restore",
+        MINUTE,
+        || async {
+            let apps: Api<StatefulApp> = Api::namespaced(editor.clone(), ns);
+            let restores: Api<Restore> = Api::namespaced(editor.clone(), ns);
+            Ok((apps.create(&dry, &app).await.is_ok()
+                && restores.create(&dry, &restore).await.is_ok())
+            .then_some(()))
+        },
+    )
+    .await?;
+    wait_for("a viewer to list Backups", MINUTE, || async {
+        let backups: Api<Backup> = Api::namespaced(viewer.clone(), ns);
+        Ok(backups.list(&ListParams::default()).await.ok().map(|_| ()))
+    })
+    .await?;
+    let restores: Api<Restore> = Api::namespaced(viewer, ns);
+    match restores.create(&dry, &restore).await {
+        Err(kube::Error::Api(e)) if e.code == 403 => Ok(()),
+        other => anyhow::bail!("a viewer creating a Restore: {other:?}"),
+    }
 }
 
 /// Scheduled and on-demand backups of both methods, monitoring objects, an in-place and
