@@ -216,41 +216,12 @@ async fn chart_installs_and_the_manager_runs_as_a_pod_with_its_own_service_accou
     let _serial = cluster.serial().await?;
     install_crds(&cluster.client, &stateward_api::crds()).await?;
     let ns = cluster.namespace("chart").await?;
-    ensure!(
-        cluster.env.helm.is_file(),
-        "helm is not built: run through `cargo xtask test`"
-    );
-    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../charts/stateward");
     let release = format!("sw-{}", &ns.name[ns.name.len() - 6..]);
-    let install = tokio::process::Command::new(&cluster.env.helm)
-        .args(["install", &release])
-        .arg(&chart)
-        .args(["--namespace", &ns.name, "--wait", "--timeout", "3m"])
-        .args([
-            "--set",
-            "image.repository=stateward",
-            "--set",
-            "image.tag=dev",
-        ])
-        .args([
-            "--set",
-            "leaderElection.leaseDurationSeconds=6",
-            "--set",
-            "logFormat=text",
-            // Tests share one cluster: a cluster-wide manager would also act on other
-            // tests' Backups. The demo installs the chart cluster-wide.
-            "--set",
-            "namespaced=true",
-        ])
-        .env("KUBECONFIG", &cluster.env.kubeconfig)
-        .output()
+    // Tests share one cluster: a cluster-wide manager would also act on other tests'
+    // Backups (the exclusive chart test installs it cluster-wide).
+    cluster
+        .install_chart(&release, &ns.name, &["namespaced=true"])
         .await?;
-    ensure!(
-        install.status.success(),
-        "helm install failed:\n{}{}",
-        String::from_utf8_lossy(&install.stdout),
-        String::from_utf8_lossy(&install.stderr)
-    );
 
     let pods: Api<Pod> = cluster.api(&ns.name);
     let pod = pods
@@ -358,15 +329,6 @@ async fn chart_installs_and_the_manager_runs_as_a_pod_with_its_own_service_accou
         "the chart's exec ClusterRole differs from agent_rbac's: {:?}",
         role.rules
     );
-    let uninstall = tokio::process::Command::new(&cluster.env.helm)
-        .args(["uninstall", &release, "--namespace", &ns.name, "--wait"])
-        .env("KUBECONFIG", &cluster.env.kubeconfig)
-        .output()
-        .await?;
-    ensure!(
-        uninstall.status.success(),
-        "helm uninstall failed: {}",
-        String::from_utf8_lossy(&uninstall.stderr)
-    );
+    cluster.uninstall_chart(&release, &ns.name).await?;
     ns.cleanup().await
 }

@@ -128,40 +128,15 @@ async fn exclusive_the_chart_installed_cluster_wide_runs_every_feature_with_no_4
 
     let system = cluster.namespace("sw-system").await?;
     let release = "swc";
-    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../charts/stateward");
     let since = chrono::Utc::now() - chrono::Duration::seconds(2);
-    let install = tokio::process::Command::new(&cluster.env.helm)
-        .args(["install", release])
-        .arg(&chart)
-        .args(["--namespace", &system.name, "--wait", "--timeout", "3m"])
-        .args([
-            "--set",
-            "image.repository=stateward",
-            "--set",
-            "image.tag=dev",
-        ])
-        .args([
-            "--set",
-            "leaderElection.leaseDurationSeconds=6",
-            "--set",
-            "logFormat=text",
-        ])
-        // The optional API-server manners, so that the API server validates them too.
-        .args([
-            "--set",
-            "apiPriority.enabled=true",
-            "--set",
-            "networkPolicy.enabled=true",
-        ])
-        .env("KUBECONFIG", &cluster.env.kubeconfig)
-        .output()
+    // The optional API-server manners too, so that the API server validates them.
+    cluster
+        .install_chart(
+            release,
+            &system.name,
+            &["apiPriority.enabled=true", "networkPolicy.enabled=true"],
+        )
         .await?;
-    ensure!(
-        install.status.success(),
-        "helm install failed:\n{}{}",
-        String::from_utf8_lossy(&install.stdout),
-        String::from_utf8_lossy(&install.stderr)
-    );
     let user = format!("system:serviceaccount:{}:{release}-stateward", system.name);
     let ns = cluster.namespace("e2e").await?;
     let result = match users_get_stateward_through_view_and_edit(&cluster, &ns.name).await {
@@ -178,11 +153,7 @@ async fn exclusive_the_chart_installed_cluster_wide_runs_every_feature_with_no_4
         .filter(|r| r.user == user && r.code == 403 && ours.contains(&r.namespace.as_str()))
         .map(|r| format!("{} {} {}/{}", r.verb, r.resource, r.namespace, r.name))
         .collect();
-    let uninstall = tokio::process::Command::new(&cluster.env.helm)
-        .args(["uninstall", release, "--namespace", &system.name, "--wait"])
-        .env("KUBECONFIG", &cluster.env.kubeconfig)
-        .output()
-        .await?;
+    let uninstalled = cluster.uninstall_chart(release, &system.name).await;
     result?;
     ns.cleanup().await?;
     ensure!(
@@ -191,11 +162,7 @@ async fn exclusive_the_chart_installed_cluster_wide_runs_every_feature_with_no_4
         refused.len(),
         refused.join("\n")
     );
-    ensure!(
-        uninstall.status.success(),
-        "helm uninstall failed: {}",
-        String::from_utf8_lossy(&uninstall.stderr)
-    );
+    uninstalled?;
     system.cleanup().await
 }
 

@@ -117,6 +117,59 @@ impl Cluster {
         Ok(Client::try_from(config)?)
     }
 
+    /// `helm install` of the project's chart as `release` in `namespace`, waiting for the
+    /// manager pod: the image is this build (`stateward:dev`), the leader Lease short and
+    /// the log text; `sets` adds `--set` values.
+    pub async fn install_chart(&self, release: &str, namespace: &str, sets: &[&str]) -> Result<()> {
+        anyhow::ensure!(
+            self.env.helm.is_file(),
+            "helm is not built: run through `cargo xtask test`"
+        );
+        let chart = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../charts/stateward");
+        let mut command = tokio::process::Command::new(&self.env.helm);
+        command
+            .args(["install", release])
+            .arg(&chart)
+            .args(["--namespace", namespace, "--wait", "--timeout", "3m"]);
+        for set in [
+            "image.repository=stateward",
+            "image.tag=dev",
+            "leaderElection.leaseDurationSeconds=6",
+            "logFormat=text",
+        ]
+        .iter()
+        .chain(sets)
+        {
+            command.args(["--set", set]);
+        }
+        let out = command
+            .env("KUBECONFIG", &self.env.kubeconfig)
+            .output()
+            .await?;
+        anyhow::ensure!(
+            out.status.success(),
+            "helm install failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    /// `helm uninstall` of `release` in `namespace`, waiting for its objects to go.
+    pub async fn uninstall_chart(&self, release: &str, namespace: &str) -> Result<()> {
+        let out = tokio::process::Command::new(&self.env.helm)
+            .args(["uninstall", release, "--namespace", namespace, "--wait"])
+            .env("KUBECONFIG", &self.env.kubeconfig)
+            .output()
+            .await?;
+        anyhow::ensure!(
+            out.status.success(),
+            "helm uninstall failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
     /// A fresh namespace named after the test; deleted by [`TestNamespace::cleanup`].
     pub async fn namespace(&self, test: &str) -> Result<TestNamespace> {
         use rand::Rng;
