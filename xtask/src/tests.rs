@@ -163,8 +163,18 @@ fn run_counting(cmd: &mut Command, totals: &mut Totals) -> Result<bool> {
 fn chart_checks(helm: &std::path::Path) -> Result<()> {
     let chart = crate::repo_root().join("charts/stateward");
     let version = crate::tools::KUBERNETES_VERSION.trim_start_matches('v');
-    let variants: [&[&str]; 2] = [
+    let variants: [&[&str]; 3] = [
         &[],
+        &[
+            "--set",
+            "watchNamespaces={team-a,team-b}",
+            "--set",
+            "features.monitoringObjects=false",
+            "--set",
+            "features.cloneStatefulSets=false",
+            "--set",
+            "features.volumeExpansion=false",
+        ],
         &[
             "--set",
             "namespaced=true",

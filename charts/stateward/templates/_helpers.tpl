@@ -36,3 +36,24 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "stateward.managerUser" -}}
 system:serviceaccount:{{ .Release.Namespace }}:{{ include "stateward.serviceAccountName" . }}
 {{- end -}}
+
+{{- /* The namespaces the manager watches, comma-separated; empty = all. */ -}}
+{{- define "stateward.watchNamespaces" -}}
+{{- if and .Values.namespaced .Values.watchNamespaces -}}
+{{- fail "set namespaced or watchNamespaces, not both (namespaced is watchNamespaces: [<release namespace>])" -}}
+{{- end -}}
+{{- if .Values.namespaced -}}
+{{- .Release.Namespace -}}
+{{- else -}}
+{{- join "," .Values.watchNamespaces -}}
+{{- end -}}
+{{- end -}}
+
+{{- /* The features turned off, as the manager's --disable list. */ -}}
+{{- define "stateward.disabledFeatures" -}}
+{{- $off := list -}}
+{{- if not .Values.features.monitoringObjects }}{{ $off = append $off "monitoring-objects" }}{{ end -}}
+{{- if not .Values.features.cloneStatefulSets }}{{ $off = append $off "clone-statefulsets" }}{{ end -}}
+{{- if not .Values.features.volumeExpansion }}{{ $off = append $off "volume-expansion" }}{{ end -}}
+{{- join "," $off -}}
+{{- end -}}

@@ -15,10 +15,10 @@ pub mod sweep;
 use std::sync::Arc;
 
 use futures::StreamExt;
+use kube::ResourceExt;
+use kube::runtime::Controller;
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
-use kube::{Api, ResourceExt};
-use stateward_api::{Backup, BackupRepository, Restore, StatefulApp};
+use stateward_api::{Backup, Restore, StatefulApp};
 use stateward_runtime::Context;
 use stateward_runtime::watch::{self, Stores};
 
@@ -138,17 +138,17 @@ pub async fn run_backups(base: Context, stores: Arc<Stores>, config: RunConfig) 
         checks,
         stores: stores.clone(),
     });
-    // Repositories are read by this loop only: its own watch (the check's timer is its
-    // trigger; a spec change wakes it too).
-    let repos: Api<BackupRepository> = match &stores.namespace {
-        Some(ns) => Api::namespaced(base.client.clone(), ns),
-        None => Api::all(base.client.clone()),
-    };
-    let repositories = Controller::new(repos, watcher::Config::default().any_semantic())
-        .with_config(watch::controller_config())
-        .graceful_shutdown_on(base.shutdown.clone().cancelled_owned())
-        .run(repository::reconcile, repository::error_policy, repo_ctx)
-        .for_each(|_| futures::future::ready(()));
+    // Repositories are read by this loop only; their watch is shared anyway so that it
+    // follows the manager's scope (one namespace, several, or all). The check's timer is
+    // its trigger; a spec change wakes it too.
+    let repositories = Controller::for_shared_stream(
+        stores.repositories.subscribe(),
+        stores.repositories.reader(),
+    )
+    .with_config(watch::controller_config())
+    .graceful_shutdown_on(base.shutdown.clone().cancelled_owned())
+    .run(repository::reconcile, repository::error_policy, repo_ctx)
+    .for_each(|_| futures::future::ready(()));
     // A run wakes on its Backup and on its agent Jobs (the shared store holds only
     // Stateward's agent Jobs; `owns` keeps those a Backup owns).
     let runs = Controller::for_shared_stream(stores.backups.subscribe(), stores.backups.reader())

@@ -13,7 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use stateward_runtime::admin::{self, Readiness};
 use stateward_runtime::metrics::Metrics;
 use stateward_runtime::telemetry::{self, LogFormat};
-use stateward_runtime::watch::Stores;
+use stateward_runtime::watch::{Scope, Stores};
 use tokio_util::sync::CancellationToken;
 
 /// The controllers this binary can run; each lives in its own crate and arrives with its
@@ -25,21 +25,40 @@ const CONTROLLERS: &[&str] = &[
     stateward_monitoring::CONTROLLER,
 ];
 
+/// Every controller's settings, from the command line.
+#[derive(Clone)]
+struct Settings {
+    backup: stateward_backup::Config,
+    restore: stateward_restore::Config,
+    scaling: stateward_scaling::Config,
+    monitoring: stateward_monitoring::Config,
+}
+
+/// Optional features an admin can turn off; the chart's `features.*` values set them and
+/// drop the rights each one needs from the manager's role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Feature {
+    /// A PodMonitor and a PrometheusRule per app.
+    MonitoringObjects,
+    /// A clone Restore creating the clone's StatefulSet.
+    CloneStatefulsets,
+    /// Growing volumes (`spec.scaling.storage`, auto-expansion).
+    VolumeExpansion,
+}
+
 /// Starts the shared watches and the selected controllers as independent sync loops;
 /// the manager is ready once every cache synced.
-#[allow(clippy::too_many_arguments)]
 fn start_controllers(
     controllers: &[&'static str],
     client: &Client,
     metrics: &Metrics,
-    namespace: &Option<String>,
+    scope: &Scope,
     shutdown: &CancellationToken,
-    backup_config: &stateward_backup::Config,
-    restore_config: &stateward_restore::Config,
+    settings: &Settings,
     readiness: &Readiness,
 ) -> tokio::task::JoinSet<&'static str> {
     let mut set = tokio::task::JoinSet::new();
-    let stores = Stores::start(client.clone(), namespace.clone(), shutdown);
+    let stores = Stores::start(client.clone(), scope.clone(), shutdown);
     {
         let (stores, readiness) = (stores.clone(), readiness.clone());
         tokio::spawn(async move {
@@ -52,30 +71,29 @@ fn start_controllers(
         let stores = stores.clone();
         let base = stateward_runtime::Context::new(client.clone(), name, metrics.clone())
             .with_shutdown(shutdown.clone());
-        let backup_config = backup_config.clone();
+        let settings = settings.clone();
         match *name {
             stateward_backup::CONTROLLER => {
                 set.spawn(async move {
-                    stateward_backup::run(base, stores, backup_config).await;
+                    stateward_backup::run(base, stores, settings.backup).await;
                     stateward_backup::CONTROLLER
                 });
             }
             stateward_restore::CONTROLLER => {
-                let restore_config = restore_config.clone();
                 set.spawn(async move {
-                    stateward_restore::run(base, stores, restore_config).await;
+                    stateward_restore::run(base, stores, settings.restore).await;
                     stateward_restore::CONTROLLER
                 });
             }
             stateward_monitoring::CONTROLLER => {
                 set.spawn(async move {
-                    stateward_monitoring::run(base, stores, Default::default()).await;
+                    stateward_monitoring::run(base, stores, settings.monitoring).await;
                     stateward_monitoring::CONTROLLER
                 });
             }
             stateward_scaling::CONTROLLER => {
                 set.spawn(async move {
-                    stateward_scaling::run(base, stores).await;
+                    stateward_scaling::run_with(base, stores, settings.scaling).await;
                     stateward_scaling::CONTROLLER
                 });
             }
@@ -149,9 +167,11 @@ struct RunArgs {
     /// Controllers to start, comma-separated, or `all`.
     #[arg(long, default_value = "all", env = "STATEWARD_CONTROLLERS")]
     controllers: String,
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "STATEWARD_NAMESPACE")]
-    namespace: Option<String>,
+    /// Watch (and act in) only these namespaces, comma-separated (default: all). Each
+    /// one costs a watch per kind; the chart's `watchNamespaces` sets it with a
+    /// RoleBinding in each.
+    #[arg(long, env = "STATEWARD_NAMESPACE", value_delimiter = ',')]
+    namespace: Vec<String>,
     /// Address of the admin server (/metrics, /livez, /readyz).
     #[arg(long, default_value = "0.0.0.0:8080", env = "STATEWARD_ADMIN_ADDR")]
     admin_addr: SocketAddr,
@@ -214,6 +234,10 @@ struct RunArgs {
         env = "STATEWARD_RESTORE_DEADLINE_SECONDS"
     )]
     restore_deadline_seconds: u64,
+    /// Optional features to turn off, comma-separated: monitoring-objects,
+    /// clone-statefulsets, volume-expansion.
+    #[arg(long, env = "STATEWARD_DISABLE", value_delimiter = ',', value_enum)]
+    disable: Vec<Feature>,
     /// Log format: text or json.
     #[arg(long, default_value = "text", env = "STATEWARD_LOG_FORMAT")]
     log_format: LogFormat,
@@ -343,7 +367,18 @@ async fn run(args: RunArgs) -> Result<()> {
         agent_start_timeout: backup_config.runs.agent_start_timeout,
         default_deadline: std::time::Duration::from_secs(args.restore_deadline_seconds.max(60)),
         exec_cluster_role: args.agent_exec_cluster_role.clone(),
+        clone_stateful_sets: !args.disable.contains(&Feature::CloneStatefulsets),
         ..Default::default()
+    };
+    let settings = Settings {
+        backup: backup_config,
+        restore: restore_config,
+        scaling: stateward_scaling::Config {
+            volume_expansion: !args.disable.contains(&Feature::VolumeExpansion),
+        },
+        monitoring: stateward_monitoring::Config {
+            objects: !args.disable.contains(&Feature::MonitoringObjects),
+        },
     };
     let metrics = Metrics::new();
     // Every request the controllers send is counted (`stateward_kube_requests_total`).
@@ -385,11 +420,12 @@ async fn run(args: RunArgs) -> Result<()> {
             env!("CARGO_PKG_VERSION").to_string(),
         )])
         .set(1);
+    let scope = Scope::of(&args.namespace);
     let readiness = Readiness::default();
     let listener = admin::bind(args.admin_addr)
         .await
         .with_context(|| format!("binding the admin address {}", args.admin_addr))?;
-    tracing::info!(addr = %args.admin_addr, controllers = ?controllers, namespace = ?args.namespace, "stateward starting");
+    tracing::info!(addr = %args.admin_addr, controllers = ?controllers, scope = ?scope, disabled = ?args.disable, "stateward starting");
     let admin_task = tokio::spawn(admin::serve(listener, metrics.clone(), readiness.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -422,10 +458,9 @@ async fn run(args: RunArgs) -> Result<()> {
             &controllers,
             &client,
             &metrics,
-            &args.namespace,
+            &scope,
             &stop,
-            &backup_config,
-            &restore_config,
+            &settings,
             &readiness,
         );
         tokio::select! {
@@ -472,10 +507,9 @@ async fn run(args: RunArgs) -> Result<()> {
                 &controllers,
                 &client,
                 &metrics,
-                &args.namespace,
+                &scope,
                 &stop,
-                &backup_config,
-                &restore_config,
+                &settings,
                 &readiness,
             ));
         }

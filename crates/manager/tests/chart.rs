@@ -332,3 +332,266 @@ async fn chart_installs_and_the_manager_runs_as_a_pod_with_its_own_service_accou
     cluster.uninstall_chart(&release, &ns.name).await?;
     ns.cleanup().await
 }
+
+/// A probe StatefulSet of one replica and its StatefulApp (an exec backup of its rows),
+/// with a repository in its own bucket; once its pod is ready, an on-demand Backup
+/// `now`: the same in each namespace of the watchNamespaces test.
+async fn app_with_a_backup(cluster: &Cluster, ns: &str) -> Result<()> {
+    let bucket = cluster.bucket_and_secret(ns, "watch").await?;
+    let endpoint = &cluster.env.s3_endpoint_from_pods;
+    let yaml = format!(
+        r#"apiVersion: stateward.io/v1alpha1
+kind: BackupRepository
+metadata: {{ name: repo }}
+spec:
+  s3:
+    bucket: {bucket}
+    endpoint: "{endpoint}"
+    forcePathStyle: true
+    credentials:
+      accessKeyId: {{ name: s3, key: accessKeyId }}
+      secretAccessKey: {{ name: s3, key: secretAccessKey }}
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {{ name: shop }}
+spec:
+  replicas: 1
+  serviceName: shop
+  selector: {{ matchLabels: {{ app: shop }} }}
+  template:
+    metadata: {{ labels: {{ app: shop }} }}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: main
+        image: stateward-probe:dev
+        command: [sh, -c, "seq 1 1000 > /data/rows; exec sleep 100000"]
+        volumeMounts: [{{ name: data, mountPath: /data }}]
+  volumeClaimTemplates:
+  - metadata: {{ name: data }}
+    spec:
+      accessModes: [ReadWriteOnce]
+      resources: {{ requests: {{ storage: 16Mi }} }}
+---
+apiVersion: stateward.io/v1alpha1
+kind: StatefulApp
+metadata: {{ name: shop }}
+spec:
+  statefulSetName: shop
+  backup:
+    repository: repo
+    exec: {{ command: [sh, -c, "cat /data/rows"] }}
+"#
+    );
+    for document in yaml.split("\n---\n") {
+        stateward_testkit::harness::apply_yaml(&cluster.client, ns, document, "test").await?;
+    }
+    stateward_testkit::harness::wait_pod_ready(
+        &cluster.api(ns),
+        "shop-0",
+        Duration::from_secs(120),
+    )
+    .await?;
+    stateward_testkit::harness::apply_yaml(
+        &cluster.client,
+        ns,
+        "apiVersion: stateward.io/v1alpha1\nkind: Backup\nmetadata: { name: now }\nspec: { app: shop, method: Exec }\n",
+        "test",
+    )
+    .await?;
+    Ok(())
+}
+
+/// `watchNamespaces: [a, b]`: the manager, bound by a RoleBinding in each, backs up
+/// apps in `a` and `b`; an app in `c` is untouched (no status, no finalizer, no Job),
+/// and the manager's token cannot read `c`'s Secrets. The optional features are off
+/// too: their rights are gone from the manager's role, and what asks for them says so.
+#[tokio::test]
+async fn chart_with_watch_namespaces_and_features_off_acts_in_those_only() -> Result<()> {
+    use k8s_openapi::api::batch::v1::Job;
+    use k8s_openapi::api::core::v1::Secret;
+    let cluster = Cluster::connect().await?;
+    let _serial = cluster.serial().await?;
+    install_crds(&cluster.client, &stateward_api::crds()).await?;
+    let system = cluster.namespace("watchns").await?;
+    let (a, b, c) = (
+        cluster.namespace("team-a").await?,
+        cluster.namespace("team-b").await?,
+        cluster.namespace("team-c").await?,
+    );
+    let release = format!("sw-{}", &system.name[system.name.len() - 6..]);
+    cluster
+        .install_chart(
+            &release,
+            &system.name,
+            &[
+                &format!("watchNamespaces={{{},{}}}", a.name, b.name),
+                "features.monitoringObjects=false",
+                "features.cloneStatefulSets=false",
+                "features.volumeExpansion=false",
+            ],
+        )
+        .await?;
+    for ns in [&a, &b, &c] {
+        app_with_a_backup(&cluster, &ns.name).await?;
+    }
+    for ns in [&a, &b] {
+        let backups: Api<Backup> = cluster.api(&ns.name);
+        let done = wait_for(
+            &format!("Backup now in {} to end", ns.name),
+            Duration::from_secs(180),
+            || async {
+                let backup = backups.get("now").await?;
+                Ok(matches!(
+                    backup.status.as_ref().and_then(|s| s.phase),
+                    Some(BackupPhase::Completed | BackupPhase::Failed)
+                )
+                .then_some(backup))
+            },
+        )
+        .await?;
+        let status = done.status.unwrap_or_default();
+        ensure!(
+            status.phase == Some(BackupPhase::Completed),
+            "the Backup in watched namespace {}: {:?}",
+            ns.name,
+            status.conditions
+        );
+    }
+    features_off_are_refused_with_a_reason(&cluster, &release, &a.name, &b.name).await?;
+    // c: by now its Backup would have ended too, were it watched.
+    let backup: Backup = cluster.api(&c.name).get("now").await?;
+    ensure!(
+        backup.status.is_none() && backup.finalizers().is_empty(),
+        "the manager touched the Backup in unwatched {}: {:?} {:?}",
+        c.name,
+        backup.finalizers(),
+        backup.status
+    );
+    let app: StatefulApp = cluster.api(&c.name).get("shop").await?;
+    ensure!(
+        app.status.is_none(),
+        "the manager wrote the app's status in unwatched {}: {:?}",
+        c.name,
+        app.status
+    );
+    let jobs = cluster
+        .api::<Job>(&c.name)
+        .list(&Default::default())
+        .await?;
+    ensure!(jobs.items.is_empty(), "a Job in unwatched {}", c.name);
+    // The manager's own token reads a watched namespace's Secret, not c's.
+    let account = format!("{release}-stateward");
+    let manager = cluster.client_as(&system.name, &account).await?;
+    Api::<Secret>::namespaced(manager.clone(), &a.name)
+        .get("s3")
+        .await
+        .context("the manager reading its repository's Secret in a watched namespace")?;
+    match Api::<Secret>::namespaced(manager, &c.name).get("s3").await {
+        Err(kube::Error::Api(e)) if e.code == 403 => {}
+        other => anyhow::bail!(
+            "the manager's token reading a Secret in unwatched {}: {other:?}",
+            c.name
+        ),
+    }
+    // Nothing it does hits a permission error (it never even tries c). Permission errors
+    // name the ServiceAccount ("... is forbidden: User \"system:serviceaccount:...").
+    let pods: Api<Pod> = cluster.api(&system.name);
+    let pod = pods
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .next()
+        .context("the chart created no pod")?;
+    let logs = pods.logs(&pod.name_any(), &LogParams::default()).await?;
+    let forbidden: Vec<&str> = logs
+        .lines()
+        .filter(|l| {
+            l.contains("system:serviceaccount") && (l.contains("forbidden") || l.contains("cannot"))
+        })
+        .collect();
+    ensure!(
+        forbidden.is_empty(),
+        "the manager hit permission errors:\n{}",
+        forbidden.join("\n")
+    );
+    cluster.uninstall_chart(&release, &system.name).await?;
+    for ns in [a, b, c, system] {
+        ns.cleanup().await?;
+    }
+    Ok(())
+}
+
+/// With every optional feature off: the manager's role has none of their rights, an
+/// app's `MonitoringObjects` condition says the operator turned them off, and a clone
+/// Restore that asks for its StatefulSet fails with `FeatureDisabled` naming the value.
+async fn features_off_are_refused_with_a_reason(
+    cluster: &Cluster,
+    release: &str,
+    a: &str,
+    b: &str,
+) -> Result<()> {
+    use stateward_api::{Restore, RestorePhase};
+    let role = kube::Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(cluster.client.clone())
+        .get(&format!("{release}-stateward-controllers"))
+        .await?;
+    for rule in role.rules.unwrap_or_default() {
+        let groups = rule.api_groups.unwrap_or_default();
+        let resources = rule.resources.unwrap_or_default();
+        ensure!(
+            !groups.iter().any(|g| g == "monitoring.coreos.com"),
+            "monitoring objects are off, yet the role grants {resources:?}"
+        );
+        ensure!(
+            !(resources.iter().any(|r| r == "statefulsets")
+                && rule.verbs.iter().any(|v| v == "create" || v == "delete")),
+            "clones and expansion are off, yet the role grants statefulsets {:?}",
+            rule.verbs
+        );
+    }
+    let apps: Api<StatefulApp> = cluster.api(a);
+    wait_for(
+        "MonitoringObjects to say the operator turned them off",
+        Duration::from_secs(60),
+        || async {
+            let app = apps.get("shop").await?;
+            let conditions = app.status.map(|s| s.conditions).unwrap_or_default();
+            Ok(conditions
+                .iter()
+                .any(|c| c.type_ == "MonitoringObjects" && c.reason == "TurnedOffByOperator")
+                .then_some(()))
+        },
+    )
+    .await?;
+    stateward_testkit::harness::apply_yaml(
+        &cluster.client,
+        b,
+        "apiVersion: stateward.io/v1alpha1\nkind: Restore\nmetadata: { name: clone }\nspec:\n  source: { backup: now }\n  target: { app: shop, cloneStatefulSetName: shop-copy, createStatefulSet: true }\n",
+        "test",
+    )
+    .await?;
+    let restores: Api<Restore> = cluster.api(b);
+    let restore = wait_for(
+        "the clone Restore to fail",
+        Duration::from_secs(60),
+        || async {
+            let r = restores.get("clone").await?;
+            Ok(
+                (r.status.as_ref().and_then(|s| s.phase) == Some(RestorePhase::Failed))
+                    .then_some(r),
+            )
+        },
+    )
+    .await?;
+    let conditions = restore.status.map(|s| s.conditions).unwrap_or_default();
+    ensure!(
+        conditions
+            .iter()
+            .any(|c| c.reason == "FeatureDisabled"
+                && c.message.contains("features.cloneStatefulSets")),
+        "the clone Restore: {conditions:?}"
+    );
+    Ok(())
+}

@@ -52,9 +52,21 @@ const STATUS_FIELDS: apply::StatusFields = apply::StatusFields {
     conditions: &[HEALTHY, MONITORING_OBJECTS],
 };
 
-/// Operator settings (none yet: the controller is woken by watches, not timers).
-#[derive(Debug, Clone, Default)]
-pub struct Config {}
+/// Operator settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Whether apps get a PodMonitor and a PrometheusRule. Off (the chart's
+    /// `features.monitoringObjects: false`, which also drops the rights they need), the
+    /// Prometheus Operator's CRDs are not even watched and each app's `MonitoringObjects`
+    /// condition says the operator turned them off.
+    pub objects: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { objects: true }
+    }
+}
 
 /// The Prometheus Operator CRDs the controller looks for, watched by name.
 pub const PROMETHEUS_CRDS: [&str; 2] = [
@@ -171,7 +183,11 @@ pub async fn run(base: Context, stores: Arc<Stores>, config: Config) {
     .watches_shared_stream(stores.statefulsets.changes(), move |sts| {
         sets.apps_of_statefulset(&sts)
     })
-    .reconcile_all_on(prometheus_crd_changes(base.client.clone(), discovered))
+    .reconcile_all_on(if ctx.config.objects {
+        prometheus_crd_changes(base.client.clone(), discovered).left_stream()
+    } else {
+        futures::stream::pending::<()>().right_stream()
+    })
     .with_config(watch::controller_config())
     .graceful_shutdown_on(base.shutdown.clone().cancelled_owned())
     .run(reconcile, error_policy, ctx)
@@ -514,6 +530,9 @@ async fn monitoring_objects(
     let policy = app.spec.monitoring.clone().unwrap_or_default();
     let want_monitor = policy.service_monitor && policy.metrics_port.is_some();
     let want_rules = policy.alert_rules;
+    if !ctx.config.objects {
+        return Ok(objects_turned_off(want_monitor || want_rules));
+    }
     let (found, settled) = discover(ctx).await;
     let name = objects::object_name(&app.name_any());
     let mut made = Vec::new();
@@ -601,4 +620,36 @@ async fn monitoring_objects(
         },
         settled,
     ))
+}
+
+/// The `MonitoringObjects` condition when the operator runs with monitoring objects
+/// turned off: nothing is created, looked up or deleted (it has no rights to).
+fn objects_turned_off(wanted: bool) -> (bool, &'static str, String, bool) {
+    let message = if wanted {
+        "this operator runs with monitoring objects turned off (Helm value features.monitoringObjects): the app's PodMonitor and PrometheusRule are not created; write them yourself, or ask the operator's admin to turn the feature on"
+    } else {
+        "this operator runs with monitoring objects turned off (Helm value features.monitoringObjects)"
+    };
+    (false, "TurnedOffByOperator", message.into(), true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_turned_off_by_the_operator_say_so_and_name_the_value() {
+        for wanted in [true, false] {
+            let (ok, reason, message, settled) = objects_turned_off(wanted);
+            assert!(!ok && settled);
+            assert_eq!(reason, "TurnedOffByOperator");
+            assert!(message.contains("features.monitoringObjects"), "{message}");
+            assert_eq!(message.contains("PodMonitor"), wanted, "{message}");
+        }
+    }
+
+    #[test]
+    fn monitoring_objects_are_on_by_default() {
+        assert!(Config::default().objects);
+    }
 }

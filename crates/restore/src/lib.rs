@@ -53,6 +53,11 @@ pub struct Config {
     /// The chart's fixed ClusterRole exec agents are bound to
     /// (`stateward_runtime::agent_rbac`).
     pub exec_cluster_role: String,
+    /// Whether a clone may create its StatefulSet (`spec.target.createStatefulSet`). Off
+    /// (the chart's `features.cloneStatefulSets: false`, which drops `statefulsets create`
+    /// unless volume expansion keeps it), such a Restore fails with `FeatureDisabled`
+    /// before it creates anything.
+    pub clone_stateful_sets: bool,
 }
 
 impl Default for Config {
@@ -63,6 +68,7 @@ impl Default for Config {
             agent_start_timeout: stateward_runtime::agent_start::DEFAULT_BOUND,
             default_deadline: std::time::Duration::from_secs(6 * 3600),
             exec_cluster_role: stateward_runtime::agent_rbac::DEFAULT_EXEC_CLUSTER_ROLE.into(),
+            clone_stateful_sets: true,
         }
     }
 }

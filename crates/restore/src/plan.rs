@@ -36,6 +36,18 @@ pub struct Refusal {
     pub message: String,
 }
 
+/// A Restore that asks for a feature this operator runs without: only a clone's
+/// StatefulSet can be turned off (`features.cloneStatefulSets`, which also drops the
+/// right to create StatefulSets unless volume expansion needs it).
+pub fn turned_off(restore: &Restore, clone_stateful_sets: bool) -> Option<Refusal> {
+    (restore.spec.target.create_stateful_set && !clone_stateful_sets).then(|| {
+        refuse(
+            "FeatureDisabled",
+            "spec.target.createStatefulSet: this operator runs with clone StatefulSets turned off (Helm value features.cloneStatefulSets); restore without it (the clone's claims are still created) and create the StatefulSet yourself, or ask the operator's admin to turn the feature on",
+        )
+    })
+}
+
 fn refuse(reason: &'static str, message: impl Into<String>) -> Refusal {
     Refusal {
         reason,
@@ -1017,6 +1029,34 @@ mod tests {
         let refused = plan(&restore("{app: db}"), &m, &app(""), &db(), &claims[..1]).unwrap_err();
         assert_eq!(refused.reason, "TargetVolumeMissing");
         assert!(refused.message.contains("data-db-1"), "{refused:?}");
+    }
+
+    /// Only a clone that asks for its StatefulSet is refused when the operator runs
+    /// without clone StatefulSets; everything else runs either way.
+    #[test]
+    fn turned_off_refuses_only_a_clone_statefulset_the_operator_cannot_create() {
+        let with_set = restore("{app: db, cloneStatefulSetName: db-copy, createStatefulSet: true}");
+        let claims_only = restore("{app: db, cloneStatefulSetName: db-copy}");
+        let in_place = restore("{app: db}");
+        for (r, feature_on, refused) in [
+            (&with_set, false, true),
+            (&with_set, true, false),
+            (&claims_only, false, false),
+            (&in_place, false, false),
+        ] {
+            let refusal = turned_off(r, feature_on);
+            assert_eq!(
+                refusal.is_some(),
+                refused,
+                "{:?} on={feature_on}",
+                r.spec.target
+            );
+            if let Some(refusal) = refusal {
+                assert_eq!(refusal.reason, "FeatureDisabled");
+                assert!(refusal.message.contains("spec.target.createStatefulSet"));
+                assert!(refusal.message.contains("features.cloneStatefulSets"));
+            }
+        }
     }
 
     #[test]

@@ -457,6 +457,13 @@ impl Pass<'_> {
             self.status.start_time = Some(time::rfc3339(now));
             self.status.step = Some("Resolving".into());
         }
+        // What this operator was installed without is refused before anything is read.
+        if self.status.mode.is_none()
+            && let Some(refusal) =
+                plan::turned_off(&self.restore, self.ctx.config.clone_stateful_sets)
+        {
+            return self.fail(refusal).await;
+        }
         // Before staging a restore only waits (for the repository, the lock, the app to
         // stop): past its deadline it ends, and the app it stopped comes back.
         if matches!(

@@ -38,7 +38,7 @@ use kube::runtime::{WatchStreamExt, controller};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use stateward_api::common::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
-use stateward_api::{Backup, Restore, StatefulApp};
+use stateward_api::{Backup, BackupRepository, Restore, StatefulApp};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -169,9 +169,10 @@ impl<K> Shared<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    /// Starts the watch of `api` (until `stop`), keeping an index when `index` is given.
+    /// Starts the watches of `sources` (one per namespace, or one of every namespace)
+    /// into one cache, until `stop`, keeping an index when `index` is given.
     fn start(
-        api: Api<K>,
+        sources: Vec<(Option<String>, Api<K>)>,
         config: watcher::Config,
         index: Option<IndexFn<K>>,
         stop: CancellationToken,
@@ -180,50 +181,56 @@ where
         let (signals, _) = broadcast::channel(BUFFER);
         let index = index.map(|key| Arc::new(Index::new(key)));
         let kind = K::kind(&()).to_string();
+        let namespaces: Vec<Option<String>> = sources.iter().map(|(ns, _)| ns.clone()).collect();
+        let mut merge = Merge::new(writer, reader.clone(), namespaces.clone());
         let task_reader = reader.clone();
         let task_signals = signals.clone();
         let task_index = index.clone();
         tokio::spawn(async move {
-            let events = watcher::watcher(api, config)
-                .default_backoff()
-                .modify(slim)
-                .reflect(writer);
-            let mut events = std::pin::pin!(events);
+            let watches = sources.into_iter().enumerate().map(|(source, (_, api))| {
+                watcher::watcher(api, config.clone())
+                    .default_backoff()
+                    .modify(slim)
+                    .map(move |event| (source, event))
+                    .boxed()
+            });
+            let mut events = futures::stream::select_all(watches);
             loop {
-                let event = tokio::select! {
+                let next = tokio::select! {
                     () = stop.cancelled() => break,
-                    event = events.next() => event,
+                    next = events.next() => next,
                 };
-                let Some(event) = event else { break };
-                let signal = match event {
-                    Ok(Event::Apply(object)) => {
+                let Some((source, event)) = next else { break };
+                let event = match event {
+                    Ok(event) => event,
+                    Err(e) => {
+                        // The backoff spaces these out; a 403 here names the missing verb.
+                        let namespace = namespaces.get(source).cloned().flatten();
+                        tracing::warn!(%kind, ?namespace, error = %e, "watch failed; retrying");
+                        continue;
+                    }
+                };
+                let signal = match merge.apply(source, event) {
+                    Merged::Changed(object) => {
                         if let Some(index) = &task_index {
                             index.apply(&object);
                         }
-                        let cached = task_reader
-                            .get(&ObjectRef::from_obj(&object))
-                            .unwrap_or_else(|| Arc::new(object));
-                        Signal::Changed(cached)
+                        Signal::Changed(object)
                     }
-                    Ok(Event::Delete(object)) => {
+                    Merged::Deleted(object) => {
                         if let Some(index) = &task_index {
                             index.delete(&object);
                         }
-                        Signal::Deleted(Arc::new(object))
+                        Signal::Deleted(object)
                     }
-                    Ok(Event::InitDone) => {
+                    Merged::Resynced => {
                         if let Some(index) = &task_index {
                             index.rebuild(&task_reader.state());
                         }
                         tracing::debug!(%kind, objects = task_reader.len(), "cache synced");
                         Signal::Resync
                     }
-                    Ok(Event::Init | Event::InitApply(_)) => continue,
-                    Err(e) => {
-                        // The backoff spaces these out; a 403 here names the missing verb.
-                        tracing::warn!(%kind, error = %e, "watch failed; retrying");
-                        continue;
-                    }
+                    Merged::Nothing => continue,
                 };
                 // No subscriber yet is fine: each one starts from the cache.
                 let _ = task_signals.send(signal);
@@ -404,6 +411,160 @@ where
     }
 }
 
+/// What one watch event did to the merged cache.
+#[derive(Debug)]
+enum Merged<K> {
+    /// An object was applied: the cached object.
+    Changed(Arc<K>),
+    /// An object was deleted: its last state.
+    Deleted(Arc<K>),
+    /// A watch (re-)listed: the cache may differ anywhere in that watch's namespace.
+    Resynced,
+    /// Nothing subscribers can see yet (the cache is not ready, or a list is under way).
+    Nothing,
+}
+
+/// One cache fed by several watches, one per namespace (the API has no watch of a list
+/// of namespaces). kube's store writer cannot take them as one stream: every watch's
+/// `Init` would reset the whole store, dropping the other namespaces. So each watch's
+/// list is buffered here and applied to its own namespace only; the store is ready once
+/// every watch listed once. With one watch (one namespace, or all of them) this is what
+/// kube's `reflect` does.
+struct Merge<K: Resource<DynamicType = ()> + Clone + 'static> {
+    writer: reflector::store::Writer<K>,
+    reader: Store<K>,
+    sources: Vec<Source<K>>,
+    /// Until every watch listed once: what those that did hold (the store stays empty
+    /// and not ready, so no controller decides from a partial view).
+    early: Option<HashMap<ObjectRef<K>, K>>,
+}
+
+struct Source<K> {
+    /// The namespace watched, or all.
+    namespace: Option<String>,
+    /// The list under way (between `Init` and `InitDone`).
+    listing: Option<Vec<K>>,
+    listed: bool,
+}
+
+impl<K> Merge<K>
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + Send + Sync + 'static,
+{
+    fn new(
+        writer: reflector::store::Writer<K>,
+        reader: Store<K>,
+        namespaces: Vec<Option<String>>,
+    ) -> Self {
+        Self {
+            writer,
+            reader,
+            sources: namespaces
+                .into_iter()
+                .map(|namespace| Source {
+                    namespace,
+                    listing: None,
+                    listed: false,
+                })
+                .collect(),
+            early: Some(HashMap::new()),
+        }
+    }
+
+    /// Whether watch `source` is the one that sees objects of `namespace`.
+    fn owns(&self, source: usize, namespace: Option<&str>) -> bool {
+        self.sources
+            .get(source)
+            .is_some_and(|s| s.namespace.is_none() || s.namespace.as_deref() == namespace)
+    }
+
+    fn apply(&mut self, source: usize, event: Event<K>) -> Merged<K> {
+        if source >= self.sources.len() {
+            return Merged::Nothing;
+        }
+        match event {
+            Event::Init => {
+                self.sources[source].listing = Some(Vec::new());
+                Merged::Nothing
+            }
+            Event::InitApply(object) => {
+                self.sources[source]
+                    .listing
+                    .get_or_insert_with(Vec::new)
+                    .push(object);
+                Merged::Nothing
+            }
+            Event::InitDone => self.listed(source),
+            Event::Apply(object) => match &mut self.early {
+                Some(early) => {
+                    early.insert(ObjectRef::from_obj(&object), object);
+                    Merged::Nothing
+                }
+                None => {
+                    let r = ObjectRef::from_obj(&object);
+                    self.writer.apply_watcher_event(&Event::Apply(object));
+                    match self.reader.get(&r) {
+                        Some(cached) => Merged::Changed(cached),
+                        None => Merged::Nothing,
+                    }
+                }
+            },
+            Event::Delete(object) => match &mut self.early {
+                Some(early) => {
+                    early.remove(&ObjectRef::from_obj(&object));
+                    Merged::Nothing
+                }
+                None => {
+                    // The writer takes the event by reference: the object comes back.
+                    let event = Event::Delete(object);
+                    self.writer.apply_watcher_event(&event);
+                    let Event::Delete(object) = event else {
+                        return Merged::Nothing;
+                    };
+                    Merged::Deleted(Arc::new(object))
+                }
+            },
+        }
+    }
+
+    /// Watch `source` finished a list: its namespace now holds exactly that list.
+    fn listed(&mut self, source: usize) -> Merged<K> {
+        let listed = self.sources[source].listing.take().unwrap_or_default();
+        self.sources[source].listed = true;
+        if let Some(mut early) = self.early.take() {
+            early.retain(|r, _| !self.owns(source, r.namespace.as_deref()));
+            for object in listed {
+                early.insert(ObjectRef::from_obj(&object), object);
+            }
+            if !self.sources.iter().all(|s| s.listed) {
+                self.early = Some(early);
+                return Merged::Nothing;
+            }
+            // Every watch listed: the store takes it all at once and becomes ready.
+            self.writer.apply_watcher_event(&Event::Init);
+            for (_, object) in early {
+                self.writer.apply_watcher_event(&Event::InitApply(object));
+            }
+            self.writer.apply_watcher_event(&Event::InitDone);
+            return Merged::Resynced;
+        }
+        // A re-list (after the watch expired): apply it to this namespace only, deleting
+        // what it no longer holds.
+        let present: HashSet<ObjectRef<K>> = listed.iter().map(ObjectRef::from_obj).collect();
+        for cached in self.reader.state() {
+            let r = ObjectRef::from_obj(cached.as_ref());
+            if self.owns(source, r.namespace.as_deref()) && !present.contains(&r) {
+                self.writer
+                    .apply_watcher_event(&Event::Delete(cached.as_ref().clone()));
+            }
+        }
+        for object in listed {
+            self.writer.apply_watcher_event(&Event::Apply(object));
+        }
+        Merged::Resynced
+    }
+}
+
 /// Drops what no controller reads from a cached object: managed fields are often most of
 /// its size.
 fn slim<K: Resource>(object: &mut K) {
@@ -457,6 +618,8 @@ pub const AGENT_JOBS: &str = "app.kubernetes.io/managed-by=stateward,app.kuberne
 /// a controller reads on every pass.
 pub struct Stores {
     pub apps: Shared<StatefulApp>,
+    /// Read by the repository check only; shared so that it follows the same scope.
+    pub repositories: Shared<BackupRepository>,
     pub backups: Shared<Backup>,
     pub restores: Shared<Restore>,
     pub statefulsets: Shared<StatefulSet>,
@@ -464,10 +627,71 @@ pub struct Stores {
     pub jobs: Shared<Job>,
     /// Stateward's Leases only (the operation locks), never the control plane's.
     pub leases: Shared<Lease>,
-    /// The namespace watched, or all.
-    pub namespace: Option<String>,
+    /// The namespaces watched, or all.
+    pub scope: Scope,
     /// Ends the watches when the last holder of the stores goes.
     _stop: tokio_util::sync::DropGuard,
+}
+
+/// Which namespaces the manager watches (and acts in).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Scope {
+    /// Every namespace: one cluster-wide watch per kind.
+    #[default]
+    All,
+    /// These namespaces only (sorted, without repeats; never empty): one watch per
+    /// namespace and kind, since the API has no watch of a list of namespaces.
+    Namespaces(Vec<String>),
+}
+
+impl Scope {
+    /// The namespaces given (blank entries ignored); none means all.
+    pub fn of<I, S>(namespaces: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut list: Vec<String> = namespaces
+            .into_iter()
+            .map(|ns| ns.as_ref().trim().to_string())
+            .filter(|ns| !ns.is_empty())
+            .collect();
+        list.sort();
+        list.dedup();
+        if list.is_empty() {
+            Self::All
+        } else {
+            Self::Namespaces(list)
+        }
+    }
+
+    /// Whether objects in `namespace` are watched.
+    pub fn contains(&self, namespace: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Namespaces(list) => list.iter().any(|ns| ns == namespace),
+        }
+    }
+
+    /// One Api per watch: each namespace's, or the cluster-wide one.
+    pub fn apis<K>(&self, client: &Client) -> Vec<(Option<String>, Api<K>)>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match self {
+            Self::All => vec![(None, Api::all(client.clone()))],
+            Self::Namespaces(list) => list
+                .iter()
+                .map(|ns| (Some(ns.clone()), Api::namespaced(client.clone(), ns)))
+                .collect(),
+        }
+    }
+}
+
+impl From<Option<String>> for Scope {
+    fn from(namespace: Option<String>) -> Self {
+        Self::of(namespace)
+    }
 }
 
 /// The key of the Backup index: the app a Backup belongs to.
@@ -480,90 +704,44 @@ fn backup_app_key(backup: &Backup) -> Option<String> {
 }
 
 impl Stores {
-    /// Starts every shared watch, in `namespace` or cluster-wide; they end on `shutdown`
-    /// (or when the stores are dropped).
+    /// Starts every shared watch, in the namespaces of `scope` or cluster-wide; they end
+    /// on `shutdown` (or when the stores are dropped).
     pub fn start(
         client: Client,
-        namespace: Option<String>,
+        scope: impl Into<Scope>,
         shutdown: &CancellationToken,
     ) -> Arc<Self> {
+        let scope = scope.into();
         let stop = shutdown.child_token();
-        fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
-        where
-            K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-        {
-            match namespace {
-                Some(ns) => Api::namespaced(client.clone(), ns),
-                None => Api::all(client.clone()),
-            }
-        }
-        let api = || (&client, &namespace);
         let all = || watcher::Config::default().any_semantic();
         let ours = format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}");
         let stores = Self {
-            apps: Shared::start(
-                {
-                    let (c, n) = api();
-                    scoped(c, n)
-                },
-                all(),
-                None,
-                stop.clone(),
-            ),
+            apps: Shared::start(scope.apis(&client), all(), None, stop.clone()),
+            repositories: Shared::start(scope.apis(&client), all(), None, stop.clone()),
             backups: Shared::start(
-                {
-                    let (c, n) = api();
-                    scoped(c, n)
-                },
+                scope.apis(&client),
                 all(),
                 Some(Arc::new(backup_app_key)),
                 stop.clone(),
             ),
-            restores: Shared::start(
-                {
-                    let (c, n) = api();
-                    scoped(c, n)
-                },
-                all(),
-                None,
-                stop.clone(),
-            ),
-            statefulsets: Shared::start(
-                {
-                    let (c, n) = api();
-                    scoped(c, n)
-                },
-                all(),
-                None,
-                stop.clone(),
-            ),
+            restores: Shared::start(scope.apis(&client), all(), None, stop.clone()),
+            statefulsets: Shared::start(scope.apis(&client), all(), None, stop.clone()),
             jobs: Shared::start(
-                {
-                    let (c, n) = api();
-                    scoped(c, n)
-                },
+                scope.apis(&client),
                 all().labels(AGENT_JOBS),
                 None,
                 stop.clone(),
             ),
-            leases: Shared::start(
-                {
-                    let (c, n) = api();
-                    scoped(c, n)
-                },
-                all().labels(&ours),
-                None,
-                stop.clone(),
-            ),
-            namespace,
+            leases: Shared::start(scope.apis(&client), all().labels(&ours), None, stop.clone()),
+            scope,
             _stop: stop.drop_guard(),
         };
         Arc::new(stores)
     }
 
     /// Starts the stores with their own stop token (tests; they end when dropped).
-    pub fn start_in(client: Client, namespace: Option<String>) -> Arc<Self> {
-        Self::start(client, namespace, &CancellationToken::new())
+    pub fn start_in(client: Client, scope: impl Into<Scope>) -> Arc<Self> {
+        Self::start(client, scope, &CancellationToken::new())
     }
 
     /// Waits until every cache has listed once; every [`SYNC_WARNING_AFTER`] without it,
@@ -611,6 +789,11 @@ impl Stores {
             }
         };
         ready(is_ready(&self.apps.reader), "StatefulApp", &mut missing);
+        ready(
+            is_ready(&self.repositories.reader),
+            "BackupRepository",
+            &mut missing,
+        );
         ready(is_ready(&self.backups.reader), "Backup", &mut missing);
         ready(is_ready(&self.restores.reader), "Restore", &mut missing);
         ready(
@@ -738,6 +921,110 @@ mod tests {
         assert!(index.get("2").is_empty());
         index.rebuild(&[Arc::new(a)]);
         assert_eq!(index.get("1").len(), 1);
+    }
+
+    fn app_in(namespace: &str, name: &str, generation: i64) -> StatefulApp {
+        let mut a = app(name, generation, "x");
+        a.metadata.namespace = Some(namespace.into());
+        a
+    }
+
+    fn names(store: &Store<StatefulApp>) -> Vec<String> {
+        let mut names: Vec<String> = store
+            .state()
+            .iter()
+            .map(|a| format!("{}/{}", a.namespace().unwrap_or_default(), a.name_any()))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Two namespaces' watches into one cache: ready only once both listed, a re-list of
+    /// one leaves the other's objects alone, and changes pass through after that.
+    #[test]
+    fn merge_keeps_each_namespace_to_its_own_watch() {
+        let (reader, writer) = reflector::store::<StatefulApp>();
+        let mut merge = Merge::new(
+            writer,
+            reader.clone(),
+            vec![Some("a".to_string()), Some("b".to_string())],
+        );
+        let nothing = |m: Merged<StatefulApp>| matches!(m, Merged::Nothing);
+        // a lists, and changes before b has listed: the cache stays empty and not ready.
+        assert!(nothing(merge.apply(0, Event::Init)));
+        assert!(nothing(
+            merge.apply(0, Event::InitApply(app_in("a", "one", 1)))
+        ));
+        assert!(nothing(
+            merge.apply(0, Event::InitApply(app_in("a", "two", 1)))
+        ));
+        assert!(nothing(merge.apply(0, Event::InitDone)));
+        assert!(nothing(
+            merge.apply(0, Event::Delete(app_in("a", "two", 1)))
+        ));
+        assert!(nothing(
+            merge.apply(0, Event::Apply(app_in("a", "three", 1)))
+        ));
+        assert!(!is_ready(&reader));
+        assert!(reader.is_empty());
+        // b lists: the cache takes both at once.
+        assert!(nothing(merge.apply(1, Event::Init)));
+        assert!(nothing(
+            merge.apply(1, Event::InitApply(app_in("b", "one", 1)))
+        ));
+        assert!(matches!(merge.apply(1, Event::InitDone), Merged::Resynced));
+        assert!(is_ready(&reader));
+        assert_eq!(names(&reader), ["a/one", "a/three", "b/one"]);
+        // b re-lists without b/one and with b/new: a's objects stay.
+        assert!(nothing(merge.apply(1, Event::Init)));
+        assert!(nothing(
+            merge.apply(1, Event::InitApply(app_in("b", "new", 1)))
+        ));
+        assert!(
+            names(&reader).contains(&"b/one".to_string()),
+            "a list under way changes nothing yet"
+        );
+        assert!(matches!(merge.apply(1, Event::InitDone), Merged::Resynced));
+        assert_eq!(names(&reader), ["a/one", "a/three", "b/new"]);
+        // Changes pass through, as the cached object.
+        match merge.apply(0, Event::Apply(app_in("a", "one", 2))) {
+            Merged::Changed(a) => assert_eq!(a.metadata.generation, Some(2)),
+            other => panic!("{other:?}"),
+        }
+        match merge.apply(0, Event::Delete(app_in("a", "three", 1))) {
+            Merged::Deleted(a) => assert_eq!(a.name_any(), "three"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(names(&reader), ["a/one", "b/new"]);
+    }
+
+    /// One cluster-wide watch: its re-list replaces everything, as kube's reflector does.
+    #[test]
+    fn merge_of_one_cluster_wide_watch_is_a_plain_reflector() {
+        let (reader, writer) = reflector::store::<StatefulApp>();
+        let mut merge = Merge::new(writer, reader.clone(), vec![None]);
+        merge.apply(0, Event::Init);
+        merge.apply(0, Event::InitApply(app_in("a", "one", 1)));
+        merge.apply(0, Event::InitApply(app_in("b", "one", 1)));
+        assert!(matches!(merge.apply(0, Event::InitDone), Merged::Resynced));
+        assert_eq!(names(&reader), ["a/one", "b/one"]);
+        merge.apply(0, Event::Init);
+        merge.apply(0, Event::InitApply(app_in("c", "one", 1)));
+        merge.apply(0, Event::InitDone);
+        assert_eq!(names(&reader), ["c/one"]);
+    }
+
+    #[test]
+    fn scope_of_a_list_sorts_drops_blanks_and_repeats() {
+        assert_eq!(Scope::of(Vec::<String>::new()), Scope::All);
+        assert_eq!(Scope::of([" ", ""]), Scope::All);
+        assert_eq!(
+            Scope::of(["b", "a", "b"]),
+            Scope::Namespaces(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(Scope::from(Some("x".to_string())), Scope::of(["x"]));
+        assert!(Scope::of(["a"]).contains("a") && !Scope::of(["a"]).contains("b"));
+        assert!(Scope::All.contains("anything"));
     }
 
     /// The fan-out as a subscriber sees it, driven through a real store writer.

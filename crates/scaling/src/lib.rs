@@ -84,6 +84,7 @@ pub struct ScalingContext {
     pub volume_capacity: Family<storage::VolumeLabels, Gauge>,
     /// The manager's shared watches: who manages which StatefulSet, and what wakes an app.
     pub stores: Arc<Stores>,
+    pub config: Config,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +98,31 @@ pub enum ScalingError {
 }
 
 /// Runs the scaling loop until shutdown, woken by the shared watches.
+/// Operator settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Whether volumes grow (`spec.scaling.storage`: claim patches, StorageClass reads,
+    /// the StatefulSet re-created with larger templates, auto-expansion's `df`). Off (the
+    /// chart's `features.volumeExpansion: false`, which drops those rights), an app whose
+    /// claims are smaller than asked gets `ScalingBlocked=True/FeatureDisabled`.
+    pub volume_expansion: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            volume_expansion: true,
+        }
+    }
+}
+
+/// Runs the scaling controller with the default settings until shutdown.
 pub async fn run(base: Context, stores: Arc<Stores>) {
+    run_with(base, stores, Config::default()).await;
+}
+
+/// Runs the scaling controller until shutdown.
+pub async fn run_with(base: Context, stores: Arc<Stores>, config: Config) {
     if !stores.wait_synced(&base.shutdown).await {
         return;
     }
@@ -135,6 +160,7 @@ pub async fn run(base: Context, stores: Arc<Stores>) {
         volume_used,
         volume_capacity,
         stores: stores.clone(),
+        config,
     });
     wake_on(&stores)
         .with_config(watch::controller_config())

@@ -41,6 +41,18 @@ pub struct VolumeLabels {
 
 const DEFAULT_COOLDOWN: Duration = Duration::from_secs(3600);
 
+/// `ScalingBlocked` when the claims are smaller than asked and the operator runs with
+/// volume expansion turned off.
+fn expansion_turned_off(desired: u64) -> (&'static str, String) {
+    (
+        "FeatureDisabled",
+        format!(
+            "spec.scaling.storage asks for {}: this operator runs with volume expansion turned off (Helm value features.volumeExpansion); nothing is resized",
+            plan::quantity_of(desired)
+        ),
+    )
+}
+
 /// The storage step: `Some(action)` when it is working (or blocked), `None` when the
 /// volumes are at their size (or no size is managed).
 pub(crate) async fn reconcile(
@@ -59,7 +71,9 @@ pub(crate) async fn reconcile(
         return Ok(None);
     };
     let now = ctx.base.clock.now();
-    if let Some(auto) = &policy.auto_expand {
+    if let Some(auto) = &policy.auto_expand
+        && ctx.config.volume_expansion
+    {
         auto_expand(world, ctx, auto).await?;
     }
     let spec_size = policy.size.as_deref().and_then(plan::quantity_bytes);
@@ -110,6 +124,12 @@ pub(crate) async fn reconcile(
             .map(|c| format!("{}: {}", c.name_any(), resize_state(c)))
             .collect();
         return Ok(None);
+    }
+    if !ctx.config.volume_expansion {
+        // Nothing to wait for but a new spec or an operator installed with the feature.
+        let (reason, message) = expansion_turned_off(desired);
+        world.set(BLOCKED, true, reason, message, now);
+        return Ok(Some(Action::await_change()));
     }
     // Only classes that allow expansion; otherwise say so and change nothing.
     let classes: Api<StorageClass> = Api::all(ctx.base.client.clone());
@@ -518,6 +538,15 @@ pub fn parse_df(out: &str) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expansion_turned_off_names_the_size_the_field_and_the_value() {
+        let (reason, message) = expansion_turned_off(2 * 1024 * 1024 * 1024);
+        assert_eq!(reason, "FeatureDisabled");
+        for part in ["2Gi", "spec.scaling.storage", "features.volumeExpansion"] {
+            assert!(message.contains(part), "{message}");
+        }
+    }
 
     #[test]
     fn the_applied_size_only_grows_and_survives_an_unset_size() {

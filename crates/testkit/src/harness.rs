@@ -127,10 +127,13 @@ impl Cluster {
         );
         let chart = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../charts/stateward");
         let mut command = tokio::process::Command::new(&self.env.helm);
-        command
-            .args(["install", release])
-            .arg(&chart)
-            .args(["--namespace", namespace, "--wait", "--timeout", "3m"]);
+        command.args(["install", release]).arg(&chart).args([
+            "--namespace",
+            namespace,
+            "--wait",
+            "--timeout",
+            "3m",
+        ]);
         for set in [
             "image.repository=stateward",
             "image.tag=dev",
