@@ -21,7 +21,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use super::pods::PodContext;
 
@@ -464,6 +466,15 @@ where
     let mut frame = vec![3u8];
     frame.extend(body.to_string().into_bytes());
     sink.send(Message::binary(frame)).await?;
+    // A kubelet ends the stream with a Normal Closure (1000). A close frame without a
+    // code reads as 1005 ("no status") on the client, and kubectl then fails the whole
+    // exec with `error reading from error stream` however the command exited.
+    let _ = sink
+        .send(Message::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        })))
+        .await;
     let _ = sink.close().await;
     Ok(())
 }
