@@ -66,6 +66,9 @@ pub struct Env {
     pub kubernetes_version: String,
     /// The pinned helm binary (for chart tests).
     pub helm: PathBuf,
+    /// kubectl of the cluster's own Kubernetes version (for tests that let it judge).
+    #[serde(default)]
+    pub kubectl: PathBuf,
     /// The Prometheus Operator's CRD manifests, generated from its pinned types (for the
     /// monitoring tests, which install them).
     #[serde(default)]
@@ -231,6 +234,7 @@ pub fn up() -> Result<Env> {
         ca_cert: pki.ca_cert.clone(),
         kubernetes_version: tools::KUBERNETES_VERSION.into(),
         helm: tool("helm"),
+        kubectl: tool("kubectl"),
         prometheus_crds: tools::prometheus_crds(&tool("controller-gen"))?,
         audit_log: dir.join("logs/audit.log"),
     };

@@ -47,3 +47,49 @@ pub fn identity_env(repo: &BackupRepositorySpec) -> Option<Value> {
         .and_then(|e| e.identity.as_ref())
         .map(|i| json!({"name": crate::restore::IDENTITY_ENV, "valueFrom": {"secretKeyRef": {"name": i.name, "key": i.key}}}))
 }
+
+/// The uid and gid of the agent image's own user (`stateward`, as in the Dockerfile).
+pub const AGENT_USER: i64 = 65532;
+
+/// The pod security context of an agent that touches no volume (exec agents: a dump
+/// streamed out of an app's pod, or into its restore command): Pod Security
+/// `restricted` — non-root as the image's own user, the runtime's default seccomp
+/// profile. With [`RESTRICTED_CONTAINER`], such a pod is admitted by a namespace that
+/// enforces `restricted`.
+pub fn restricted_pod() -> Value {
+    json!({
+        "runAsNonRoot": true,
+        "runAsUser": AGENT_USER,
+        "runAsGroup": AGENT_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    })
+}
+
+/// The container security context every agent container starts from: no privilege
+/// escalation, a read-only root filesystem, every capability dropped.
+pub fn restricted_container() -> Value {
+    json!({
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": {"drop": ["ALL"]},
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What Pod Security `restricted` checks of a pod and its containers (the 1.36
+    /// profile's rules that these contexts can break).
+    #[test]
+    fn the_restricted_contexts_meet_the_restricted_profile() {
+        let pod = restricted_pod();
+        let container = restricted_container();
+        assert_eq!(pod["runAsNonRoot"], true);
+        assert_ne!(pod["runAsUser"], 0);
+        assert_eq!(pod["seccompProfile"]["type"], "RuntimeDefault");
+        assert_eq!(container["allowPrivilegeEscalation"], false);
+        assert_eq!(container["capabilities"]["drop"], json!(["ALL"]));
+        assert!(container["capabilities"].get("add").is_none());
+    }
+}

@@ -149,6 +149,83 @@ async fn volume_backup_of_two_replicas_on_two_nodes_restores_by_hand_byte_identi
     world.finish().await
 }
 
+/// An exec backup in a namespace that enforces Pod Security `restricted`: the API server
+/// admits the exec agent's pod (non-root, RuntimeDefault seccomp, no escalation, no
+/// capability) and the dump completes. A root pod is refused there, so the label holds.
+#[tokio::test]
+async fn an_exec_backup_runs_in_a_namespace_that_enforces_restricted() -> Result<()> {
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    let world = World::new("run-restricted").await?;
+    let namespaces: Api<Namespace> = Api::all(world.cluster.client.clone());
+    namespaces
+        .patch(
+            &world.ns.name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"labels": {
+                "pod-security.kubernetes.io/enforce": "restricted"
+            }}})),
+        )
+        .await?;
+    let root: Pod = from_yaml(
+        "metadata: { name: root }\nspec: { containers: [{ name: main, image: stateward-probe:dev }] }",
+    )?;
+    match world.pods().create(&PostParams::default(), &root).await {
+        Err(kube::Error::Api(e)) if e.code == 403 && e.message.contains("restricted") => {}
+        other => bail!("a root pod in a restricted namespace: {other:?}"),
+    }
+    world
+        .apply(
+            r#"
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: { name: fenced }
+spec:
+  replicas: 1
+  serviceName: fenced
+  selector: { matchLabels: { app: fenced } }
+  template:
+    metadata: { labels: { app: fenced } }
+    spec:
+      terminationGracePeriodSeconds: 1
+      securityContext:
+        runAsNonRoot: true
+        runAsUser: 1000
+        runAsGroup: 1000
+        fsGroup: 1000
+        seccompProfile: { type: RuntimeDefault }
+      containers:
+      - name: main
+        image: stateward-probe:dev
+        command: [sh, -c, "seq 1 5000 > /data/rows; exec sleep 100000"]
+        readinessProbe: { exec: { command: [test, -f, /data/rows] }, periodSeconds: 1 }
+        securityContext: { allowPrivilegeEscalation: false, capabilities: { drop: [ALL] } }
+        volumeMounts: [{ name: data, mountPath: /data }]
+  volumeClaimTemplates:
+  - metadata: { name: data }
+    spec:
+      accessModes: [ReadWriteOnce]
+      resources: { requests: { storage: 16Mi } }
+"#,
+        )
+        .await?;
+    world
+        .apply(&app(
+            "fenced",
+            "fenced",
+            "    exec:\n      command: [sh, -c, \"cat /data/rows\"]\n",
+        ))
+        .await?;
+    wait_pod_ready(&world.pods(), "fenced-0", 2 * MINUTE).await?;
+    let backup = world.backup("dump", "fenced", "  method: Exec\n").await?;
+    let (status, _) = completed_with_key(&backup)?;
+    ensure!(
+        status.volumes.iter().all(|v| v.bytes_read.unwrap_or(0) > 0),
+        "the dump is empty: {:?}",
+        status.volumes
+    );
+    world.finish().await
+}
+
 #[tokio::test]
 async fn failing_pre_hook_fails_the_run_and_the_post_hook_still_runs() -> Result<()> {
     let world = World::new("run-hooks").await?;

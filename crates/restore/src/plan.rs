@@ -749,7 +749,10 @@ pub fn agent_job(inputs: &JobInputs<'_>, item: &Item, index: usize, step: JobSte
         }],
     });
     if step == JobStep::Exec {
-        spec["containers"][0]["securityContext"] = json!({"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}});
+        // It writes no volume, only streams into the app's restore command: Pod Security
+        // `restricted`, as the image's own user.
+        spec["securityContext"] = stateward_agent::job::restricted_pod();
+        spec["containers"][0]["securityContext"] = stateward_agent::job::restricted_container();
     } else {
         // Restoring ownership and modes needs root with CHOWN/FOWNER/DAC_OVERRIDE; the pod
         // is pinned by the scheduler to the volume's node (the app is stopped, or the

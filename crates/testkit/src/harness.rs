@@ -32,6 +32,9 @@ pub struct TestEnv {
     /// The pinned helm binary.
     #[serde(default)]
     pub helm: PathBuf,
+    /// kubectl of the cluster's own Kubernetes version.
+    #[serde(default)]
+    pub kubectl: PathBuf,
     /// The Prometheus Operator's CRD manifests (generated from its pinned API types).
     #[serde(default)]
     pub prometheus_crds: PathBuf,

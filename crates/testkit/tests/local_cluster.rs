@@ -221,6 +221,26 @@ spec:
     let ok = exec(&pods, "shell", None, &["true"], None).await?;
     ensure!(ok.exit_code == 0, "true exited {}", ok.exit_code);
 
+    // kubectl judges too: its exit code is the command's, as with a kubelet (the node
+    // once closed the stream without a status code and kubectl exited 1 every time).
+    for (command, code, stdout) in [("echo hi", 0, "hi\n"), ("echo hi; exit 3", 3, "hi\n")] {
+        let out = tokio::process::Command::new(&cluster.env.kubectl)
+            .args([
+                "exec", "-n", &ns.name, "shell", "-c", "main", "--", "sh", "-c", command,
+            ])
+            .env("KUBECONFIG", &cluster.env.kubeconfig)
+            .output()
+            .await
+            .context("running kubectl (built by `cargo xtask test`)")?;
+        ensure!(
+            out.status.code() == Some(code) && String::from_utf8_lossy(&out.stdout) == stdout,
+            "kubectl exec {command:?}: exit {:?}, stdout {:?}, stderr {:?}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     // 64 MiB through stdin and back, byte-identical.
     let mut data = vec![0u8; 64 << 20];
     let mut state = 0x9e3779b97f4a7c15u64;
@@ -249,6 +269,92 @@ spec:
         !spdy.exists(),
         "the API server tried SPDY: {}",
         std::fs::read_to_string(&spdy).unwrap_or_default()
+    );
+    ns.cleanup().await
+}
+
+/// The node enforces two of a kubelet's securityContext rules: `allowPrivilegeEscalation:
+/// false` sets `no_new_privs` on the container and on every exec into it (so a setuid
+/// binary gains nothing), and `runAsNonRoot` refuses a container that would run as uid 0
+/// with the kubelet's `CreateContainerConfigError`.
+#[tokio::test]
+async fn no_new_privs_and_run_as_non_root_are_enforced_as_a_kubelet_does() -> Result<()> {
+    let cluster = Cluster::connect().await?;
+    let ns = cluster.namespace("secctx").await?;
+    let pods: Api<Pod> = cluster.api(&ns.name);
+    let pod: Pod = from_yaml(
+        r#"
+metadata: { name: guarded }
+spec:
+  terminationGracePeriodSeconds: 1
+  securityContext: { runAsUser: 1000, runAsGroup: 1000 }
+  containers:
+  - name: fenced
+    image: stateward-probe
+    command: [sh, -c, "grep NoNewPrivs /proc/self/status; exec sleep 100000"]
+    securityContext: { allowPrivilegeEscalation: false, runAsNonRoot: true }
+  - name: open
+    image: stateward-probe
+    command: [sh, -c, "grep NoNewPrivs /proc/self/status; exec sleep 100000"]
+"#,
+    )?;
+    pods.create(&PostParams::default(), &pod).await?;
+    wait_pod_ready(&pods, "guarded", MINUTE).await?;
+    for (container, flag) in [("fenced", "1"), ("open", "0")] {
+        let started = pods
+            .logs(
+                "guarded",
+                &kube::api::LogParams {
+                    container: Some(container.into()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let exec = exec(
+            &pods,
+            "guarded",
+            Some(container),
+            &["grep", "NoNewPrivs", "/proc/self/status"],
+            None,
+        )
+        .await?
+        .stdout_str();
+        for (what, status) in [("its process", started), ("an exec", exec)] {
+            let seen = status.split_whitespace().last().map(String::from);
+            ensure!(
+                seen.as_deref() == Some(flag),
+                "container {container}, {what}: {status:?} (wanted NoNewPrivs {flag})"
+            );
+        }
+    }
+    let rooted: Pod = from_yaml(
+        r#"
+metadata: { name: rooted }
+spec:
+  terminationGracePeriodSeconds: 1
+  securityContext: { runAsNonRoot: true }
+  containers:
+  - { name: main, image: stateward-probe, args: [sleep] }
+"#,
+    )?;
+    pods.create(&PostParams::default(), &rooted).await?;
+    let waiting = wait_for("the node to refuse a root container", MINUTE, || async {
+        let pod = pods.get("rooted").await?;
+        Ok(pod
+            .status
+            .and_then(|s| s.container_statuses)
+            .and_then(|c| c.into_iter().next())
+            .and_then(|c| c.state)
+            .and_then(|s| s.waiting)
+            .filter(|w| w.reason.as_deref() == Some("CreateContainerConfigError")))
+    })
+    .await?;
+    ensure!(
+        waiting
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("runAsNonRoot and image will run as root")),
+        "{waiting:?}"
     );
     ns.cleanup().await
 }

@@ -389,9 +389,14 @@ pub fn agent_job(inputs: &JobInputs<'_>, target: &Target, app_pod: &Pod) -> serd
             "args": args,
             "env": env,
             "terminationMessagePolicy": "File",
-            "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}},
+            "securityContext": stateward_agent::job::restricted_container(),
         }],
     });
+    if inputs.settings.method == BackupMethod::Exec {
+        // It reads no volume, only the API and S3: Pod Security `restricted`, as the
+        // image's own user.
+        spec["securityContext"] = stateward_agent::job::restricted_pod();
+    }
     if inputs.settings.method == BackupMethod::Volume {
         spec["nodeName"] = json!(target.node);
         if let Some(tolerations) = &pod_spec.tolerations {
@@ -707,5 +712,56 @@ status: {{conditions: [{{type: Ready, status: "{}"}}]}}
             job_name("nightly", "data-db-0")
         );
         assert!(job_name(&"x".repeat(60), "data").len() <= 63);
+    }
+
+    /// An exec agent reads no volume: it runs as Pod Security `restricted` (non-root as
+    /// the image's user, RuntimeDefault seccomp, no escalation, no capability), whatever
+    /// the app runs as; a volume agent runs as the app.
+    #[test]
+    fn the_exec_job_is_restricted_and_not_the_apps_user() {
+        let backup: Backup =
+            yaml("metadata: {name: nightly, namespace: shop, uid: b1}\nspec: {app: db}");
+        let repo: BackupRepository = yaml(
+            "metadata: {name: r}\nspec: {s3: {bucket: backups, credentials: {accessKeyId: {name: s3, key: id}, secretAccessKey: {name: s3, key: secret}}}}",
+        );
+        let settings = Settings {
+            repository: "r".into(),
+            method: BackupMethod::Exec,
+            replicas: ReplicaSelection::All,
+            exec: None,
+            hooks: Hooks::default(),
+            deadline_seconds: None,
+        };
+        let app_pod = pod("db-0", "n1", true, "data-db-0");
+        let target = Target {
+            name: "dump-db-0".into(),
+            pod: "db-0".into(),
+            node: "n1".into(),
+            claim: None,
+        };
+        let inputs = JobInputs {
+            backup: &backup,
+            repository: &repo,
+            settings: &settings,
+            prefix: "shop/db/nightly-b1",
+            agent_image: "img",
+            service_account: "stateward-exec-db",
+        };
+        let job = agent_job(&inputs, &target, &app_pod);
+        let spec = &job["spec"]["template"]["spec"];
+        assert_eq!(spec["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(
+            spec["securityContext"]["runAsUser"],
+            stateward_agent::job::AGENT_USER
+        );
+        assert_eq!(
+            spec["securityContext"]["seccompProfile"]["type"],
+            "RuntimeDefault"
+        );
+        assert!(spec.get("volumes").is_none() && spec.get("nodeName").is_none());
+        let container = &spec["containers"][0]["securityContext"];
+        assert_eq!(container["allowPrivilegeEscalation"], false);
+        assert_eq!(container["capabilities"]["drop"][0], "ALL");
+        assert_eq!(spec["automountServiceAccountToken"], true);
     }
 }

@@ -44,6 +44,8 @@ pub struct ExecTarget {
     pub gid: Option<u32>,
     pub groups: Vec<u32>,
     pub working_dir: Option<PathBuf>,
+    /// The container's `allowPrivilegeEscalation: false` holds for execs too.
+    pub no_new_privs: bool,
     /// The container's environment as started (not /proc/<pid>/environ: programs such as
     /// redis-server overwrite that memory with their process title).
     pub env: Vec<(String, String)>,
@@ -61,6 +63,7 @@ impl ExecTarget {
             working_dir: self.working_dir.clone(),
             env,
             argv: command.to_vec(),
+            no_new_privs: self.no_new_privs,
             ..RunSpec::default()
         };
         let mut cmd = tokio::process::Command::new(self_exe());
@@ -689,6 +692,11 @@ impl PodContext {
                 }
             };
             let _ = std::fs::write(&term_path, b"");
+            // Writable by whatever user the container runs as, as the kubelet makes it.
+            let _ = std::fs::set_permissions(
+                &term_path,
+                std::os::unix::fs::PermissionsExt::from_mode(0o666),
+            );
             let log = match std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -740,6 +748,7 @@ impl PodContext {
                 gid,
                 groups: groups.clone(),
                 working_dir: run_spec.working_dir.clone(),
+                no_new_privs: run_spec.no_new_privs,
                 env: run_spec.env.clone(),
             };
             let has_readiness = c.readiness_probe.is_some();
@@ -861,6 +870,19 @@ impl PodContext {
         gid: Option<u32>,
         groups: &[u32],
     ) -> Result<RunSpec> {
+        let (pod_sc, sc) = (
+            pod.spec
+                .as_ref()
+                .and_then(|s| s.security_context.clone())
+                .unwrap_or_default(),
+            c.security_context.clone().unwrap_or_default(),
+        );
+        non_root_policy(
+            sc.run_as_non_root.or(pod_sc.run_as_non_root),
+            uid,
+            &pod.name_any(),
+            &c.name,
+        )?;
         let mut path = vec![self.cfg.bin_dir.to_string_lossy().into_owned()];
         path.extend(extra_path.iter().cloned());
         path.push("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
@@ -949,7 +971,32 @@ impl PodContext {
             env,
             argv,
             detach_under: Some(self.cfg.state_dir.join("volumes")),
+            no_new_privs: sc.allow_privilege_escalation == Some(false),
         })
+    }
+}
+
+/// The kubelet's `runAsNonRoot` check, with its messages: a container that would run as
+/// uid 0 is not started (`CreateContainerConfigError`). This node does not read images'
+/// `USER`, so a container without `runAsUser` counts as root, as an image without a
+/// `USER` line does (docs/local-cluster.md).
+fn non_root_policy(
+    run_as_non_root: Option<bool>,
+    uid: Option<u32>,
+    pod: &str,
+    container: &str,
+) -> Result<()> {
+    if run_as_non_root != Some(true) {
+        return Ok(());
+    }
+    match uid {
+        Some(0) => anyhow::bail!(
+            "container's runAsUser breaks non-root policy (pod: \"{pod}\", container: {container})"
+        ),
+        None => anyhow::bail!(
+            "container has runAsNonRoot and image will run as root (pod: \"{pod}\", container: {container})"
+        ),
+        Some(_) => Ok(()),
     }
 }
 
@@ -1199,5 +1246,29 @@ async fn status_writer(client: Client, pod: Pod, rt: Arc<PodRuntime>, host_ip: I
             _ = rt.changed.notified() => tokio::time::sleep(Duration::from_millis(50)).await,
             _ = tokio::time::sleep(Duration::from_secs(10)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::non_root_policy;
+
+    #[test]
+    fn run_as_non_root_refuses_uid_0_with_the_kubelets_messages() {
+        let verdict = |non_root, uid| {
+            non_root_policy(non_root, uid, "p", "c")
+                .err()
+                .map(|e| e.to_string())
+        };
+        assert_eq!(verdict(None, None), None);
+        assert_eq!(verdict(Some(false), Some(0)), None);
+        assert_eq!(verdict(Some(true), Some(1000)), None);
+        let implicit = verdict(Some(true), None).unwrap_or_default();
+        assert!(implicit.contains("image will run as root"), "{implicit}");
+        let explicit = verdict(Some(true), Some(0)).unwrap_or_default();
+        assert!(
+            explicit.contains("runAsUser breaks non-root policy"),
+            "{explicit}"
+        );
     }
 }

@@ -51,6 +51,10 @@ pub struct RunSpec {
     /// resource busy" for as long as this container lives.
     #[serde(default)]
     pub detach_under: Option<PathBuf>,
+    /// `allowPrivilegeEscalation: false`: `PR_SET_NO_NEW_PRIVS` before the program runs
+    /// (and before every exec into the container), so a setuid binary gains nothing.
+    #[serde(default)]
+    pub no_new_privs: bool,
 }
 
 /// Entry point of the runner; returns only on error (else it has exec'd).
@@ -110,6 +114,9 @@ pub fn run(spec_json: &str) -> Result<std::convert::Infallible> {
     }
     if let Some(uid) = spec.uid {
         setuid(Uid::from_raw(uid)).context("setting the user id")?;
+    }
+    if spec.no_new_privs {
+        nix::sys::prctl::set_no_new_privs().context("setting no_new_privs")?;
     }
     let Some((program, args)) = spec.argv.split_first() else {
         bail!("the container has no command: set command/args or use an image with an entrypoint");
