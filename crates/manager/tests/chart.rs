@@ -525,8 +525,9 @@ async fn chart_with_watch_namespaces_and_features_off_acts_in_those_only() -> Re
 }
 
 /// With every optional feature off: the manager's role has none of their rights, an
-/// app's `MonitoringObjects` condition says the operator turned them off, and a clone
-/// Restore that asks for its StatefulSet fails with `FeatureDisabled` naming the value.
+/// app's `MonitoringObjects` condition says the operator turned them off, a bigger volume
+/// is blocked (`FeatureDisabled`, the claim untouched), and a clone Restore that asks for
+/// its StatefulSet fails with `FeatureDisabled` naming the value.
 async fn features_off_are_refused_with_a_reason(
     cluster: &Cluster,
     release: &str,
@@ -565,6 +566,45 @@ async fn features_off_are_refused_with_a_reason(
         },
     )
     .await?;
+    // A bigger volume asked of an operator without volume expansion: blocked, nothing
+    // resized.
+    apps.patch(
+        "shop",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(
+            serde_json::json!({"spec": {"scaling": {"storage": {"size": "32Mi"}}}}),
+        ),
+    )
+    .await?;
+    wait_for(
+        "ScalingBlocked to say volume expansion is off",
+        Duration::from_secs(60),
+        || async {
+            let app = apps.get("shop").await?;
+            let conditions = app.status.map(|s| s.conditions).unwrap_or_default();
+            Ok(conditions
+                .iter()
+                .any(|c| {
+                    c.type_ == "ScalingBlocked"
+                        && c.reason == "FeatureDisabled"
+                        && c.message.contains("features.volumeExpansion")
+                })
+                .then_some(()))
+        },
+    )
+    .await?;
+    let claim: k8s_openapi::api::core::v1::PersistentVolumeClaim =
+        cluster.api(a).get("data-shop-0").await?;
+    let requested = claim
+        .spec
+        .and_then(|s| s.resources)
+        .and_then(|r| r.requests)
+        .and_then(|r| r.get("storage").cloned())
+        .map(|q| q.0);
+    ensure!(
+        requested.as_deref() == Some("16Mi"),
+        "the claim was resized: {requested:?}"
+    );
     stateward_testkit::harness::apply_yaml(
         &cluster.client,
         b,
