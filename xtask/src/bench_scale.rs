@@ -95,6 +95,8 @@ async fn run(
     manager: &Path,
     out: &Path,
 ) -> Result<()> {
+    // First: on a fresh cluster (no test ran) listing StatefulApps is a 404 without them.
+    stateward_testkit::harness::install_crds(client, &stateward_api::crds()).await?;
     clean(client, args).await;
     println!(
         "==> bench scale: {} apps ({} running) in {} namespace(s), {} terminal Backups",
@@ -125,7 +127,6 @@ async fn run(
                 .join(", ")
         );
     }
-    stateward_testkit::harness::install_crds(client, &stateward_api::crds()).await?;
     let user = install_identity(client, helm).await?;
     let kubeconfig = out.join("kubeconfig");
     let token = token(client, &user.1).await?;
