@@ -210,6 +210,24 @@ async fn the_manager_token_is_fenced(cluster: &Cluster, ns: &str, account: &str)
     Ok(())
 }
 
+/// The manager's log shows no permission error. They name the ServiceAccount ("... is
+/// forbidden: User \"system:serviceaccount:...\" cannot ..."); other tests' namespaces
+/// being deleted meanwhile cause unrelated refusals, which do not count.
+fn no_permission_errors(logs: &str) -> Result<()> {
+    let errors: Vec<&str> = logs
+        .lines()
+        .filter(|l| {
+            l.contains("system:serviceaccount") && (l.contains("forbidden") || l.contains("cannot"))
+        })
+        .collect();
+    ensure!(
+        errors.is_empty(),
+        "the manager hit permission errors:\n{}",
+        errors.join("\n")
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn chart_installs_and_the_manager_runs_as_a_pod_with_its_own_service_account() -> Result<()> {
     let cluster = Cluster::connect().await?;
@@ -297,20 +315,7 @@ async fn chart_installs_and_the_manager_runs_as_a_pod_with_its_own_service_accou
         },
     )
     .await?;
-    // Permission errors name the ServiceAccount ("... is forbidden: User
-    // \"system:serviceaccount:...\" cannot ..."); other tests' namespaces being deleted
-    // meanwhile cause unrelated refusals, which do not count.
-    let permission_errors: Vec<&str> = logs
-        .lines()
-        .filter(|l| {
-            l.contains("system:serviceaccount") && (l.contains("forbidden") || l.contains("cannot"))
-        })
-        .collect();
-    ensure!(
-        permission_errors.is_empty(),
-        "the manager hit permission errors:\n{}",
-        permission_errors.join("\n")
-    );
+    no_permission_errors(&logs)?;
     for bad in ["cannot read CRDs", "not installed"] {
         ensure!(
             !logs.contains(bad),
@@ -495,8 +500,7 @@ async fn chart_with_watch_namespaces_and_features_off_acts_in_those_only() -> Re
             c.name
         ),
     }
-    // Nothing it does hits a permission error (it never even tries c). Permission errors
-    // name the ServiceAccount ("... is forbidden: User \"system:serviceaccount:...").
+    // Nothing it does hits a permission error (it never even tries c).
     let pods: Api<Pod> = cluster.api(&system.name);
     let pod = pods
         .list(&Default::default())
@@ -505,18 +509,7 @@ async fn chart_with_watch_namespaces_and_features_off_acts_in_those_only() -> Re
         .into_iter()
         .next()
         .context("the chart created no pod")?;
-    let logs = pods.logs(&pod.name_any(), &LogParams::default()).await?;
-    let forbidden: Vec<&str> = logs
-        .lines()
-        .filter(|l| {
-            l.contains("system:serviceaccount") && (l.contains("forbidden") || l.contains("cannot"))
-        })
-        .collect();
-    ensure!(
-        forbidden.is_empty(),
-        "the manager hit permission errors:\n{}",
-        forbidden.join("\n")
-    );
+    no_permission_errors(&pods.logs(&pod.name_any(), &LogParams::default()).await?)?;
     cluster.uninstall_chart(&release, &system.name).await?;
     for ns in [a, b, c, system] {
         ns.cleanup().await?;
