@@ -34,10 +34,14 @@ pub fn run() -> Result<()> {
         say("creating the example repository's bucket on the local S3 server");
         create_bucket(&env, "stateward-backups").await?;
 
-        say(&format!("applying examples/ into namespace {NAMESPACE}"));
+        say(&format!(
+            "applying examples/ into namespace {NAMESPACE}, which enforces Pod Security \"restricted\" (apps and Stateward's agents alike)"
+        ));
         let namespaces: Api<Namespace> = Api::all(client.clone());
-        let ns: Namespace =
-            serde_json::from_value(serde_json::json!({"metadata": {"name": NAMESPACE}}))?;
+        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {
+            "name": NAMESPACE,
+            "labels": {"pod-security.kubernetes.io/enforce": "restricted"},
+        }}))?;
         namespaces
             .patch(
                 NAMESPACE,
@@ -49,7 +53,7 @@ pub fn run() -> Result<()> {
         for file in [
             "repository.yaml",
             "redis.yaml",
-            "postgres.yaml",
+            "postgres-restricted.yaml",
             "redis-app.yaml",
             "postgres-app.yaml",
         ] {

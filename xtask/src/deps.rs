@@ -10,6 +10,13 @@ const PACKAGES: &[(&str, &str)] = &[
     ("/usr/bin/redis-server", "redis-server"),
     ("/usr/bin/redis-cli", "redis-tools"),
     ("/usr/share/postgresql-common/pg_wrapper", "postgresql"),
+    // The postgres image's entrypoint runs initdb as a uid without a passwd entry
+    // (`runAsUser: 999` in a restricted namespace) through nss_wrapper, as the official
+    // image does.
+    (
+        "/usr/lib/x86_64-linux-gnu/libnss_wrapper.so",
+        "libnss-wrapper",
+    ),
     ("/usr/sbin/mkfs.ext4", "e2fsprogs"),
     ("/usr/sbin/resize2fs", "e2fsprogs"),
     ("/usr/sbin/ip", "iproute2"),

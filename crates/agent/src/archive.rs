@@ -17,11 +17,19 @@ pub struct ArchiveStats {
     /// decompressing, so corruption introduced before compression or by a codec bug is
     /// caught too, not only damage to the stored object.
     pub content_sha256: String,
+    /// Who owned what was archived (every entry but the root), so a restore can choose
+    /// its identity before it stops the app.
+    pub ownership: stateward_api::access::Ownership,
 }
 
 /// The working directory a restore keeps on the volume (staging, journal). Never backed
 /// up: a backup taken right after a crashed restore must not capture its leftovers.
 pub const RESTORE_WORKDIR: &str = ".stateward-restore";
+
+/// ext4's `lost+found` at a volume root belongs to the file system (mkfs made it, fsck
+/// fills it, root owns it, mode 0700): never app data, so never archived, and a restore
+/// keeps the target's own.
+pub const LOST_FOUND: &str = "lost+found";
 
 /// A writer that hashes what passes through.
 pub struct HashingWriter<W> {
@@ -96,6 +104,9 @@ pub fn write_volume_archive<W: Write>(
     builder.follow_symlinks(false);
     builder.mode(tar::HeaderMode::Complete);
     let mut stats = ArchiveStats::default();
+    let root = std::fs::metadata(dir)?;
+    stats.ownership.root_user = Some(i64::from(std::os::unix::fs::MetadataExt::uid(&root)));
+    stats.ownership.root_group = Some(i64::from(std::os::unix::fs::MetadataExt::gid(&root)));
     let mut seen = std::collections::HashMap::new();
     append_tree(&mut builder, dir, Path::new(""), &mut stats, &mut seen)?;
     let (encoder, content_sha256, _) = builder.into_inner()?.finish();
@@ -112,19 +123,43 @@ fn append_tree<W: Write>(
     seen: &mut std::collections::HashMap<(u64, u64), std::path::PathBuf>,
 ) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let mut entries: Vec<_> = std::fs::read_dir(root.join(rel))?.collect::<Result<_, _>>()?;
+    // Errors name the entry (relative to the volume): "permission denied" alone does not
+    // say which file of another owner stopped the backup.
+    fn at(path: &Path) -> impl Fn(std::io::Error) -> std::io::Error + '_ {
+        move |e| {
+            let shown = if path.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                path
+            };
+            std::io::Error::new(e.kind(), format!("{}: {e}", shown.display()))
+        }
+    }
+    let mut entries: Vec<_> = std::fs::read_dir(root.join(rel))
+        .and_then(|d| d.collect::<Result<Vec<_>, _>>())
+        .map_err(at(rel))?;
     // A stable order makes archives of the same tree identical.
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
         let name = rel.join(entry.file_name());
-        if rel.as_os_str().is_empty() && entry.file_name() == RESTORE_WORKDIR {
+        if rel.as_os_str().is_empty()
+            && (entry.file_name() == RESTORE_WORKDIR || entry.file_name() == LOST_FOUND)
+        {
             continue;
         }
         let meta = std::fs::symlink_metadata(entry.path())?;
-        if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+        let kind = meta.file_type();
+        if std::os::unix::fs::FileTypeExt::is_socket(&kind) {
             stats.skipped_sockets += 1;
             continue;
         }
+        stats.ownership.observe(
+            meta.uid(),
+            meta.gid(),
+            kind.is_file() && meta.mode() & 0o6000 != 0,
+            std::os::unix::fs::FileTypeExt::is_char_device(&kind)
+                || std::os::unix::fs::FileTypeExt::is_block_device(&kind),
+        );
         if meta.is_dir() {
             builder.append_dir(&name, entry.path())?;
             append_tree(builder, root, &name, stats, seen)?;
@@ -144,7 +179,7 @@ fn append_tree<W: Write>(
             if meta.nlink() > 1 {
                 seen.insert((meta.dev(), meta.ino()), name.clone());
             }
-            let mut file = std::fs::File::open(entry.path())?;
+            let mut file = std::fs::File::open(entry.path()).map_err(at(&name))?;
             builder.append_file(&name, &mut file)?;
             stats.files += 1;
             stats.bytes_read += meta.len();
@@ -186,19 +221,37 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("stateward-archive-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("sub/deeper"))?;
+        std::fs::create_dir_all(dir.join("lost+found"))?;
         std::fs::write(dir.join("a.txt"), b"alpha")?;
         std::fs::write(dir.join("sub/deeper/b.bin"), vec![7u8; 100_000])?;
         std::os::unix::fs::symlink("a.txt", dir.join("link"))?;
+        std::fs::write(dir.join("suid"), b"s")?;
+        std::fs::set_permissions(
+            dir.join("suid"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o4755),
+        )?;
         let (bytes, stats) = write_volume_archive(&dir, Vec::new(), 3, 2)?;
+        // Every entry is this process's own (it made them): one owner, one setuid file.
+        let (uid, gid) = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        let mut ownership = stateward_api::access::Ownership {
+            root_user: Some(i64::from(uid)),
+            root_group: Some(i64::from(gid)),
+            ..Default::default()
+        };
+        ownership.observe(uid, gid, true, false);
         assert_eq!(
             stats,
             ArchiveStats {
-                files: 2,
-                bytes_read: 100_005,
+                files: 3,
+                bytes_read: 100_006,
                 skipped_sockets: 0,
                 content_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
                     zstd::stream::decode_all(&bytes[..])?
                 )),
+                ownership,
             }
         );
         let decoded = zstd::stream::decode_all(&bytes[..])?;
@@ -211,6 +264,10 @@ mod tests {
                 entry.header().entry_type(),
             ));
         }
+        assert!(
+            !names.iter().any(|(n, _)| n.starts_with("lost+found")),
+            "the file system's lost+found is not archived: {names:?}"
+        );
         assert!(
             names.contains(&("a.txt".into(), tar::EntryType::Regular)),
             "{names:?}"

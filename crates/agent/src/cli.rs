@@ -141,6 +141,10 @@ pub struct BackupVolumeArgs {
     /// The volume's mount path (mounted read-only).
     #[arg(long)]
     pub source: PathBuf,
+    /// The uid the app's container runs as (learned by the manager), recorded with the
+    /// ownership so a restore knows what the app itself may do.
+    #[arg(long)]
+    pub app_user: Option<u32>,
     #[command(flatten)]
     pub target: S3Target,
 }
@@ -185,6 +189,9 @@ pub struct VolumeResult {
     /// Unix sockets in the volume, skipped (they are endpoints of running processes).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub skipped_sockets: u64,
+    /// Who owned the archived files (volume method).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ownership: Option<stateward_api::access::Ownership>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -294,7 +301,9 @@ async fn backup_volume_inner(args: &BackupVolumeArgs) -> Result<VolumeResult, St
     let (source, level, threads) = (args.source.clone(), target.zstd_level, target.zstd_threads);
     let (stored, stats) = stream_to_s3(&client, &target.upload_options(), move |writer| {
         crate::crypto::sealed(writer, recipient.as_ref(), |out| {
-            write_volume_archive(&source, out, level, threads).map(|(_, stats)| stats)
+            write_volume_archive(&source, out, level, threads)
+                .map(|(_, stats)| stats)
+                .map_err(unreadable_hint)
         })
     })
     .await
@@ -310,6 +319,10 @@ async fn backup_volume_inner(args: &BackupVolumeArgs) -> Result<VolumeResult, St
         duration_seconds: started.elapsed().as_secs_f64(),
         content_sha256: stats.content_sha256,
         skipped_sockets: stats.skipped_sockets,
+        ownership: Some(stateward_api::access::Ownership {
+            app_user: args.app_user.map(i64::from),
+            ..stats.ownership
+        }),
     };
     if stats.skipped_sockets > 0 {
         tracing::info!(
@@ -319,6 +332,20 @@ async fn backup_volume_inner(args: &BackupVolumeArgs) -> Result<VolumeResult, St
     }
     target.put_result(&client, &result).await?;
     Ok(result)
+}
+
+/// A file the agent's user cannot read: say who the agent is and what to change.
+fn unreadable_hint(e: std::io::Error) -> std::io::Error {
+    if e.kind() != std::io::ErrorKind::PermissionDenied {
+        return e;
+    }
+    std::io::Error::new(
+        e.kind(),
+        format!(
+            "{e} (the agent runs as uid {}, the data's owner as Stateward found it: files of another owner need spec.dataAccess.elevated: true on the app, or set spec.dataAccess.owner)",
+            nix::unistd::geteuid()
+        ),
+    )
 }
 
 /// How much of the dump command's stderr is kept for the error message.
@@ -454,6 +481,7 @@ async fn backup_exec_inner(args: &BackupExecArgs) -> Result<VolumeResult, String
         duration_seconds: started.elapsed().as_secs_f64(),
         content_sha256,
         skipped_sockets: 0,
+        ownership: None,
     };
     target.put_result(&s3, &result).await?;
     Ok(result)

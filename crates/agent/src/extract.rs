@@ -1,13 +1,16 @@
 //! Unpacking a volume archive into a staging directory, refusing anything that would land
 //! outside it. Pure file-system code (no S3), unit-tested on real directories.
 //!
-//! Kept: ownership (when running as root), modes, mtimes, symlinks, hard links, FIFOs.
+//! Kept: ownership, modes, mtimes, symlinks, hard links, FIFOs. Ownership is given as
+//! recorded or the entry is refused: a non-root agent (the default, running as the data's
+//! owner) can give only its own uid and its own groups, and anything else is refused as
+//! needing elevated mode ([`ExtractError::NotPermitted`]), never silently re-owned.
 //! Refused, with the entry named: absolute paths, `..`, a hard link whose target is not
 //! inside the archive, a relative symlink that climbs above the volume root, any entry
 //! below a symlink (a crafted archive's classic `link -> /etc` then `link/passwd`), any
 //! entry whose own name already exists as a symlink (`d -> /etc` then a directory `d/`,
 //! whose mode and mtime would otherwise land on `/etc`), device nodes and setuid/setgid
-//! bits (an elevated restore mode is future work), and entry types Stateward never writes.
+//! files unless the restore runs elevated, and entry types Stateward never writes.
 //! Directory metadata is applied through a descriptor opened without following links.
 //! Absolute symlink targets are restored as links and never followed: the app resolves
 //! them in its own container, as it did when the backup was taken.
@@ -31,6 +34,14 @@ pub struct ExtractStats {
 pub enum ExtractError {
     #[error("the archive entry {path:?} is unsafe: {why}")]
     Unsafe { path: String, why: &'static str },
+    #[error(
+        "writing {path} as recorded (owner, group or mode) is not permitted to this restore, which runs as the data's owner without elevated mode: the backup holds data of another owner; set spec.dataAccess.elevated: true on the app to restore it as root ({source})"
+    )]
+    NotPermitted {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("reading the archive: {0}")]
     Read(#[source] std::io::Error),
     #[error("writing {path}: {source}")]
@@ -44,8 +55,27 @@ pub enum ExtractError {
 impl ExtractError {
     /// Whether retrying the same archive can never help (a crafted or broken archive).
     pub fn is_permanent(&self) -> bool {
-        matches!(self, Self::Unsafe { .. })
+        matches!(self, Self::Unsafe { .. } | Self::NotPermitted { .. })
     }
+
+    /// A write error, or [`Self::NotPermitted`] when the kernel said no (EPERM, EACCES):
+    /// an identity question no retry answers.
+    fn write(path: &Path, source: std::io::Error) -> Self {
+        let path = path.to_string_lossy().into_owned();
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            Self::NotPermitted { path, source }
+        } else {
+            Self::Write { path, source }
+        }
+    }
+}
+
+/// What an extraction may write beyond plain files of the agent's own identity.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Elevation {
+    /// Setuid/setgid files and device nodes are written too (the elevated mode: the agent
+    /// runs as root with CHOWN, FOWNER, DAC_OVERRIDE and, for devices, MKNOD).
+    pub special_files: bool,
 }
 
 fn unsafe_entry(path: &Path, why: &'static str) -> ExtractError {
@@ -122,6 +152,7 @@ fn check_entry(
     rel: &Path,
     kind: tar::EntryType,
     mode: u32,
+    elevation: Elevation,
 ) -> Result<(), ExtractError> {
     // Staged at the top level it would collide with the swap's own working directory
     // and leave a journal that can never finish; a backup never holds it.
@@ -141,9 +172,13 @@ fn check_entry(
         Err(_) => {}
     }
     match kind {
-        tar::EntryType::Char | tar::EntryType::Block => {
-            return Err(unsafe_entry(rel, "device nodes are not restored"));
+        tar::EntryType::Char | tar::EntryType::Block if !elevation.special_files => {
+            return Err(unsafe_entry(
+                rel,
+                "device nodes are restored only in elevated mode (spec.dataAccess.elevated)",
+            ));
         }
+        tar::EntryType::Char | tar::EntryType::Block => {}
         tar::EntryType::Directory
         | tar::EntryType::Regular
         | tar::EntryType::Continuous
@@ -161,8 +196,11 @@ fn check_entry(
     // A directory's setgid bit is ordinary (kubelet sets it for fsGroup volumes); on a
     // file it is a privilege the restore would hand out.
     let is_dir_or_link = matches!(kind, tar::EntryType::Directory | tar::EntryType::Symlink);
-    if mode & 0o6000 != 0 && !is_dir_or_link {
-        return Err(unsafe_entry(rel, "setuid/setgid files are not restored"));
+    if mode & 0o6000 != 0 && !is_dir_or_link && !elevation.special_files {
+        return Err(unsafe_entry(
+            rel,
+            "setuid/setgid files are restored only in elevated mode (spec.dataAccess.elevated)",
+        ));
     }
     Ok(())
 }
@@ -182,21 +220,21 @@ struct DeferredDir {
     path: PathBuf,
     mode: u32,
     mtime: u64,
-    owner: Option<(u32, u32)>,
+    owner: (u32, u32),
 }
 
 /// Unpacks the tar stream `reader` into `dest` (which must exist and be empty), checking
-/// every entry first. Reads the stream to its end, so a hash around `reader` covers it
-/// all.
+/// every entry first, and gives every entry its recorded owner and group. Reads the
+/// stream to its end, so a hash around `reader` covers it all.
 pub fn extract_tree<R: Read>(
     reader: R,
     dest: &Path,
-    keep_ownership: bool,
+    elevation: Elevation,
 ) -> Result<(ExtractStats, R), ExtractError> {
     let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(true);
     archive.set_preserve_mtime(true);
-    archive.set_preserve_ownerships(keep_ownership);
+    archive.set_preserve_ownerships(true);
     archive.set_overwrite(false);
     let mut stats = ExtractStats::default();
     let mut dirs: Vec<DeferredDir> = Vec::new();
@@ -208,17 +246,19 @@ pub fn extract_tree<R: Read>(
         };
         check_no_symlink_parent(dest, &rel)?;
         let kind = entry.header().entry_type();
+        // Every entry is given its recorded owner: a header without one is malformed.
+        if entry.header().uid().is_err() || entry.header().gid().is_err() {
+            return Err(unsafe_entry(&rel, "its owner or group is not a number"));
+        }
         check_entry(
             dest,
             &rel,
             kind,
             entry.header().mode().map_err(ExtractError::Read)?,
+            elevation,
         )?;
         let target = dest.join(&rel);
-        let write_err = |source| ExtractError::Write {
-            path: rel.to_string_lossy().into_owned(),
-            source,
-        };
+        let write_err = |source| ExtractError::write(&rel, source);
         stats.entries += 1;
         match kind {
             tar::EntryType::Directory => {
@@ -228,9 +268,10 @@ pub fn extract_tree<R: Read>(
                     path: target,
                     mode: header.mode().map_err(ExtractError::Read)?,
                     mtime: header.mtime().map_err(ExtractError::Read)?,
-                    owner: keep_ownership
-                        .then(|| Some((header.uid().ok()? as u32, header.gid().ok()? as u32)))
-                        .flatten(),
+                    owner: (
+                        header.uid().map_err(ExtractError::Read)? as u32,
+                        header.gid().map_err(ExtractError::Read)? as u32,
+                    ),
                 });
             }
             tar::EntryType::Link => {
@@ -277,21 +318,35 @@ pub fn extract_tree<R: Read>(
                 stats.bytes += entry.header().size().unwrap_or(0);
                 entry.unpack(&target).map_err(write_err)?;
             }
-            tar::EntryType::Fifo => {
-                // The tar reader skips FIFOs: made here, metadata set without following.
+            tar::EntryType::Fifo | tar::EntryType::Char | tar::EntryType::Block => {
+                // The tar reader skips FIFOs and devices: made here, metadata set without
+                // following. Devices only reach here in elevated mode (check_entry).
                 if let Some(parent) = target.parent() {
                     std::fs::create_dir_all(parent).map_err(write_err)?;
                 }
                 let header = entry.header();
-                let mode = header.mode().map_err(ExtractError::Read)? & 0o1777;
-                nix::unistd::mkfifo(&target, nix::sys::stat::Mode::from_bits_truncate(mode))
-                    .map_err(|e| write_err(e.into()))?;
-                if keep_ownership {
-                    let uid = header.uid().map_err(ExtractError::Read)? as u32;
-                    let gid = header.gid().map_err(ExtractError::Read)? as u32;
-                    std::os::unix::fs::lchown(&target, Some(uid), Some(gid)).map_err(write_err)?;
-                }
-                // mkfifo applies the umask: the recorded mode, set through the path (a FIFO
+                let mode = header.mode().map_err(ExtractError::Read)? & 0o7777;
+                let perm = nix::sys::stat::Mode::from_bits_truncate(mode & 0o1777);
+                let made = match kind {
+                    tar::EntryType::Fifo => nix::unistd::mkfifo(&target, perm),
+                    _ => {
+                        let device = nix::sys::stat::makedev(
+                            u64::from(header.device_major().ok().flatten().unwrap_or(0)),
+                            u64::from(header.device_minor().ok().flatten().unwrap_or(0)),
+                        );
+                        let node = if kind == tar::EntryType::Char {
+                            nix::sys::stat::SFlag::S_IFCHR
+                        } else {
+                            nix::sys::stat::SFlag::S_IFBLK
+                        };
+                        nix::sys::stat::mknod(&target, node, perm, device)
+                    }
+                };
+                made.map_err(|e| write_err(e.into()))?;
+                let uid = header.uid().map_err(ExtractError::Read)? as u32;
+                let gid = header.gid().map_err(ExtractError::Read)? as u32;
+                std::os::unix::fs::lchown(&target, Some(uid), Some(gid)).map_err(write_err)?;
+                // mknod applies the umask: the recorded mode, set through the path (a node
                 // just created here, never a link).
                 std::fs::set_permissions(
                     &target,
@@ -312,18 +367,14 @@ pub fn extract_tree<R: Read>(
     // Innermost first, so a parent's mtime is set after its children's.
     dirs.sort_by_key(|d| std::cmp::Reverse(d.path.components().count()));
     for dir in dirs {
-        let write_err = |source| ExtractError::Write {
-            path: dir.path.to_string_lossy().into_owned(),
-            source,
-        };
+        let write_err = |source| ExtractError::write(&dir.path, source);
         // Still a real directory inside staging, and touched only through a descriptor
         // opened with O_NOFOLLOW: never a link's target.
         let rel = dir.path.strip_prefix(dest).unwrap_or(&dir.path);
         check_no_symlink_parent(dest, rel)?;
         let handle = open_dir_nofollow(&dir.path).map_err(write_err)?;
-        if let Some((uid, gid)) = dir.owner {
-            std::os::unix::fs::fchown(&handle, Some(uid), Some(gid)).map_err(write_err)?;
-        }
+        let (uid, gid) = dir.owner;
+        std::os::unix::fs::fchown(&handle, Some(uid), Some(gid)).map_err(write_err)?;
         handle
             .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(
                 dir.mode & 0o7777,
@@ -365,6 +416,8 @@ mod tests {
             header.set_entry_type(*kind);
             header.set_size(data.len() as u64);
             header.set_mode(0o644);
+            header.set_uid(0);
+            header.set_gid(0);
             // set_path refuses `..`; write the name bytes directly, as an attacker would.
             let name = &mut header.as_old_mut().name;
             name[..path.len()].copy_from_slice(path.as_bytes());
@@ -404,7 +457,7 @@ mod tests {
         let (archive, _) = crate::write_volume_archive(&src, Vec::new(), 1, 1).unwrap_or_default();
         let plain = zstd::stream::decode_all(&archive[..]).unwrap_or_default();
         let dest = scratch("dest");
-        let (stats, _) = extract_tree(&plain[..], &dest, true)
+        let (stats, _) = extract_tree(&plain[..], &dest, Elevation::default())
             .map_err(|e| e.to_string())
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(stats.files, 1, "the hard link is a link, not a second file");
@@ -476,7 +529,7 @@ mod tests {
         ];
         for (name, archive) in cases {
             let dest = scratch("crafted");
-            let outcome = extract_tree(&archive[..], &dest, false);
+            let outcome = extract_tree(&archive[..], &dest, Elevation::default());
             match outcome {
                 Err(e) => assert!(e.is_permanent(), "{name}: {e}"),
                 Ok(_) => panic!("{name}: accepted"),
@@ -707,7 +760,8 @@ mod tests {
             std::fs::remove_dir_all(&staging).ok();
             std::fs::create_dir_all(&staging).ok();
             let archive = crafted_tar(&entries);
-            let outcome = extract_tree(&archive[..], &staging, true).map(|(stats, _)| stats);
+            let outcome =
+                extract_tree(&archive[..], &staging, Elevation::default()).map(|(stats, _)| stats);
             match (outcome, expected) {
                 (Err(e), Err(words)) => {
                     assert!(e.is_permanent(), "{case}: {e}");
@@ -735,6 +789,47 @@ mod tests {
             );
         }
         std::fs::remove_dir_all(&volume).ok();
+    }
+
+    #[test]
+    fn elevated_mode_restores_setuid_files_and_device_nodes_as_recorded() {
+        use tar::EntryType::*;
+        let dest = scratch("elevated");
+        let entries: Vec<Crafted<'_>> = vec![
+            (b"suid", Regular, b"x", None, 0o4755),
+            (b"null", Char, b"", None, 0o666),
+        ];
+        let archive = crafted_tar(&entries);
+        let plain = extract_tree(&archive[..], &dest, Elevation::default());
+        assert!(
+            plain.as_ref().is_err_and(
+                |e| e.is_permanent() && e.to_string().contains("spec.dataAccess.elevated")
+            ),
+            "without elevation: {:?}",
+            plain.map(|(s, _)| s)
+        );
+        std::fs::remove_dir_all(&dest).ok();
+        std::fs::create_dir_all(&dest).ok();
+        let elevated = Elevation {
+            special_files: true,
+        };
+        match extract_tree(&archive[..], &dest, elevated) {
+            Ok((stats, _)) => assert_eq!(stats.entries, 2),
+            Err(e) => panic!("elevated: {e}"),
+        }
+        let suid = std::fs::metadata(dest.join("suid"))
+            .map(|m| m.mode() & 0o7777)
+            .ok();
+        assert_eq!(suid, Some(0o4755), "the setuid bit survives the chown");
+        let null = std::fs::symlink_metadata(dest.join("null")).ok();
+        assert!(
+            null.is_some_and(
+                |m| std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type())
+                    && m.mode() & 0o7777 == 0o666
+            ),
+            "a character device with its mode"
+        );
+        std::fs::remove_dir_all(&dest).ok();
     }
 
     #[test]

@@ -75,6 +75,91 @@ pub fn restricted_container() -> Value {
     })
 }
 
+/// How a volume agent (one that mounts an app's volume) runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeAccess {
+    /// As the data's owner with every capability dropped, non-root when the owner is:
+    /// Pod Security `restricted` unless the data belongs to root.
+    Owner(stateward_api::access::AgentIdentity),
+    /// `spec.dataAccess.elevated`: root with only what the work needs (see
+    /// [`elevated_capabilities`]).
+    Elevated,
+}
+
+impl VolumeAccess {
+    /// The image's own unprivileged user: for when nothing better is known.
+    pub const AGENT: Self = Self::Owner(stateward_api::access::AgentIdentity {
+        user: AGENT_USER,
+        group: AGENT_USER,
+        fs_group: None,
+    });
+}
+
+/// What a volume agent does with the volume, for the capabilities elevated mode grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeWork {
+    /// Reads every file, whoever owns it.
+    Backup,
+    /// Writes files back with their owners and modes; `devices` when the backup holds
+    /// device nodes, `setid` when it holds setuid/setgid files.
+    Restore { devices: bool, setid: bool },
+}
+
+/// The capabilities an elevated agent keeps (everything else is dropped). A backup only
+/// reads past permissions; a restore gives owners (CHOWN), sets modes and times on files
+/// it does not own (FOWNER) and writes into directories whatever their modes
+/// (DAC_OVERRIDE), plus MKNOD for device nodes and FSETID for setgid files whose group
+/// root is not in (without it the kernel silently drops the bit).
+pub fn elevated_capabilities(work: VolumeWork) -> Vec<&'static str> {
+    match work {
+        VolumeWork::Backup => vec!["DAC_READ_SEARCH"],
+        VolumeWork::Restore { devices, setid } => {
+            let mut caps = vec!["CHOWN", "FOWNER", "DAC_OVERRIDE"];
+            if setid {
+                caps.push("FSETID");
+            }
+            if devices {
+                caps.push("MKNOD");
+            }
+            caps
+        }
+    }
+}
+
+/// The pod and container security contexts of a volume agent.
+pub fn volume_contexts(access: VolumeAccess, work: VolumeWork) -> (Value, Value) {
+    match access {
+        VolumeAccess::Owner(id) => {
+            let mut pod = json!({
+                "runAsNonRoot": id.user != 0,
+                "runAsUser": id.user,
+                "runAsGroup": id.group,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            });
+            if let Some(fs_group) = id.fs_group {
+                pod["fsGroup"] = json!(fs_group);
+                // The app's volume root already carries its fsGroup: no walk that would
+                // add group write to every file (postgres refuses a g+w PGDATA) or
+                // change what a restore just wrote.
+                pod["fsGroupChangePolicy"] = json!("OnRootMismatch");
+            }
+            (pod, restricted_container())
+        }
+        VolumeAccess::Elevated => {
+            let mut container = restricted_container();
+            container["capabilities"]["add"] = json!(elevated_capabilities(work));
+            (
+                json!({
+                    "runAsUser": 0,
+                    "runAsGroup": 0,
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                }),
+                container,
+            )
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,5 +176,102 @@ mod tests {
         assert_eq!(container["allowPrivilegeEscalation"], false);
         assert_eq!(container["capabilities"]["drop"], json!(["ALL"]));
         assert!(container["capabilities"].get("add").is_none());
+    }
+
+    #[test]
+    fn volume_agents_run_as_the_owner_or_elevated_with_only_what_the_work_needs() {
+        use stateward_api::access::AgentIdentity;
+        let owner = |user, fs_group| {
+            VolumeAccess::Owner(AgentIdentity {
+                user,
+                group: user,
+                fs_group,
+            })
+        };
+        let restore = |devices, setid| VolumeWork::Restore { devices, setid };
+        // (case, access, work, runAsNonRoot, runAsUser, fsGroup, added capabilities)
+        type Row = (
+            &'static str,
+            VolumeAccess,
+            VolumeWork,
+            bool,
+            i64,
+            Value,
+            Value,
+        );
+        let rows: Vec<Row> = vec![
+            (
+                "a non-root owner backs up restricted",
+                owner(999, Some(999)),
+                VolumeWork::Backup,
+                true,
+                999,
+                json!(999),
+                Value::Null,
+            ),
+            (
+                "a non-root owner restores restricted",
+                owner(999, None),
+                restore(false, false),
+                true,
+                999,
+                Value::Null,
+                Value::Null,
+            ),
+            (
+                "data of root: root, but no capability",
+                owner(0, None),
+                restore(false, false),
+                false,
+                0,
+                Value::Null,
+                Value::Null,
+            ),
+            (
+                "an elevated backup reads past modes only",
+                VolumeAccess::Elevated,
+                VolumeWork::Backup,
+                false,
+                0,
+                Value::Null,
+                json!(["DAC_READ_SEARCH"]),
+            ),
+            (
+                "an elevated restore",
+                VolumeAccess::Elevated,
+                restore(false, false),
+                false,
+                0,
+                Value::Null,
+                json!(["CHOWN", "FOWNER", "DAC_OVERRIDE"]),
+            ),
+            (
+                "an elevated restore of setid files and devices",
+                VolumeAccess::Elevated,
+                restore(true, true),
+                false,
+                0,
+                Value::Null,
+                json!(["CHOWN", "FOWNER", "DAC_OVERRIDE", "FSETID", "MKNOD"]),
+            ),
+        ];
+        for (case, access, work, non_root, user, fs_group, added) in rows {
+            let (pod, container) = volume_contexts(access, work);
+            assert_eq!(
+                pod["runAsNonRoot"].as_bool().unwrap_or(false),
+                non_root,
+                "{case}"
+            );
+            assert_eq!(pod["runAsUser"], user, "{case}");
+            assert_eq!(pod["fsGroup"], fs_group, "{case}");
+            assert_eq!(pod["seccompProfile"]["type"], "RuntimeDefault", "{case}");
+            assert_eq!(container["allowPrivilegeEscalation"], false, "{case}");
+            assert_eq!(container["capabilities"]["drop"], json!(["ALL"]), "{case}");
+            assert_eq!(container["capabilities"]["add"], added, "{case}");
+            assert!(
+                !container.to_string().contains("SETFCAP"),
+                "{case}: SETFCAP is never granted"
+            );
+        }
     }
 }

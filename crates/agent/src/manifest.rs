@@ -85,6 +85,10 @@ pub struct Entry {
     /// The dump command (exec method).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
+    /// Who owned the archived files (volume method). Absent in backups written before it
+    /// was recorded: restoring those needs `spec.dataAccess.elevated`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ownership: Option<stateward_api::access::Ownership>,
 }
 
 fn one() -> u32 {

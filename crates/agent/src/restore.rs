@@ -110,6 +110,11 @@ pub struct RestoreVolumeArgs {
     /// throws away a staging that will not be used.
     #[arg(long, value_enum, default_value_t = Step::All)]
     pub step: Step,
+    /// Elevated mode (`spec.dataAccess.elevated`): setuid/setgid files and device nodes
+    /// are written too. Without it they are refused, and so is any entry whose owner the
+    /// agent's own identity cannot give.
+    #[arg(long)]
+    pub elevated: bool,
     #[command(flatten)]
     pub stored: StoredArgs,
 }
@@ -360,6 +365,9 @@ async fn stage(args: &RestoreVolumeArgs, work: &Workdir) -> Result<RestoreResult
     let identity = args.stored.identity()?;
     let expected_content = args.stored.content_sha256.clone().unwrap_or_default();
     let keep_ownership = nix::unistd::geteuid().is_root();
+    let elevation = crate::extract::Elevation {
+        special_files: args.elevated,
+    };
     let as_file = args.as_file.clone();
     let extra_files = args.extra_file.clone();
     // Files placed from a dump belong to whoever owns the volume root (the app's user
@@ -390,16 +398,16 @@ async fn stage(args: &RestoreVolumeArgs, work: &Workdir) -> Result<RestoreResult
             let content = crate::download::Pipelined::new(HashingReader::new(decoder));
             let (stats, content) = match &as_file {
                 None => {
-                    let (stats, content) =
-                        crate::extract::extract_tree(content, &staging, keep_ownership).map_err(
-                            |e| {
-                                if e.is_permanent() {
-                                    ReadBackError::Refused(e.to_string())
-                                } else {
-                                    ReadBackError::Consume(e.to_string())
-                                }
-                            },
-                        )?;
+                    let (stats, content) = crate::extract::extract_tree(
+                        content, &staging, elevation,
+                    )
+                    .map_err(|e| {
+                        if e.is_permanent() {
+                            ReadBackError::Refused(e.to_string())
+                        } else {
+                            ReadBackError::Consume(e.to_string())
+                        }
+                    })?;
                     (stats, content)
                 }
                 Some(path) => {

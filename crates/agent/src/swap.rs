@@ -26,7 +26,7 @@ struct Staged {
 }
 const STAGING: &str = "staging";
 const OLD: &str = "old";
-const LOST_FOUND: &str = "lost+found";
+use crate::archive::LOST_FOUND;
 
 /// What the journal says: written (and fsynced) after the staged data verified, before
 /// the first rename.

@@ -297,7 +297,7 @@ proptest! {
         let v = volume("valid");
         let live = snapshot(&v.live);
         let archive = archive_of(&tree);
-        let outcome = extract_tree(&archive[..], &v.staging, true);
+        let outcome = extract_tree(&archive[..], &v.staging, Default::default());
         prop_assert!(outcome.is_ok(), "refused a valid archive: {:?}", outcome.err());
         let got = snapshot(&v.staging);
         for (path, node, _) in &tree {
@@ -333,7 +333,7 @@ proptest! {
             raw_entry(&mut builder, name, *kind, link.as_deref(), *mode);
         }
         let archive = builder.into_inner().expect("finishing the hostile archive");
-        let outcome = extract_tree(&archive[..], &v.staging, true);
+        let outcome = extract_tree(&archive[..], &v.staging, Default::default());
         if let Err(e) = &outcome {
             prop_assert!(e.is_permanent() || e.to_string().contains("writing"), "{e}");
         }

@@ -215,6 +215,10 @@ pub struct VolumeResult {
     /// Seconds the agent took.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_seconds: Option<f64>,
+    /// Who owned the archived files (Volume method), recorded in the manifest so a
+    /// restore knows before it stops the app whether it needs elevated mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ownership: Option<crate::access::Ownership>,
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

@@ -2,6 +2,7 @@
 //! to a cluster. Field docs become the CRD schema descriptions; validation lives in the
 //! schema (ranges, patterns, lengths, CEL rules across fields).
 
+pub mod access;
 pub mod backup;
 pub mod common;
 pub mod repository;

@@ -258,4 +258,8 @@ pub struct PlannedWrite {
     pub target: String,
     /// Bytes to unpack.
     pub bytes: i64,
+    /// How its volume agents run: `uid 999, gid 999, fsGroup 999` (restricted) or `root
+    /// with CHOWN, FOWNER, DAC_OVERRIDE` (elevated). Absent for a dump fed to a pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
 }

@@ -55,6 +55,10 @@ pub struct StatefulAppSpec {
     /// whose own `deletionPolicy` then decides about the stored data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backups_on_delete: Option<BackupsOnDelete>,
+    /// How the volume agents reach the data: its owner (found when unset) and the opt-in
+    /// elevated mode for data one non-root user cannot write back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_access: Option<crate::access::DataAccess>,
 }
 
 /// What happens to an app's Backups when the app is deleted.

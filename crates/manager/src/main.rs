@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{Api, Client, ResourceExt};
 use prometheus_client::metrics::gauge::Gauge;
@@ -195,6 +196,11 @@ struct RunArgs {
         env = "STATEWARD_AGENT_EXEC_CLUSTER_ROLE"
     )]
     agent_exec_cluster_role: String,
+    /// Requests and limits of every agent container, as JSON
+    /// (`{"requests":{"cpu":"100m"},"limits":{"memory":"1Gi"}}`); the chart's
+    /// `agent.resources`.
+    #[arg(long, env = "STATEWARD_AGENT_RESOURCES", value_parser = parse_resources)]
+    agent_resources: Option<ResourceRequirements>,
     /// Agent Jobs running at once, cluster-wide.
     #[arg(long, default_value_t = 8, env = "STATEWARD_MAX_AGENT_JOBS")]
     max_agent_jobs: usize,
@@ -359,6 +365,7 @@ async fn run(args: RunArgs) -> Result<()> {
         std::time::Duration::from_secs(args.agent_start_timeout_seconds.max(1));
     backup_config.runs.lock_wait = std::time::Duration::from_secs(args.backup_lock_wait_seconds);
     backup_config.runs.exec_cluster_role = args.agent_exec_cluster_role.clone();
+    backup_config.runs.agent_resources = args.agent_resources.clone();
     if let Some(image) = &args.agent_image {
         backup_config.runs.agent_image = image.clone();
     }
@@ -368,6 +375,7 @@ async fn run(args: RunArgs) -> Result<()> {
         default_deadline: std::time::Duration::from_secs(args.restore_deadline_seconds.max(60)),
         exec_cluster_role: args.agent_exec_cluster_role.clone(),
         clone_stateful_sets: !args.disable.contains(&Feature::CloneStatefulsets),
+        agent_resources: args.agent_resources.clone(),
         ..Default::default()
     };
     let settings = Settings {
@@ -551,6 +559,14 @@ fn nix_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "stateward".into())
+}
+
+/// `--agent-resources`: a ResourceRequirements as JSON; `{}` (or empty) means none.
+fn parse_resources(text: &str) -> Result<ResourceRequirements, String> {
+    let text = if text.trim().is_empty() { "{}" } else { text };
+    serde_json::from_str(text).map_err(|e| {
+        format!("not a resources object ({e}): e.g. {{\"requests\":{{\"cpu\":\"100m\"}},\"limits\":{{\"memory\":\"1Gi\"}}}}")
+    })
 }
 
 #[cfg(test)]

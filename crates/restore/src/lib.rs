@@ -13,6 +13,7 @@
 //! The controller never moves bytes and never reads data objects: it reads manifests,
 //! creates Jobs and reads the agents' results from their termination messages.
 
+pub mod access;
 pub mod plan;
 mod reconcile;
 pub mod source;
@@ -58,6 +59,9 @@ pub struct Config {
     /// unless volume expansion keeps it), such a Restore fails with `FeatureDisabled`
     /// before it creates anything.
     pub clone_stateful_sets: bool,
+    /// Requests and limits of every agent container (the chart's `agent.resources`);
+    /// `None` leaves them to the namespace's LimitRange.
+    pub agent_resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
 }
 
 impl Default for Config {
@@ -69,6 +73,7 @@ impl Default for Config {
             default_deadline: std::time::Duration::from_secs(6 * 3600),
             exec_cluster_role: stateward_runtime::agent_rbac::DEFAULT_EXEC_CLUSTER_ROLE.into(),
             clone_stateful_sets: true,
+            agent_resources: None,
         }
     }
 }

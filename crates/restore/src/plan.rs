@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
+use stateward_agent::job::{VolumeAccess, VolumeWork};
 use stateward_agent::manifest::{Entry, Manifest};
 use stateward_api::common::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use stateward_api::repository::BackupRepository;
@@ -12,6 +13,8 @@ use stateward_api::restore::{PlannedWrite, RestoreMode, RestorePlanStatus};
 use stateward_api::statefulapp::ExecSpec;
 use stateward_api::{Restore, StatefulApp};
 use stateward_runtime::names;
+
+use crate::access::TemplateIdentity;
 
 /// Labels on everything a restore creates.
 pub const RESTORE_LABEL: &str = "stateward.io/restore";
@@ -67,6 +70,8 @@ pub struct Item {
     pub also_remove: Vec<String>,
     /// With `as_file`: small files written beside it (`path=content`).
     pub extra_files: Vec<String>,
+    /// How its volume agents run (volume items; `None` for a dump fed to a pod).
+    pub access: Option<(VolumeAccess, VolumeWork)>,
 }
 
 /// The restore's shape.
@@ -81,6 +86,29 @@ pub struct Plan {
     pub restore_command: Vec<String>,
     /// The target's claims the backup has nothing for (they stay as they are).
     pub untouched: Vec<String>,
+    /// Where volume agents may run: the app's tolerations, node selector and node
+    /// affinity (see [`placement`]).
+    pub placement: Value,
+}
+
+/// Where a StatefulSet's pods may run, for its volume agents: tolerations (a tainted,
+/// dedicated node), node selector and node affinity. Not pod (anti-)affinity: it names
+/// the app's own pods, which an in-place restore has stopped, and would only keep the
+/// agent away from where its volume is.
+pub fn placement(sts: &Value) -> Value {
+    let spec = sts.pointer("/spec/template/spec");
+    let field = |path: &str| spec.and_then(|s| s.pointer(path)).filter(|v| !v.is_null());
+    let mut out = serde_json::Map::new();
+    if let Some(tolerations) = field("/tolerations") {
+        out.insert("tolerations".into(), tolerations.clone());
+    }
+    if let Some(selector) = field("/nodeSelector") {
+        out.insert("nodeSelector".into(), selector.clone());
+    }
+    if let Some(node_affinity) = field("/affinity/nodeAffinity") {
+        out.insert("affinity".into(), json!({"nodeAffinity": node_affinity}));
+    }
+    Value::Object(out)
 }
 
 /// `<template>-<sts>-<ordinal>` split into (template, ordinal), for a PVC name of `sts`.
@@ -118,6 +146,10 @@ pub struct TargetSet {
     pub templates: Vec<String>,
     /// The replica count the app runs at (and comes back to after an in-place restore).
     pub replicas: u32,
+    /// Whom its pod template runs the app as.
+    pub identity: TemplateIdentity,
+    /// Where its pods may run (see [`placement`]).
+    pub placement: Value,
 }
 
 impl TargetSet {
@@ -140,6 +172,12 @@ impl TargetSet {
                 .or_else(|| spec.and_then(|s| s.replicas))
                 .unwrap_or(1)
                 .max(0) as u32,
+            identity: serde_json::to_value(sts)
+                .map(|v| TemplateIdentity::of_stateful_set(&v))
+                .unwrap_or_default(),
+            placement: serde_json::to_value(sts)
+                .map(|v| placement(&v))
+                .unwrap_or_default(),
         }
     }
 }
@@ -291,6 +329,7 @@ fn item(entry: &Entry, target: String) -> Item {
     Item {
         entry: entry.clone(),
         target,
+        access: None,
         as_file: None,
         also_remove: Vec::new(),
         extra_files: Vec::new(),
@@ -298,8 +337,45 @@ fn item(entry: &Entry, target: String) -> Item {
 }
 
 /// Decides the mode and the items: the backup must be of the target app (or the Restore
-/// allows another), and every item writes only the target's own claims or pods.
+/// allows another), every item writes only the target's own claims or pods, and each
+/// volume item's agents run as the data allows (see [`crate::access`]) — all before
+/// anything is stopped.
 pub fn plan(
+    restore: &Restore,
+    manifest: &Manifest,
+    app: &StatefulApp,
+    target: &TargetSet,
+    existing_claims: &[String],
+) -> Result<Plan, Refusal> {
+    let mut out = plan_items(restore, manifest, app, target, existing_claims)?;
+    if out.mode != RestoreMode::Exec {
+        let clone = out.mode == RestoreMode::Clone;
+        out.placement = if clone {
+            placement(&manifest.stateful_set)
+        } else {
+            target.placement.clone()
+        };
+        // A clone's StatefulSet is the recorded one; in place, the live one.
+        let template = if clone {
+            TemplateIdentity::of_stateful_set(&manifest.stateful_set)
+        } else {
+            target.identity
+        };
+        let data_access = app.spec.data_access.clone().unwrap_or_default();
+        for item in &mut out.items {
+            item.access = Some(crate::access::volume_access(
+                &item.entry,
+                item.as_file.is_some(),
+                &data_access,
+                template,
+                clone,
+            )?);
+        }
+    }
+    Ok(out)
+}
+
+fn plan_items(
     restore: &Restore,
     manifest: &Manifest,
     app: &StatefulApp,
@@ -328,6 +404,7 @@ pub fn plan(
         container,
         restore_command,
         untouched: Vec::new(),
+        placement: Value::Null,
     };
     if manifest.method == "Exec" {
         let file = exec.and_then(|e| e.restore_file.as_ref());
@@ -493,6 +570,7 @@ pub fn summary(
                 object: item.entry.key.clone(),
                 target: item.target.clone(),
                 bytes: i64::try_from(bytes).unwrap_or(i64::MAX),
+                agent: item.access.map(|(access, work)| agent_summary(access, work)),
             }
         })
         .collect();
@@ -609,6 +687,24 @@ pub fn clone_stateful_set(recorded: &Value, name: &str, replicas: i32, restore: 
     sts
 }
 
+/// How a volume agent runs, as `status.plan` says it.
+fn agent_summary(access: VolumeAccess, work: VolumeWork) -> String {
+    match access {
+        VolumeAccess::Owner(id) => format!(
+            "uid {}, gid {}{}, no capability",
+            id.user,
+            id.group,
+            id.fs_group
+                .map(|g| format!(", fsGroup {g}"))
+                .unwrap_or_default()
+        ),
+        VolumeAccess::Elevated => format!(
+            "root with {}",
+            stateward_agent::job::elevated_capabilities(work).join(", ")
+        ),
+    }
+}
+
 fn restore_name(restore: &Restore) -> String {
     restore.metadata.name.clone().unwrap_or_default()
 }
@@ -651,6 +747,10 @@ pub struct JobInputs<'a> {
     pub deadline_seconds: Option<i64>,
     /// The ServiceAccount the agents run as (see `stateward_runtime::agent_rbac`).
     pub service_account: &'a str,
+    /// The agent container's requests and limits (the chart's `agent.resources`).
+    pub resources: Option<&'a k8s_openapi::api::core::v1::ResourceRequirements>,
+    /// Where volume agents may run ([`Plan::placement`]).
+    pub placement: &'a Value,
 }
 
 /// Exit code of an agent refusal (checksum, unsafe archive, no space): the Job stops
@@ -714,6 +814,9 @@ pub fn agent_job(inputs: &JobInputs<'_>, item: &Item, index: usize, step: JobSte
     if encrypted {
         args.push("--decrypt".into());
     }
+    if step != JobStep::Exec && matches!(item.access, Some((VolumeAccess::Elevated, _))) {
+        args.push("--elevated".into());
+    }
     args.extend(stateward_agent::job::connection_args(
         &inputs.repository.spec.s3,
     ));
@@ -748,22 +851,34 @@ pub fn agent_job(inputs: &JobInputs<'_>, item: &Item, index: usize, step: JobSte
             "terminationMessagePolicy": "File",
         }],
     });
+    if let Some(resources) = inputs.resources {
+        spec["containers"][0]["resources"] = json!(resources);
+    }
     if step == JobStep::Exec {
         // It writes no volume, only streams into the app's restore command: Pod Security
         // `restricted`, as the image's own user.
         spec["securityContext"] = stateward_agent::job::restricted_pod();
         spec["containers"][0]["securityContext"] = stateward_agent::job::restricted_container();
     } else {
-        // Restoring ownership and modes needs root with CHOWN/FOWNER/DAC_OVERRIDE; the pod
-        // is pinned by the scheduler to the volume's node (the app is stopped, or the
-        // clone's volume is new).
-        spec["securityContext"] = json!({"runAsUser": 0, "runAsGroup": 0});
-        spec["containers"][0]["securityContext"] = json!({
-            "allowPrivilegeEscalation": false,
-            "readOnlyRootFilesystem": true,
-            "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "FOWNER", "DAC_OVERRIDE", "MKNOD", "SETFCAP"]},
-        });
+        // As the data's owner (or elevated when the app allows it and the data needs
+        // it), decided by the plan; the pod is pinned by the scheduler to the volume's
+        // node (the app is stopped, or the clone's volume is new).
+        let (access, work) = item.access.unwrap_or((
+            VolumeAccess::AGENT,
+            VolumeWork::Restore {
+                devices: false,
+                setid: false,
+            },
+        ));
+        let (pod_sc, container_sc) = stateward_agent::job::volume_contexts(access, work);
+        spec["securityContext"] = pod_sc;
+        spec["containers"][0]["securityContext"] = container_sc;
         spec["containers"][0]["volumeMounts"] = json!([{"name": "target", "mountPath": "/target"}]);
+        if let Some(placement) = inputs.placement.as_object() {
+            for (key, value) in placement {
+                spec[key.as_str()] = value.clone();
+            }
+        }
         spec["volumes"] =
             json!([{"name": "target", "persistentVolumeClaim": {"claimName": item.target}}]);
     }
@@ -813,6 +928,7 @@ mod tests {
             "entries": entries.iter().map(|(name, pod)| json!({
                 "name": name, "pod": pod, "key": format!("k/{name}"), "encoding": "tar+zstd",
                 "bytesRead": 10, "bytesStored": 5, "sha256": "s", "files": 2,
+                "ownership": {"users": [0], "groups": [0]},
             })).collect::<Vec<_>>(),
             "statefulSet": {"metadata": {"name": "db", "labels": {"app": "db"}}, "spec": {
                 "replicas": 2, "selector": {"matchLabels": {"app": "db"}},
@@ -843,6 +959,8 @@ mod tests {
             name: sts.into(),
             templates: templates.iter().map(|t| t.to_string()).collect(),
             replicas,
+            identity: TemplateIdentity::default(),
+            placement: Value::Null,
         }
     }
 
@@ -1181,6 +1299,7 @@ mod tests {
             as_file: None,
             also_remove: vec![],
             extra_files: vec![],
+            access: None,
         };
         let recorded = recorded_claim(&m, "data-db-0").unwrap();
         for name in stateward_runtime::names::sample_names() {
@@ -1195,6 +1314,8 @@ mod tests {
                 extra_env: &[],
                 deadline_seconds: Some(600),
                 service_account: "stateward-agent",
+                resources: None,
+                placement: &Value::Null,
             };
             let mut objects: Vec<Value> = [
                 JobStep::Stage,
@@ -1218,26 +1339,131 @@ mod tests {
     }
 
     #[test]
-    fn jobs_carry_checksums_and_stop_on_refusal() {
-        let m = manifest("Volume", &[("data-db-0", "db-0")]);
-        let r = restore("{app: db}");
-        let repo: BackupRepository = serde_yaml::from_str("apiVersion: stateward.io/v1alpha1\nkind: BackupRepository\nmetadata: {name: repo}\nspec: {s3: {bucket: bkt, credentials: {accessKeyId: {name: s, key: a}, secretAccessKey: {name: s, key: b}}}}").unwrap();
-        let inputs = JobInputs {
-            restore: &r,
-            repository: &repo,
+    fn data_one_user_cannot_write_back_is_refused_by_the_plan_unless_elevated() {
+        let mut m = manifest("Volume", &[("data-db-0", "db-0")]);
+        m.entries[0].ownership = Some(stateward_api::access::Ownership {
+            users: vec![0, 999],
+            groups: vec![999],
+            ..Default::default()
+        });
+        let claims = ["data-db-0".to_string()];
+        let refused = plan(&restore("{app: db}"), &m, &app(""), &db(), &claims);
+        assert_eq!(
+            refused.map(|_| ()).map_err(|r| r.reason),
+            Err(crate::access::ELEVATED_REQUIRED)
+        );
+        let mut elevated = app("");
+        elevated.spec.data_access = Some(stateward_api::access::DataAccess {
+            elevated: true,
+            ..Default::default()
+        });
+        let planned = plan(&restore("{app: db}"), &m, &elevated, &db(), &claims)
+            .unwrap_or_else(|r| panic!("{r:?}"));
+        let item = &planned.items[0];
+        assert!(matches!(item.access, Some((VolumeAccess::Elevated, _))));
+        let (r, repo) = (restore("{app: db}"), repository());
+        let job = agent_job(&plain_inputs(&r, &repo), item, 0, JobStep::Stage);
+        let container = &job["spec"]["template"]["spec"]["containers"][0];
+        assert!(
+            container["args"]
+                .as_array()
+                .is_some_and(|a| a.contains(&json!("--elevated")))
+        );
+        assert_eq!(
+            container["securityContext"]["capabilities"]["add"],
+            json!(["CHOWN", "FOWNER", "DAC_OVERRIDE"])
+        );
+    }
+
+    fn repository() -> BackupRepository {
+        serde_yaml::from_str("apiVersion: stateward.io/v1alpha1\nkind: BackupRepository\nmetadata: {name: repo}\nspec: {s3: {bucket: bkt, credentials: {accessKeyId: {name: s, key: a}, secretAccessKey: {name: s, key: b}}}}").unwrap()
+    }
+
+    /// Job inputs with no container, command, extra env or deadline.
+    fn plain_inputs<'a>(r: &'a Restore, repo: &'a BackupRepository) -> JobInputs<'a> {
+        JobInputs {
+            restore: r,
+            repository: repo,
             agent_image: "img",
             container: None,
             restore_command: &[],
             extra_env: &[],
             deadline_seconds: None,
             service_account: "stateward-agent",
+            resources: None,
+            placement: &Value::Null,
+        }
+    }
+
+    #[test]
+    fn volume_agents_run_where_the_app_may_and_with_the_charts_resources() {
+        let sts = json!({"spec": {"template": {"spec": {
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "db", "effect": "NoSchedule"}],
+            "nodeSelector": {"disk": "ssd"},
+            "affinity": {
+                "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}},
+                "podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"app": "db"}}}]},
+            },
+        }}}});
+        let placed = placement(&sts);
+        assert_eq!(placed["nodeSelector"]["disk"], "ssd");
+        assert_eq!(placed["tolerations"][0]["key"], "dedicated");
+        assert!(placed["affinity"]["nodeAffinity"].is_object());
+        assert!(
+            placed["affinity"].get("podAntiAffinity").is_none(),
+            "not the app's pod rules"
+        );
+        assert_eq!(placement(&json!({})), json!({}));
+        let m = manifest("Volume", &[("data-db-0", "db-0")]);
+        let mut target = db();
+        target.placement = placed.clone();
+        let planned = plan(
+            &restore("{app: db}"),
+            &m,
+            &app(""),
+            &target,
+            &["data-db-0".to_string()],
+        )
+        .unwrap_or_else(|r| panic!("{r:?}"));
+        assert_eq!(
+            planned.placement, placed,
+            "in place: the live StatefulSet's"
+        );
+        let (r, repo) = (restore("{app: db}"), repository());
+        let resources: k8s_openapi::api::core::v1::ResourceRequirements =
+            serde_yaml::from_str("requests: {cpu: 100m}\nlimits: {memory: 1Gi}").unwrap();
+        let inputs = JobInputs {
+            resources: Some(&resources),
+            placement: &planned.placement,
+            ..plain_inputs(&r, &repo)
         };
+        for step in [JobStep::Stage, JobStep::Swap, JobStep::Exec] {
+            let job = agent_job(&inputs, &planned.items[0], 0, step);
+            let spec = &job["spec"]["template"]["spec"];
+            assert_eq!(
+                spec["containers"][0]["resources"]["limits"]["memory"], "1Gi",
+                "{step:?}"
+            );
+            assert_eq!(
+                spec["nodeSelector"]["disk"].as_str(),
+                (step != JobStep::Exec).then_some("ssd"),
+                "{step:?}: only volume agents follow the volume's app"
+            );
+        }
+    }
+
+    #[test]
+    fn jobs_carry_checksums_and_stop_on_refusal() {
+        let m = manifest("Volume", &[("data-db-0", "db-0")]);
+        let (r, repo) = (restore("{app: db}"), repository());
+        let inputs = plain_inputs(&r, &repo);
         let item = Item {
             entry: m.entries[0].clone(),
             target: "data-db-0".into(),
             as_file: None,
             also_remove: vec![],
             extra_files: vec![],
+            access: None,
         };
         let job = agent_job(&inputs, &item, 0, JobStep::Stage);
         let args: Vec<String> = serde_json::from_value(

@@ -87,6 +87,8 @@ struct Pass<'a> {
     /// The target app's StatefulSet, whose operation lock the restore takes (unknown
     /// when the app is gone: then it holds none it could release).
     stateful_set: Option<String>,
+    /// The target app, as an owner of the namespace's volume-agent ServiceAccount.
+    app_owner: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
 }
 
 /// Completed and Failed are final: no pass ever moves a Restore out of them.
@@ -121,16 +123,16 @@ async fn step(cached: &Restore, ctx: &RestoreContext) -> Result<Action, RestoreE
     }
     let status = restore.status.clone().unwrap_or_default();
     let apps: Api<StatefulApp> = Api::namespaced(ctx.base.client.clone(), &ns);
-    let stateful_set = apps
-        .get_opt(&restore.spec.target.app)
-        .await?
-        .map(|app| app.spec.stateful_set_name);
+    let app = apps.get_opt(&restore.spec.target.app).await?;
+    let stateful_set = app.as_ref().map(|app| app.spec.stateful_set_name.clone());
+    let app_owner = app.as_ref().and_then(|app| app.controller_owner_ref(&()));
     let mut pass = Pass {
         ctx,
         ns,
         status,
         restore,
         stateful_set,
+        app_owner,
     };
     let deleting = pass.restore.meta().deletion_timestamp.is_some();
     if matches!(
@@ -1010,6 +1012,8 @@ impl Pass<'_> {
             // Staging is cut at the restore's deadline; a swap never is.
             deadline_seconds: (step == JobStep::Stage).then(|| self.seconds_left().max(60)),
             service_account,
+            resources: self.ctx.config.agent_resources.as_ref(),
+            placement: &plan.placement,
         };
         let mut states = Vec::new();
         for (index, item) in plan.items.iter().enumerate() {
@@ -1046,6 +1050,7 @@ impl Pass<'_> {
                         match agent_rbac::ensure_volume_agent(
                             &self.ctx.base.client,
                             &self.ns,
+                            self.app_owner.clone(),
                             apply::managers::RESTORE,
                         )
                         .await

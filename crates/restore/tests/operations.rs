@@ -156,12 +156,21 @@ async fn refused_agents_fail_the_operation_and_the_app_comes_back(
     world.finish().await
 }
 
+/// Agents run restricted as the data's owner, so what Pod Security refuses here is the
+/// elevated mode (root with capabilities) the app opts into after its first backup.
 #[tokio::test]
 async fn agents_refused_by_pod_security_fail_backup_and_restore_and_the_app_runs_again()
 -> Result<()> {
     refused_agents_fail_the_operation_and_the_app_comes_back(
         "rst-psa",
         async |world: &World| {
+            let apps: kube::Api<stateward_api::StatefulApp> = world.api();
+            apps.patch(
+                "pr",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(serde_json::json!({"spec": {"dataAccess": {"elevated": true}}})),
+            )
+            .await?;
             let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> =
                 kube::Api::all(world.cluster.client.clone());
             let patch = serde_json::json!({"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}});

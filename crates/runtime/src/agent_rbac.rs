@@ -2,7 +2,8 @@
 //!
 //! - **Volume agents** (backup and restore of claims) run as `stateward-agent`, one
 //!   ServiceAccount per namespace, with no API token mounted: they talk to S3, never to the
-//!   API server.
+//!   API server. Every StatefulApp whose agents used it is one of its owners (none the
+//!   controller), so the garbage collector deletes it when the last of them goes.
 //! - **Exec agents** (a dump streamed out of, or a restore command streamed into, the
 //!   app's pods) run as `stateward-exec-<statefulset>`, one ServiceAccount per StatefulSet,
 //!   owned by the StatefulApp (garbage-collected with it). A RoleBinding gives it the
@@ -117,17 +118,47 @@ pub fn exec_cluster_role_rules() -> Vec<PolicyRule> {
 pub async fn ensure_volume_agent(
     client: &kube::Client,
     namespace: &str,
+    app: Option<OwnerReference>,
     manager: &str,
 ) -> Result<(), kube::Error> {
     let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
-    apply::apply(
+    let account = apply::apply(
         &api,
         VOLUME_AGENT_ACCOUNT,
         manager,
         &volume_agent_service_account(),
     )
     .await?;
+    if let Some(patch) = app.and_then(|app| added_owner(&account, app)) {
+        // A strategic merge of ownerReferences (merge key: uid) adds this app and keeps
+        // the others; an apply would drop the ones this manager named before.
+        api.patch(
+            VOLUME_AGENT_ACCOUNT,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Strategic(patch),
+        )
+        .await?;
+    }
     Ok(())
+}
+
+/// The patch that makes `app` one more owner of the shared `account`, unless it is one:
+/// never the controller, never blocking the app's deletion.
+fn added_owner(account: &ServiceAccount, app: OwnerReference) -> Option<serde_json::Value> {
+    let owners = account
+        .metadata
+        .owner_references
+        .as_deref()
+        .unwrap_or_default();
+    if owners.iter().any(|o| o.uid == app.uid) {
+        return None;
+    }
+    let owner = OwnerReference {
+        controller: None,
+        block_owner_deletion: None,
+        ..app
+    };
+    Some(serde_json::json!({"metadata": {"ownerReferences": [owner]}}))
 }
 
 /// Makes sure StatefulSet `stateful_set`'s exec agent has its ServiceAccount and its
@@ -163,6 +194,29 @@ pub async fn ensure_exec_agent(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shared_volume_account_gains_each_app_as_a_non_controlling_owner_once() {
+        let app = |uid: &str| OwnerReference {
+            api_version: "stateward.io/v1alpha1".into(),
+            kind: "StatefulApp".into(),
+            name: format!("app-{uid}"),
+            uid: uid.into(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        };
+        let mut account = volume_agent_service_account();
+        let patch = added_owner(&account, app("a")).unwrap_or_default();
+        let owner = &patch["metadata"]["ownerReferences"][0];
+        assert_eq!(owner["uid"], "a");
+        assert!(owner.get("controller").is_none() && owner.get("blockOwnerDeletion").is_none());
+        account.metadata.owner_references = Some(vec![app("a")]);
+        assert_eq!(added_owner(&account, app("a")), None, "already an owner");
+        assert!(
+            added_owner(&account, app("b")).is_some(),
+            "a second app joins"
+        );
+    }
 
     #[test]
     fn exec_identity_names_its_statefulset_in_full() {

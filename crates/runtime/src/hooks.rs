@@ -32,36 +32,9 @@ pub async fn run(pods: &Api<Pod>, pod: &str, hook: &Hook) -> Result<(), String> 
 }
 
 async fn exec(pods: &Api<Pod>, pod: &str, hook: &Hook) -> Result<(), String> {
-    let mut params = AttachParams::default()
-        .stdin(false)
-        .stdout(true)
-        .stderr(true);
-    if let Some(container) = &hook.container {
-        params = params.container(container.clone());
-    }
-    let mut process = pods
-        .exec(pod, hook.command.clone(), &params)
+    let (status, _, err) = capture(pods, pod, hook.container.as_deref(), hook.command.clone())
         .await
         .map_err(|e| format!("hook {} could not start in pod {pod}: {e}", hook.name))?;
-    let stdout = process.stdout();
-    let stderr = process.stderr();
-    let status = process.take_status();
-    let drain = |reader: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>| async move {
-        let mut out = Vec::new();
-        if let Some(mut reader) = reader {
-            let _ = reader.read_to_end(&mut out).await;
-        }
-        out
-    };
-    let (_, err) = tokio::join!(
-        drain(stdout.map(|r| Box::new(r) as Box<_>)),
-        drain(stderr.map(|r| Box::new(r) as Box<_>))
-    );
-    let status = match status {
-        Some(status) => status.await,
-        None => None,
-    };
-    let _ = process.join().await;
     match status {
         Some(s) if s.status.as_deref() == Some("Success") => Ok(()),
         Some(s) => {
@@ -89,6 +62,89 @@ async fn exec(pods: &Api<Pod>, pod: &str, hook: &Hook) -> Result<(), String> {
             "hook {} in pod {pod} ended without an exit status",
             hook.name
         )),
+    }
+}
+
+/// Runs `command` in `pod` (its `container`, or the default one) and collects its exit
+/// status, standard output and standard error. Callers bound the time.
+async fn capture(
+    pods: &Api<Pod>,
+    pod: &str,
+    container: Option<&str>,
+    command: Vec<String>,
+) -> Result<
+    (
+        Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Status>,
+        Vec<u8>,
+        Vec<u8>,
+    ),
+    kube::Error,
+> {
+    let mut params = AttachParams::default()
+        .stdin(false)
+        .stdout(true)
+        .stderr(true);
+    if let Some(container) = container {
+        params = params.container(container);
+    }
+    let mut process = pods.exec(pod, command, &params).await?;
+    let stdout = process.stdout();
+    let stderr = process.stderr();
+    let status = process.take_status();
+    let drain = |reader: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>| async move {
+        let mut out = Vec::new();
+        if let Some(mut reader) = reader {
+            let _ = reader.read_to_end(&mut out).await;
+        }
+        out
+    };
+    let (out, err) = tokio::join!(
+        drain(stdout.map(|r| Box::new(r) as Box<_>)),
+        drain(stderr.map(|r| Box::new(r) as Box<_>))
+    );
+    let status = match status {
+        Some(status) => status.await,
+        None => None,
+    };
+    let _ = process.join().await;
+    Ok((status, out, err))
+}
+
+/// Runs a short read-only `command` in `container` of `pod` and returns its standard
+/// output, or a sentence saying why not (it did not start, failed, or outlived
+/// `timeout`).
+pub async fn output(
+    pods: &Api<Pod>,
+    pod: &str,
+    container: &str,
+    command: Vec<String>,
+    timeout: Duration,
+) -> Result<String, String> {
+    let shown = command.join(" ");
+    match tokio::time::timeout(timeout, capture(pods, pod, Some(container), command)).await {
+        Err(_) => Err(format!(
+            "`{shown}` in pod {pod} did not finish within {}s",
+            timeout.as_secs()
+        )),
+        Ok(Err(e)) => Err(format!("`{shown}` could not start in pod {pod}: {e}")),
+        Ok(Ok((Some(s), out, _))) if s.status.as_deref() == Some("Success") => {
+            Ok(String::from_utf8_lossy(&out).into_owned())
+        }
+        Ok(Ok((status, _, err))) => {
+            let err = String::from_utf8_lossy(&err);
+            let tail: String = err.trim().chars().take(OUTPUT_TAIL).collect();
+            Err(format!(
+                "`{shown}` failed in pod {pod}: {}{}",
+                status
+                    .and_then(|s| s.message)
+                    .unwrap_or_else(|| "no exit status".into()),
+                if tail.is_empty() {
+                    String::new()
+                } else {
+                    format!("; stderr: {tail}")
+                }
+            ))
+        }
     }
 }
 

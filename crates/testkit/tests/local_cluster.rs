@@ -359,6 +359,143 @@ spec:
     ns.cleanup().await
 }
 
+/// Capabilities and users as a container runtime applies them: a root container gets the
+/// runtime's default set minus `drop` plus `add`, a non-root one none; an image's `USER`
+/// (the project's image: 65532) applies when no `runAsUser` is set, and satisfies
+/// `runAsNonRoot`. Checked in the processes themselves (`/proc/self/status`, from their
+/// logs) and in the node's record of every process it started.
+#[tokio::test]
+async fn capabilities_and_image_users_are_applied_as_a_runtime_does() -> Result<()> {
+    let cluster = Cluster::connect().await?;
+    let ns = cluster.namespace("caps").await?;
+    let pods: Api<Pod> = cluster.api(&ns.name);
+    let show = r#"[sh, -c, "id -u; grep CapEff /proc/self/status; exec sleep 100000"]"#;
+    let pod: Pod = from_yaml(&format!(
+        r#"
+metadata: {{ name: caps }}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {{ name: default, image: stateward-probe, command: {show} }}
+  - name: narrowed
+    image: stateward-probe
+    command: {show}
+    securityContext: {{ capabilities: {{ drop: [ALL], add: [CHOWN, FOWNER] }} }}
+  - name: nonroot
+    image: stateward-probe
+    command: {show}
+    securityContext: {{ runAsUser: 1000, capabilities: {{ add: [CHOWN] }} }}
+  - name: imageuser
+    image: stateward:dev
+    command: {show}
+    securityContext: {{ runAsNonRoot: true, allowPrivilegeEscalation: false, capabilities: {{ drop: [ALL] }} }}
+"#
+    ))?;
+    pods.create(&PostParams::default(), &pod).await?;
+    wait_pod_ready(&pods, "caps", MINUTE).await?;
+    // The runtime default: CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP
+    // NET_BIND_SERVICE NET_RAW SYS_CHROOT MKNOD AUDIT_WRITE SETFCAP.
+    let default_mask: u64 = [0u64, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31]
+        .iter()
+        .map(|c| 1 << c)
+        .sum();
+    for (container, uid, mask) in [
+        ("default", "0", default_mask),
+        ("narrowed", "0", (1 << 0) | (1 << 3)),
+        ("nonroot", "1000", 0),
+        ("imageuser", "65532", 0),
+    ] {
+        let log = pods
+            .logs(
+                "caps",
+                &kube::api::LogParams {
+                    container: Some(container.into()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let mut lines = log.lines();
+        let seen_uid = lines.next().unwrap_or_default().trim().to_string();
+        let seen_mask = lines
+            .next()
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok());
+        ensure!(
+            seen_uid == uid && seen_mask == Some(mask),
+            "container {container}: {log:?} (wanted uid {uid}, CapEff {mask:016x})"
+        );
+    }
+    let records =
+        stateward_testkit::node::privileges::records(&cluster.env.state_dir.join("node"), &ns.name);
+    let imageuser = records
+        .iter()
+        .find(|r| r.container == "imageuser" && !r.exec)
+        .with_context(|| format!("no record of the imageuser container in {records:?}"))?;
+    ensure!(
+        imageuser.uid == 65532
+            && imageuser.gid == 65532
+            && imageuser.no_new_privs
+            && imageuser.capabilities.is_empty(),
+        "{imageuser:?}"
+    );
+    let narrowed = records
+        .iter()
+        .find(|r| r.container == "narrowed" && !r.exec)
+        .with_context(|| format!("no record of the narrowed container in {records:?}"))?;
+    ensure!(narrowed.capabilities == ["CHOWN", "FOWNER"], "{narrowed:?}");
+    // An exec into a container holds what the container holds.
+    let exec = exec(
+        &pods,
+        "caps",
+        Some("narrowed"),
+        &["grep", "CapEff", "/proc/self/status"],
+        None,
+    )
+    .await?
+    .stdout_str();
+    ensure!(
+        exec.split_whitespace().last() == Some("0000000000000009"),
+        "an exec into the narrowed container: {exec:?}"
+    );
+    ns.cleanup().await
+}
+
+/// `resources.limits.memory` holds, through the memory cgroup: a container that keeps
+/// 150 MiB under a 32Mi limit is OOM-killed (`OOMKilled`, exit code 137); one within its
+/// limit completes.
+#[tokio::test]
+async fn memory_limits_are_enforced_and_end_a_container_as_oom_killed() -> Result<()> {
+    let cluster = Cluster::connect().await?;
+    let ns = cluster.namespace("oom").await?;
+    let pods: Api<Pod> = cluster.api(&ns.name);
+    for (name, bytes) in [("hog", "150M"), ("frugal", "8M")] {
+        let pod: Pod = from_yaml(&format!(
+            r#"
+metadata: {{ name: {name} }}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: main
+    image: stateward-probe
+    command: [sh, -c, "head -c 200M /dev/zero | tail -c {bytes} > /dev/null"]
+    resources: {{ limits: {{ memory: 32Mi }} }}
+"#
+        ))?;
+        pods.create(&PostParams::default(), &pod).await?;
+    }
+    for (name, reason, code) in [("hog", "OOMKilled", 137), ("frugal", "Completed", 0)] {
+        let terminated = wait_for(&format!("pod {name} to end"), MINUTE, || async {
+            Ok(first_container_terminated(&pods.get(name).await?))
+        })
+        .await?;
+        ensure!(
+            terminated.reason.as_deref() == Some(reason) && terminated.exit_code == code,
+            "{name}: {terminated:?} (wanted {reason}, exit code {code})"
+        );
+    }
+    ns.cleanup().await
+}
+
 #[tokio::test]
 async fn pods_get_their_own_network_namespace_and_reach_each_other_by_pod_ip() -> Result<()> {
     let cluster = Cluster::connect().await?;

@@ -76,6 +76,7 @@ pub async fn import(backup: &Backup, path: &str, ctx: &RunContext) -> Result<Act
                 segments: Some(i64::from(e.segments)),
                 pod: Some(e.pod.clone()),
                 key: Some(e.key.clone()),
+                ownership: e.ownership.clone(),
                 ..Default::default()
             })
             .collect();

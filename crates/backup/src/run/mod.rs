@@ -15,6 +15,7 @@
 
 pub mod delete;
 mod hook_progress;
+pub mod identity;
 mod import;
 pub mod plan;
 pub mod store;
@@ -77,6 +78,9 @@ pub struct RunConfig {
     /// The chart's fixed ClusterRole exec agents are bound to
     /// (`stateward_runtime::agent_rbac`).
     pub exec_cluster_role: String,
+    /// Requests and limits of every agent container (the chart's `agent.resources`);
+    /// `None` leaves them to the namespace's LimitRange.
+    pub agent_resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
 }
 
 impl Default for RunConfig {
@@ -90,6 +94,7 @@ impl Default for RunConfig {
             agent_start_timeout: stateward_runtime::agent_start::DEFAULT_BOUND,
             lock_wait: Duration::from_secs(3600),
             exec_cluster_role: stateward_runtime::agent_rbac::DEFAULT_EXEC_CLUSTER_ROLE.into(),
+            agent_resources: None,
         }
     }
 }
@@ -1077,6 +1082,7 @@ async fn agents(
                             .flatten();
                         volume.duration_seconds =
                             Some((r.duration_seconds * 1000.0).round() / 1000.0);
+                        volume.ownership = r.ownership;
                         volume.message = None;
                     }
                     None => {
@@ -1155,6 +1161,7 @@ async fn create_jobs(
 ) -> Result<(), RunError> {
     let ns = backup.namespace().unwrap_or_default();
     let jobs_api: Api<Job> = Api::namespaced(ctx.base.client.clone(), &ns);
+    let pods_api: Api<Pod> = Api::namespaced(ctx.base.client.clone(), &ns);
     // From the cache: a Job this manager created a moment ago may be missing for the
     // watch's latency, so two runs deciding at once can exceed the cap by one each — the
     // cap bounds load, it is not a lock.
@@ -1187,7 +1194,13 @@ async fn create_jobs(
         )
         .await?
     } else {
-        agent_rbac::ensure_volume_agent(&ctx.base.client, &ns, apply::managers::BACKUP).await?;
+        agent_rbac::ensure_volume_agent(
+            &ctx.base.client,
+            &ns,
+            resolved.app.controller_owner_ref(&()),
+            apply::managers::BACKUP,
+        )
+        .await?;
         agent_rbac::VOLUME_AGENT_ACCOUNT.to_string()
     };
     let prefix = status.location.clone().unwrap_or_default();
@@ -1198,6 +1211,7 @@ async fn create_jobs(
         prefix: &prefix,
         agent_image: &ctx.config.agent_image,
         service_account: &service_account,
+        resources: ctx.config.agent_resources.as_ref(),
     };
     for volume in status
         .volumes
@@ -1229,8 +1243,23 @@ async fn create_jobs(
             node: node.clone(),
             claim: (resolved.settings.method == BackupMethod::Volume).then(|| volume.name.clone()),
         };
-        let mut job: Job = serde_json::from_value(plan::agent_job(&inputs, &target, app_pod))
-            .map_err(|e| RunError::Store(format!("building the agent Job: {e}")))?;
+        // Who the volume agent runs as: the data's owner, learned before it runs.
+        let identity = match resolved.settings.method {
+            BackupMethod::Exec => None,
+            BackupMethod::Volume => {
+                match identity::resolve(&pods_api, &resolved.app, app_pod, &volume.name).await {
+                    Ok(resolved) => Some(resolved),
+                    Err(message) => {
+                        volume.phase = BackupPhase::Failed;
+                        volume.message = Some(message);
+                        continue;
+                    }
+                }
+            }
+        };
+        let mut job: Job =
+            serde_json::from_value(plan::agent_job(&inputs, &target, app_pod, identity))
+                .map_err(|e| RunError::Store(format!("building the agent Job: {e}")))?;
         // The agent-start bound is measured on our clock, from here.
         job.annotations_mut().insert(
             stateward_runtime::agent_start::CREATED_AT_ANNOTATION.into(),
@@ -1376,6 +1405,7 @@ async fn commit(
             content_sha256: v.content_sha256.clone(),
             segments: v.segments.unwrap_or(1).max(1) as u32,
             files: v.files.map(|f| f.max(0) as u64),
+            ownership: v.ownership.clone(),
             command: match method {
                 BackupMethod::Exec => resolved
                     .settings

@@ -307,6 +307,8 @@ pub struct JobInputs<'a> {
     pub agent_image: &'a str,
     /// The ServiceAccount the agents run as (see `stateward_runtime::agent_rbac`).
     pub service_account: &'a str,
+    /// The agent container's requests and limits (the chart's `agent.resources`).
+    pub resources: Option<&'a k8s_openapi::api::core::v1::ResourceRequirements>,
 }
 
 /// Deterministic Job name: `<backup>-<target>` cut to 63 with a hash, so a restarted
@@ -324,9 +326,16 @@ pub fn data_key(method: BackupMethod, prefix: &str, target: &Target, encrypted: 
 }
 
 /// The agent Job of one target. Volume method: the claim read-only, pinned to the app
-/// pod's node with its tolerations, node selector, user, group and fsGroup (so the agent
-/// reads what the app can). Exec method: the agent execs in the app pod through the API.
-pub fn agent_job(inputs: &JobInputs<'_>, target: &Target, app_pod: &Pod) -> serde_json::Value {
+/// pod's node with its tolerations and node selector, running as `access` says (the
+/// data's owner, see [`super::identity`]; unknown, the image's own unprivileged user).
+/// Exec method: the agent execs in the app pod through the API, restricted as the
+/// image's own user (`access` is not used).
+pub fn agent_job(
+    inputs: &JobInputs<'_>,
+    target: &Target,
+    app_pod: &Pod,
+    identity: Option<super::identity::Resolved>,
+) -> serde_json::Value {
     let backup = inputs.backup;
     let s3 = &inputs.repository.spec.s3;
     let encryption = inputs.repository.spec.encryption.as_ref();
@@ -339,7 +348,10 @@ pub fn agent_job(inputs: &JobInputs<'_>, target: &Target, app_pod: &Pod) -> serd
     let mut args: Vec<String> = vec!["agent".into()];
     match inputs.settings.method {
         BackupMethod::Volume => {
-            args.extend(["backup-volume".into(), "--source".into(), "/source".into()])
+            args.extend(["backup-volume".into(), "--source".into(), "/source".into()]);
+            if let Some(user) = identity.and_then(|i| i.app_user) {
+                args.extend(["--app-user".into(), user.to_string()]);
+            }
         }
         BackupMethod::Exec => {
             args.extend(["backup-exec".into(), "--pod".into(), target.pod.clone()]);
@@ -392,6 +404,9 @@ pub fn agent_job(inputs: &JobInputs<'_>, target: &Target, app_pod: &Pod) -> serd
             "securityContext": stateward_agent::job::restricted_container(),
         }],
     });
+    if let Some(resources) = inputs.resources {
+        spec["containers"][0]["resources"] = json!(resources);
+    }
     if inputs.settings.method == BackupMethod::Exec {
         // It reads no volume, only the API and S3: Pod Security `restricted`, as the
         // image's own user.
@@ -405,24 +420,12 @@ pub fn agent_job(inputs: &JobInputs<'_>, target: &Target, app_pod: &Pod) -> serd
         if let Some(selector) = &pod_spec.node_selector {
             spec["nodeSelector"] = json!(selector);
         }
-        if let Some(sc) = &pod_spec.security_context {
-            let mut psc = serde_json::Map::new();
-            for (field, value) in [
-                ("runAsUser", sc.run_as_user.map(|v| json!(v))),
-                ("runAsGroup", sc.run_as_group.map(|v| json!(v))),
-                ("fsGroup", sc.fs_group.map(|v| json!(v))),
-                ("runAsNonRoot", sc.run_as_non_root.map(|v| json!(v))),
-                (
-                    "supplementalGroups",
-                    sc.supplemental_groups.as_ref().map(|v| json!(v)),
-                ),
-            ] {
-                if let Some(value) = value {
-                    psc.insert(field.into(), value);
-                }
-            }
-            spec["securityContext"] = psc.into();
-        }
+        let (pod_sc, container_sc) = stateward_agent::job::volume_contexts(
+            identity.map_or(stateward_agent::job::VolumeAccess::AGENT, |i| i.access),
+            stateward_agent::job::VolumeWork::Backup,
+        );
+        spec["securityContext"] = pod_sc;
+        spec["containers"][0]["securityContext"] = container_sc;
         spec["containers"][0]["volumeMounts"] =
             json!([{"name": "source", "mountPath": "/source", "readOnly": true}]);
         spec["volumes"] = json!([{"name": "source", "persistentVolumeClaim": {"claimName": target.claim, "readOnly": true}}]);
@@ -648,15 +651,18 @@ status: {{conditions: [{{type: Ready, status: "{}"}}]}}
                 prefix: "shop/db/x",
                 agent_image: "img",
                 service_account: "stateward-agent",
+                resources: None,
             };
-            let job = agent_job(&inputs, &target, &app_pod);
+            let job = agent_job(&inputs, &target, &app_pod, None);
             stateward_runtime::names::check_object(&job)
                 .unwrap_or_else(|e| panic!("names of {} characters: {e}", name.len()));
         }
     }
 
     #[test]
-    fn the_volume_job_is_pinned_read_only_and_runs_as_the_app() {
+    fn the_volume_job_is_pinned_read_only_and_runs_as_the_datas_owner() {
+        let resources: k8s_openapi::api::core::v1::ResourceRequirements =
+            yaml("requests: {cpu: 100m, memory: 128Mi}\nlimits: {memory: 1Gi}");
         let backup: Backup =
             yaml("metadata: {name: nightly, namespace: shop, uid: b1}\nspec: {app: db}");
         let repo: BackupRepository = yaml(
@@ -684,12 +690,40 @@ status: {{conditions: [{{type: Ready, status: "{}"}}]}}
             prefix: "shop/db/nightly-b1",
             agent_image: "img",
             service_account: "stateward-agent",
+            resources: Some(&resources),
         };
-        let job = agent_job(&inputs, &target, &app_pod);
+        let job = agent_job(
+            &inputs,
+            &target,
+            &app_pod,
+            Some(super::super::identity::Resolved {
+                access: stateward_agent::job::VolumeAccess::Owner(
+                    stateward_api::access::AgentIdentity {
+                        user: 999,
+                        group: 999,
+                        fs_group: Some(999),
+                    },
+                ),
+                app_user: Some(999),
+            }),
+        );
         let spec = &job["spec"]["template"]["spec"];
         assert_eq!(spec["nodeName"], "n1");
+        assert_eq!(
+            spec["containers"][0]["resources"]["limits"]["memory"],
+            "1Gi"
+        );
         assert_eq!(spec["securityContext"]["runAsUser"], 999);
+        assert_eq!(spec["securityContext"]["runAsNonRoot"], true);
         assert_eq!(spec["securityContext"]["fsGroup"], 999);
+        assert_eq!(
+            spec["securityContext"]["seccompProfile"]["type"],
+            "RuntimeDefault"
+        );
+        assert_eq!(
+            spec["containers"][0]["securityContext"]["capabilities"]["drop"][0],
+            "ALL"
+        );
         assert_eq!(spec["tolerations"][0]["key"], "dedicated");
         assert_eq!(
             spec["volumes"][0]["persistentVolumeClaim"]["readOnly"],
@@ -746,8 +780,10 @@ status: {{conditions: [{{type: Ready, status: "{}"}}]}}
             prefix: "shop/db/nightly-b1",
             agent_image: "img",
             service_account: "stateward-exec-db",
+            resources: None,
         };
-        let job = agent_job(&inputs, &target, &app_pod);
+        // Whatever a volume agent would run as, the exec agent is the image's own user.
+        let job = agent_job(&inputs, &target, &app_pod, None);
         let spec = &job["spec"]["template"]["spec"];
         assert_eq!(spec["securityContext"]["runAsNonRoot"], true);
         assert_eq!(

@@ -3,7 +3,7 @@
 //! | image (last path segment, any tag) | runs |
 //! |---|---|
 //! | `stateward-probe` | the testkit's probe binary (entrypoint) |
-//! | `stateward` | the project's `stateward` binary (entrypoint), when built |
+//! | `stateward` | the project's `stateward` binary (entrypoint), when built; runs as 65532:65532 (its `USER`) |
 //! | `redis` | Debian's `redis-server`, working dir `/data`, `--protected-mode no` as the official image adds |
 //! | `postgres` | Debian's PostgreSQL through an entrypoint that initialises `$PGDATA` as the official image does |
 //! | anything else | no process: the pod is Running and Ready; exec into it fails with a clear message |
@@ -25,6 +25,8 @@ pub enum ImageProgram {
         tmpfs: Vec<String>,
         /// The image's own environment (the pod spec's env overrides it).
         env: Vec<(String, String)>,
+        /// The image's `USER` (uid, gid); `None` is root, as an image without one.
+        user: Option<(u32, u32)>,
         kind: Known,
     },
     /// The pod runs no process for this container.
@@ -38,6 +40,9 @@ pub enum Known {
     Redis,
     Postgres,
 }
+
+/// The `USER` of the project's image (as in its Dockerfile).
+pub const STATEWARD_USER: u32 = 65532;
 
 /// The repository-less, tag-less name of an image reference.
 pub fn short_name(image: &str) -> &str {
@@ -68,6 +73,7 @@ pub fn resolve(image: &str, bin_dir: &Path) -> ImageProgram {
             extra_path: vec![],
             tmpfs: vec!["/tmp".into()],
             env: vec![],
+            user: None,
             kind: Known::Project,
         },
         "stateward" => ImageProgram::Process {
@@ -77,6 +83,8 @@ pub fn resolve(image: &str, bin_dir: &Path) -> ImageProgram {
             extra_path: vec![],
             tmpfs: vec!["/tmp".into()],
             env: vec![],
+            // The Dockerfile's `USER 65532:65532` (distroless `nonroot`).
+            user: Some((STATEWARD_USER, STATEWARD_USER)),
             kind: Known::Project,
         },
         "redis" => ImageProgram::Process {
@@ -86,6 +94,7 @@ pub fn resolve(image: &str, bin_dir: &Path) -> ImageProgram {
             extra_path: vec![],
             tmpfs: vec!["/tmp".into()],
             env: vec![],
+            user: None,
             kind: Known::Redis,
         },
         "postgres" => ImageProgram::Process {
@@ -97,6 +106,7 @@ pub fn resolve(image: &str, bin_dir: &Path) -> ImageProgram {
                 .unwrap_or_default(),
             tmpfs: vec!["/tmp".into(), "/var/run/postgresql".into()],
             env: vec![("PGDATA".into(), "/var/lib/postgresql/data".into())],
+            user: None,
             kind: Known::Postgres,
         },
         _ => ImageProgram::NoProcess,
@@ -137,7 +147,8 @@ pub fn argv(
 /// The official postgres image's entrypoint, reduced to what the project relies on:
 /// initialise an empty `$PGDATA` (superuser `$POSTGRES_USER`, password
 /// `$POSTGRES_PASSWORD`, optional `$POSTGRES_DB`), listen on all addresses, then run the
-/// server as the `postgres` user.
+/// server as the `postgres` user — or, started as another user (`runAsUser`), as that
+/// user, with `initdb` given a passwd entry through nss_wrapper when the uid has none.
 pub const POSTGRES_ENTRYPOINT: &str = r#"#!/bin/sh
 set -e
 : "${PGDATA:=/var/lib/postgresql/data}"
@@ -148,8 +159,24 @@ if [ "$1" = postgres ] && [ "$(id -u)" = 0 ]; then
   chmod 700 "$PGDATA"
   exec setpriv --reuid=postgres --regid=postgres --init-groups "$0" "$@"
 fi
+if [ "$1" = postgres ] && [ "$(id -u)" != 0 ]; then
+  mkdir -p "$PGDATA"
+  chmod 700 "$PGDATA" 2>/dev/null || :
+fi
 if [ "$1" = postgres ] && [ ! -s "$PGDATA/PG_VERSION" ]; then
   user="${POSTGRES_USER:-postgres}"
+  if ! getent passwd "$(id -u)" >/dev/null 2>&1; then
+    for wrapper in /usr/lib/*/libnss_wrapper.so /usr/lib/libnss_wrapper.so; do
+      if [ -s "$wrapper" ]; then
+        NSS_WRAPPER_PASSWD="$(mktemp)"
+        NSS_WRAPPER_GROUP="$(mktemp)"
+        export LD_PRELOAD="$wrapper" NSS_WRAPPER_PASSWD NSS_WRAPPER_GROUP
+        printf 'postgres:x:%s:%s:PostgreSQL:%s:/bin/false\n' "$(id -u)" "$(id -g)" "$PGDATA" > "$NSS_WRAPPER_PASSWD"
+        printf 'postgres:x:%s:\n' "$(id -g)" > "$NSS_WRAPPER_GROUP"
+        break
+      fi
+    done
+  fi
   if [ -z "$POSTGRES_PASSWORD" ] && [ "$POSTGRES_HOST_AUTH_METHOD" != trust ]; then
     echo "Error: Database is uninitialized and superuser password is not specified." >&2
     echo "       Set POSTGRES_PASSWORD (or POSTGRES_HOST_AUTH_METHOD=trust)." >&2
@@ -163,6 +190,10 @@ if [ "$1" = postgres ] && [ ! -s "$PGDATA/PG_VERSION" ]; then
   echo "host all all all ${POSTGRES_HOST_AUTH_METHOD:-scram-sha-256}" >> "$PGDATA/pg_hba.conf"
   if [ -n "$POSTGRES_DB" ] && [ "$POSTGRES_DB" != "$user" ]; then
     echo "CREATE DATABASE \"$POSTGRES_DB\";" | postgres --single -D "$PGDATA" -j postgres >/dev/null
+  fi
+  if [ -n "$NSS_WRAPPER_PASSWD" ]; then
+    rm -f "$NSS_WRAPPER_PASSWD" "$NSS_WRAPPER_GROUP"
+    unset LD_PRELOAD NSS_WRAPPER_PASSWD NSS_WRAPPER_GROUP
   fi
   echo "PostgreSQL init process complete; ready for start up."
 fi

@@ -5,8 +5,10 @@
 //! WebSocket. See `docs/local-cluster.md` for what it does and does not emulate.
 
 pub mod images;
+pub mod memory;
 pub mod network;
 pub mod pods;
+pub mod privileges;
 pub mod probes;
 pub mod registration;
 pub mod runner;
@@ -67,6 +69,9 @@ pub struct NodeConfig {
     pub marker: Option<String>,
     /// Which volumes pods use, and which the storage side is resizing offline.
     pub volumes: VolumeUsage,
+    /// Where containers' memory cgroups go (`None`: no writable memory controller, no
+    /// limits), and whether it is cgroup v2.
+    pub memory_root: Option<(PathBuf, bool)>,
 }
 
 /// Who uses which volume directory right now: pods (bind-mounted into containers) or the
@@ -224,7 +229,13 @@ pub async fn run(args: Args) -> Result<()> {
         started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         marker: std::env::var(MARKER_VAR).ok(),
         volumes: VolumeUsage::default(),
+        memory_root: memory::node_root(),
     });
+    if cfg.memory_root.is_none() {
+        tracing::warn!(
+            "no writable memory cgroup controller: containers' memory limits are not enforced"
+        );
+    }
     if !storage::can_resize_online() {
         tracing::warn!(
             "this process lacks CAP_SYS_RESOURCE: volumes are expanded offline (when no pod uses \

@@ -22,8 +22,9 @@ use tokio::sync::{Notify, watch};
 
 use super::images::{self, ImageProgram};
 use super::network::{Network, Sandbox};
+use super::privileges;
 use super::runner::{MountSpec, RunSpec, SPEC_VAR};
-use super::{NodeConfig, probes, volumes};
+use super::{NodeConfig, memory, probes, volumes};
 
 /// The termination message is capped like the kubelet's.
 pub const TERMINATION_MESSAGE_LIMIT: usize = 4096;
@@ -46,14 +47,25 @@ pub struct ExecTarget {
     pub working_dir: Option<PathBuf>,
     /// The container's `allowPrivilegeEscalation: false` holds for execs too.
     pub no_new_privs: bool,
+    /// So do its capabilities.
+    pub capabilities: Option<Vec<u8>>,
+    /// Where each exec is recorded (`exec: true`).
+    pub record: Option<privileges::RecordTarget>,
+    /// Execs count against the container's memory limit too.
+    pub memory_cgroup: Option<PathBuf>,
     /// The container's environment as started (not /proc/<pid>/environ: programs such as
     /// redis-server overwrite that memory with their process title).
     pub env: Vec<(String, String)>,
 }
 
 impl ExecTarget {
-    /// The runner invocation that enters this container and runs `command`.
+    /// The runner invocation that enters this container and runs `command` (an exec
+    /// through the API: recorded).
     pub fn command(&self, command: &[String]) -> tokio::process::Command {
+        self.runner(command, true)
+    }
+
+    fn runner(&self, command: &[String], recorded: bool) -> tokio::process::Command {
         let env = self.env.clone();
         let spec = RunSpec {
             enter_pid: Some(self.pid),
@@ -64,6 +76,13 @@ impl ExecTarget {
             env,
             argv: command.to_vec(),
             no_new_privs: self.no_new_privs,
+            capabilities: self.capabilities.clone(),
+            memory_cgroup: self.memory_cgroup.clone(),
+            record: self
+                .record
+                .clone()
+                .filter(|_| recorded)
+                .map(|r| privileges::RecordTarget { exec: true, ..r }),
             ..RunSpec::default()
         };
         let mut cmd = tokio::process::Command::new(self_exe());
@@ -73,9 +92,10 @@ impl ExecTarget {
         cmd
     }
 
+    /// Runs a probe's command (not recorded: probes run every few seconds).
     pub async fn run_to_completion(&self, command: &[String]) -> Result<std::process::Output> {
         Ok(self
-            .command(command)
+            .runner(command, false)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -567,8 +587,15 @@ impl PodContext {
             if let Some(fs_group) = spec.security_context.as_ref().and_then(|s| s.fs_group) {
                 let writable =
                     volume.empty_dir.is_some() || volume.persistent_volume_claim.is_some();
+                // `fsGroupChangePolicy`: Always (the default) walks the whole volume at
+                // every mount; OnRootMismatch only when the root does not match yet.
+                let always = spec
+                    .security_context
+                    .as_ref()
+                    .and_then(|s| s.fs_group_change_policy.as_deref())
+                    != Some("OnRootMismatch");
                 if writable && !p.read_only {
-                    volumes::apply_fs_group(&p.path, fs_group as u32)
+                    volumes::apply_fs_group(&p.path, fs_group as u32, always)
                         .with_context(|| format!("applying fsGroup to volume {}", volume.name))?;
                 }
             }
@@ -605,6 +632,7 @@ impl PodContext {
             extra_path,
             tmpfs,
             env: image_env,
+            user: image_user,
             kind,
         } = program
         else {
@@ -635,8 +663,19 @@ impl PodContext {
         let spec = pod.spec.clone().unwrap_or_default();
         let pod_sc = spec.security_context.clone().unwrap_or_default();
         let sc = c.security_context.clone().unwrap_or_default();
-        let uid = sc.run_as_user.or(pod_sc.run_as_user).map(|u| u as u32);
-        let gid = sc.run_as_group.or(pod_sc.run_as_group).map(|g| g as u32);
+        // The security context's user, else the image's `USER` (else root); the group
+        // likewise, the image's only with the image's user (as a runtime reads it from
+        // the image's passwd).
+        let uid = sc
+            .run_as_user
+            .or(pod_sc.run_as_user)
+            .map(|u| u as u32)
+            .or(image_user.map(|(u, _)| u));
+        let gid = sc
+            .run_as_group
+            .or(pod_sc.run_as_group)
+            .map(|g| g as u32)
+            .or(image_user.filter(|(u, _)| Some(*u) == uid).map(|(_, g)| g));
         let mut groups: Vec<u32> = pod_sc
             .supplemental_groups
             .clone()
@@ -647,6 +686,31 @@ impl PodContext {
         if let Some(fs_group) = pod_sc.fs_group {
             groups.push(fs_group as u32);
         }
+        // `resources.limits.memory`: a memory cgroup of its own (see `memory`).
+        let memory_cgroup = match (
+            &self.cfg.memory_root,
+            c.resources
+                .as_ref()
+                .and_then(|r| r.limits.as_ref())
+                .and_then(|l| l.get("memory"))
+                .and_then(|q| memory::quantity_bytes(&q.0)),
+        ) {
+            (Some((root, v2)), Some(limit)) => {
+                match memory::MemoryCgroup::create(
+                    root,
+                    *v2,
+                    &format!("{}-{}", rt.uid, c.name),
+                    limit,
+                ) {
+                    Ok(cg) => Some(cg),
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), container = %c.name, "memory limit not enforced");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         let log_path = dir.join(format!("{}.log", c.name));
         let term_path = dir.join(format!("{}.termination-log", c.name));
         let mut backoff = Duration::from_secs(1);
@@ -674,7 +738,7 @@ impl PodContext {
                     &groups,
                 )
                 .await;
-            let run_spec = match spec_result {
+            let mut run_spec = match spec_result {
                 Ok(s) => s,
                 Err(e) => {
                     let message = format!("{e:#}");
@@ -691,6 +755,8 @@ impl PodContext {
                     continue;
                 }
             };
+            run_spec.memory_cgroup = memory_cgroup.as_ref().map(|cg| cg.procs());
+            let oom_kills_before = memory_cgroup.as_ref().map_or(0, |cg| cg.oom_kills());
             let _ = std::fs::write(&term_path, b"");
             // Writable by whatever user the container runs as, as the kubelet makes it.
             let _ = std::fs::set_permissions(
@@ -749,6 +815,9 @@ impl PodContext {
                 groups: groups.clone(),
                 working_dir: run_spec.working_dir.clone(),
                 no_new_privs: run_spec.no_new_privs,
+                capabilities: run_spec.capabilities.clone(),
+                record: run_spec.record.clone(),
+                memory_cgroup: run_spec.memory_cgroup.clone(),
                 env: run_spec.env.clone(),
             };
             let has_readiness = c.readiness_probe.is_some();
@@ -799,10 +868,15 @@ impl PodContext {
             {
                 message = tail_log(&log_path, 80, 2048);
             }
+            let oom_killed = memory_cgroup
+                .as_ref()
+                .is_some_and(|cg| cg.oom_kills() > oom_kills_before);
             let terminated = Terminated {
                 exit_code,
                 signal,
-                reason: if exit_code == 0 {
+                reason: if oom_killed {
+                    "OOMKilled".into()
+                } else if exit_code == 0 {
                     "Completed".into()
                 } else {
                     "Error".into()
@@ -972,14 +1046,22 @@ impl PodContext {
             argv,
             detach_under: Some(self.cfg.state_dir.join("volumes")),
             no_new_privs: sc.allow_privilege_escalation == Some(false),
+            capabilities: Some(privileges::container_capabilities(&sc)),
+            record: Some(privileges::RecordTarget {
+                path: privileges::record_path(&self.cfg.state_dir),
+                namespace: pod.namespace().unwrap_or_default(),
+                pod: pod.name_any(),
+                container: c.name.clone(),
+                exec: false,
+            }),
+            memory_cgroup: None, // set by the caller, which owns the cgroup
         })
     }
 }
 
 /// The kubelet's `runAsNonRoot` check, with its messages: a container that would run as
-/// uid 0 is not started (`CreateContainerConfigError`). This node does not read images'
-/// `USER`, so a container without `runAsUser` counts as root, as an image without a
-/// `USER` line does (docs/local-cluster.md).
+/// uid 0 is not started (`CreateContainerConfigError`). `uid` is the security context's,
+/// else the image's `USER` (`None`: the image has none and runs as root).
 fn non_root_policy(
     run_as_non_root: Option<bool>,
     uid: Option<u32>,

@@ -55,6 +55,16 @@ pub struct RunSpec {
     /// (and before every exec into the container), so a setuid binary gains nothing.
     #[serde(default)]
     pub no_new_privs: bool,
+    /// The capabilities the process may hold (see `privileges`); `None` leaves the
+    /// node's own.
+    #[serde(default)]
+    pub capabilities: Option<Vec<u8>>,
+    /// Where to record what the process started as.
+    #[serde(default)]
+    pub record: Option<super::privileges::RecordTarget>,
+    /// The `cgroup.procs` of the container's memory cgroup, joined before the exec.
+    #[serde(default)]
+    pub memory_cgroup: Option<PathBuf>,
 }
 
 /// Entry point of the runner; returns only on error (else it has exec'd).
@@ -102,6 +112,18 @@ pub fn run(spec_json: &str) -> Result<std::convert::Infallible> {
         std::env::set_current_dir(dir)
             .with_context(|| format!("changing into the working directory {}", dir.display()))?;
     }
+    if let Some(procs) = &spec.memory_cgroup {
+        std::fs::write(procs, std::process::id().to_string())
+            .with_context(|| format!("joining the memory cgroup {}", procs.display()))?;
+    }
+    // Opened while still root: the record file is the node's.
+    let mut record = spec
+        .record
+        .as_ref()
+        .and_then(|t| super::privileges::open_record(t).map(|f| (f, t)));
+    if let Some(caps) = &spec.capabilities {
+        super::privileges::restrict_bounding(caps)?;
+    }
     if let Some(gid) = spec.gid {
         let mut groups: Vec<Gid> = vec![Gid::from_raw(gid)];
         groups.extend(spec.supplemental_groups.iter().map(|g| Gid::from_raw(*g)));
@@ -114,6 +136,13 @@ pub fn run(spec_json: &str) -> Result<std::convert::Infallible> {
     }
     if let Some(uid) = spec.uid {
         setuid(Uid::from_raw(uid)).context("setting the user id")?;
+    }
+    // Still root: exactly the container's capabilities (a non-root process has none left
+    // after the user switch).
+    if let Some(caps) = &spec.capabilities
+        && nix::unistd::geteuid().is_root()
+    {
+        super::privileges::set_capabilities(caps)?;
     }
     if spec.no_new_privs {
         nix::sys::prctl::set_no_new_privs().context("setting no_new_privs")?;
@@ -129,6 +158,9 @@ pub fn run(spec_json: &str) -> Result<std::convert::Infallible> {
         .unwrap_or_default();
     let resolved = resolve_program(program, &path)
         .with_context(|| format!("executable {program:?} not found in $PATH ({path})"))?;
+    if let Some((file, target)) = &mut record {
+        super::privileges::write_record(file, target, program);
+    }
     let err = Command::new(&resolved)
         .arg0(program)
         .args(args)

@@ -581,11 +581,15 @@ pub async fn prepare(
 }
 
 /// Gives the pod's fsGroup ownership of a writable volume, as the kubelet does for
-/// volumes that support ownership management (only when the root does not match yet).
-pub fn apply_fs_group(path: &Path, fs_group: u32) -> Result<()> {
+/// volumes that support ownership management: every entry's group, `g+rw` (and `g+xs` for
+/// directories). `always` (`fsGroupChangePolicy: Always`, the default) walks at every
+/// mount; otherwise only when the root does not match yet (`OnRootMismatch`). The walk
+/// is what breaks a postgres PGDATA (`g+w` makes the server refuse it) on the second
+/// mount unless the pod asks for OnRootMismatch.
+pub fn apply_fs_group(path: &Path, fs_group: u32, always: bool) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path)?;
-    if meta.gid() == fs_group && meta.mode() & 0o2070 == 0o2070 {
+    if !always && meta.gid() == fs_group && meta.mode() & 0o2070 == 0o2070 {
         return Ok(());
     }
     fn walk(path: &Path, gid: u32) -> Result<()> {
