@@ -114,6 +114,21 @@ async fn restricted_examples_back_up_restore_and_clone_with_restricted_agents() 
         rows.trim() == "1000",
         "rows after the in-place restore: {rows:?}"
     );
+    // The dump too, streamed back through psql by a restricted exec agent.
+    world.sh("postgres-0", &psql("DELETE FROM t")).await?;
+    completed(
+        &world,
+        "pg-dump-back",
+        "  source: { backup: pg-dump }\n  target: { app: postgres }",
+    )
+    .await?;
+    let rows = world
+        .sh("postgres-0", &psql("SELECT count(*) FROM t"))
+        .await?;
+    ensure!(
+        rows.trim() == "1000",
+        "rows after the dump's restore: {rows:?}"
+    );
     completed(
         &world,
         "pg-clone",
