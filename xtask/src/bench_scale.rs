@@ -373,7 +373,7 @@ async fn create_world(client: &Client, env: &Env, args: &ScaleBench) -> Result<(
             .create(
                 &PostParams::default(),
                 &serde_json::from_value(serde_json::json!({
-                    "metadata": {"name": "bench-s3"},
+                    "metadata": {"name": "bench-s3", "labels": {"stateward.io/repository-secret": "true"}},
                     "stringData": {"accessKeyId": env.s3_access_key, "secretAccessKey": env.s3_secret_key},
                 }))?,
             )

@@ -16,9 +16,23 @@ pub enum AccessError {
     KeyMissing { secret: String, key: String },
     #[error("reading Secret {secret}: {message}")]
     Api { secret: String, message: String },
+    #[error(
+        "Secret {0} is not opted in for Stateward: label it {label}=true to let Stateward use it as repository credentials or keys (its value was not used or sent anywhere)",
+        label = stateward_api::common::REPOSITORY_SECRET_LABEL
+    )]
+    NotAllowed(String),
 }
 
-/// One value of a Secret, trimmed.
+/// Whether `secret` carries the opt-in label (see
+/// [`stateward_api::common::REPOSITORY_SECRET_LABEL`]).
+pub fn opted_in(secret: &Secret) -> bool {
+    secret
+        .labels()
+        .get(stateward_api::common::REPOSITORY_SECRET_LABEL)
+        .is_some_and(|v| v == "true")
+}
+
+/// One value of a Secret, trimmed; only from a Secret that opted in.
 pub async fn secret_value(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<String, AccessError> {
     let secret = secrets
         .get_opt(&r.name)
@@ -28,6 +42,9 @@ pub async fn secret_value(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<Str
             message: e.to_string(),
         })?
         .ok_or_else(|| AccessError::SecretNotFound(r.name.clone()))?;
+    if !opted_in(&secret) {
+        return Err(AccessError::NotAllowed(r.name.clone()));
+    }
     let data = secret.data.unwrap_or_default();
     data.get(&r.key)
         .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())

@@ -11,6 +11,12 @@ pub const GROUP: &str = "stateward.io";
 pub const VERSION: &str = "v1alpha1";
 /// Label on everything Stateward creates.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+
+/// The label a Secret must carry (value `"true"`) before Stateward uses it as repository
+/// credentials or encryption keys: whoever may edit a BackupRepository must not be able
+/// to point it at any Secret of the namespace and have its value sent to an endpoint of
+/// their choosing. The Secret's owner opts it in.
+pub const REPOSITORY_SECRET_LABEL: &str = "stateward.io/repository-secret";
 pub const MANAGED_BY_VALUE: &str = "stateward";
 /// Label linking a Backup to its StatefulApp (Backups are not owned by the app: deleting
 /// an app must never delete backup data by cascade).

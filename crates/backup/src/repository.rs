@@ -32,6 +32,8 @@ const STATUS_FIELDS: apply::StatusFields = apply::StatusFields {
 pub enum Verdict {
     Ready,
     SecretNotFound(String),
+    /// The Secret lacks the opt-in label: nothing was read from it or sent.
+    SecretNotAllowed(String),
     KeyMissing {
         secret: String,
         key: String,
@@ -58,6 +60,7 @@ impl Verdict {
         match self {
             Self::Ready => "Reachable",
             Self::SecretNotFound(_) => "SecretNotFound",
+            Self::SecretNotAllowed(_) => "SecretNotAllowed",
             Self::KeyMissing { .. } => "KeyMissing",
             Self::InvalidCredentials(_) => "InvalidCredentials",
             Self::AccessDenied(_) => "AccessDenied",
@@ -75,6 +78,9 @@ impl Verdict {
             Self::Ready => format!("bucket {bucket} is reachable and writable under the prefix"),
             Self::SecretNotFound(name) => {
                 format!("Secret {name} (credentials) not found in this namespace")
+            }
+            Self::SecretNotAllowed(name) => {
+                stateward_agent::repository::AccessError::NotAllowed(name.clone()).to_string()
             }
             Self::KeyMissing { secret, key } => format!("Secret {secret} has no key {key}"),
             Self::InvalidCredentials(detail) => {
@@ -140,6 +146,7 @@ impl From<AccessError> for Verdict {
     fn from(e: AccessError) -> Self {
         match e {
             AccessError::SecretNotFound(name) => Self::SecretNotFound(name),
+            AccessError::NotAllowed(name) => Self::SecretNotAllowed(name),
             AccessError::KeyMissing { secret, key } => Self::KeyMissing { secret, key },
             AccessError::Api { .. } => Self::EndpointUnreachable(e.to_string()),
         }

@@ -44,14 +44,39 @@ async fn repository_checks_report_actionable_reasons_and_events() -> Result<()> 
             .create(
                 &PostParams::default(),
                 &from_yaml(&format!(
-                    "metadata: {{ name: {name} }}\nstringData: {{ accessKeyId: {}, secretAccessKey: {secret_key} }}",
+                    "metadata: {{ name: {name}, labels: {{ stateward.io/repository-secret: \"true\" }} }}\nstringData: {{ accessKeyId: {}, secretAccessKey: {secret_key} }}",
                     env.s3_access_key
                 ))?,
             )
             .await?;
     }
+    // The same valid credentials in a Secret that did not opt in, for a repository whose
+    // endpoint is a listener that counts connections: nothing may reach it.
+    secrets
+        .create(
+            &PostParams::default(),
+            &from_yaml(&format!(
+                "metadata: {{ name: plain }}\nstringData: {{ accessKeyId: {}, secretAccessKey: {} }}",
+                env.s3_access_key, env.s3_secret_key
+            ))?,
+        )
+        .await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let listening = format!("http://{}", listener.local_addr()?);
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = connections.clone();
+    let counter = tokio::spawn(async move {
+        while listener.accept().await.is_ok() {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
     let endpoint = env.s3_endpoint.as_str();
     let cases = [
+        (
+            "not-opted-in",
+            repo("not-opted-in", &bucket, &listening, "plain", "accessKeyId"),
+            vec!["SecretNotAllowed"],
+        ),
         (
             "ok",
             repo("ok", &bucket, endpoint, "good", "accessKeyId"),
@@ -138,7 +163,18 @@ async fn repository_checks_report_actionable_reasons_and_events() -> Result<()> 
             !message.contains(&env.s3_secret_key) && !message.contains("not-the-secret"),
             "{name}: a secret leaked into the message"
         );
+        if *name == "not-opted-in" {
+            ensure!(
+                message.contains("stateward.io/repository-secret=true"),
+                "{name}: the message names the label to set: {message}"
+            );
+        }
     }
+    ensure!(
+        connections.load(std::sync::atomic::Ordering::SeqCst) == 0,
+        "a repository whose Secret did not opt in reached its endpoint"
+    );
+    counter.abort();
     // Warning events for the broken ones.
     let events: Api<Event> = cluster.api(&ns.name);
     let warned = wait_for(
@@ -167,7 +203,7 @@ async fn repository_checks_report_actionable_reasons_and_events() -> Result<()> 
     secrets
         .create(
             &PostParams::default(),
-            &from_yaml(&format!("metadata: {{ name: absent }}\nstringData: {{ accessKeyId: {}, secretAccessKey: {} }}", env.s3_access_key, env.s3_secret_key))?,
+            &from_yaml(&format!("metadata: {{ name: absent, labels: {{ stateward.io/repository-secret: \"true\" }} }}\nstringData: {{ accessKeyId: {}, secretAccessKey: {} }}", env.s3_access_key, env.s3_secret_key))?,
         )
         .await?;
     wait_for(
@@ -235,7 +271,7 @@ async fn prefixes_left_by_crashed_runs_are_swept_and_committed_backups_kept() ->
         .create(
             &PostParams::default(),
             &from_yaml(&format!(
-                "metadata: {{ name: good }}\nstringData: {{ accessKeyId: {}, secretAccessKey: {} }}",
+                "metadata: {{ name: good, labels: {{ stateward.io/repository-secret: \"true\" }} }}\nstringData: {{ accessKeyId: {}, secretAccessKey: {} }}",
                 env.s3_access_key, env.s3_secret_key
             ))?,
         )

@@ -380,7 +380,7 @@ async fn bad_input_fails_with_a_reason_that_names_the_problem() -> Result<()> {
         .create(
             &PostParams::default(),
             &from_yaml(&format!(
-                "metadata: {{ name: wrong }}\nstringData: {{ accessKeyId: {}, secretAccessKey: not-the-secret }}",
+                "metadata: {{ name: wrong, labels: {{ stateward.io/repository-secret: \"true\" }} }}\nstringData: {{ accessKeyId: {}, secretAccessKey: not-the-secret }}",
                 world.cluster.env.s3_access_key
             ))?,
         )
@@ -809,7 +809,8 @@ async fn an_encrypted_backup_decrypts_with_age_by_hand_and_bad_or_mismatched_key
     ))?;
     let other_recipient = sh(&format!("age-keygen -y {}", other_key.display()))?;
     let secrets: Api<Secret> = world.cluster.api(&world.ns.name);
-    let mut secret: Secret = from_yaml("metadata: { name: age }")?;
+    let mut secret: Secret =
+        from_yaml("metadata: { name: age, labels: { stateward.io/repository-secret: \"true\" } }")?;
     secret.string_data = Some(
         [
             ("recipient".to_string(), recipient.clone()),

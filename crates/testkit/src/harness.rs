@@ -386,7 +386,7 @@ impl Cluster {
             .create(
                 &kube::api::PostParams::default(),
                 &from_yaml(&format!(
-                    "metadata: {{ name: s3 }}\nstringData: {{ accessKeyId: {}, secretAccessKey: {} }}",
+                    "metadata: {{ name: s3, labels: {{ stateward.io/repository-secret: \"true\" }} }}\nstringData: {{ accessKeyId: {}, secretAccessKey: {} }}",
                     self.env.s3_access_key, self.env.s3_secret_key
                 ))?,
             )
