@@ -161,6 +161,8 @@ impl TargetSet {
         replicas: Option<i32>,
     ) -> Self {
         let spec = sts.spec.as_ref();
+        // Read like the recorded StatefulSet a clone uses: one JSON view for both.
+        let as_json = serde_json::to_value(sts).unwrap_or_default();
         Self {
             app: app.to_string(),
             name: sts.metadata.name.clone().unwrap_or_default(),
@@ -172,12 +174,8 @@ impl TargetSet {
                 .or_else(|| spec.and_then(|s| s.replicas))
                 .unwrap_or(1)
                 .max(0) as u32,
-            identity: serde_json::to_value(sts)
-                .map(|v| TemplateIdentity::of_stateful_set(&v))
-                .unwrap_or_default(),
-            placement: serde_json::to_value(sts)
-                .map(|v| placement(&v))
-                .unwrap_or_default(),
+            identity: TemplateIdentity::of_stateful_set(&as_json),
+            placement: placement(&as_json),
         }
     }
 }

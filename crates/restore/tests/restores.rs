@@ -462,11 +462,6 @@ async fn bad_input_names_the_problem_and_touches_nothing() -> Result<()> {
 }
 
 /// The examples' StatefulSets, as a user applies them.
-fn example(file: &str) -> Result<String> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/").to_string() + file;
-    std::fs::read_to_string(&path).with_context(|| path.clone())
-}
-
 #[tokio::test]
 async fn a_postgres_dump_streams_back_through_psql_and_its_rows_return() -> Result<()> {
     let world = World::new("rst-pg").await?;

@@ -291,6 +291,12 @@ spec:
     )
 }
 
+/// A file of the repository's `examples/`, as users apply it.
+pub fn example(file: &str) -> Result<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/").to_string() + file;
+    std::fs::read_to_string(&path).with_context(|| path.clone())
+}
+
 pub fn app(name: &str, sts: &str, extra: &str) -> String {
     format!(
         "apiVersion: stateward.io/v1alpha1\nkind: StatefulApp\nmetadata: {{ name: {name} }}\nspec:\n  statefulSetName: {sts}\n  backup:\n    repository: repo\n{extra}"
